@@ -1,0 +1,22 @@
+"""Small shims over JAX internals that moved between jax 0.10 and 0.11."""
+
+from __future__ import annotations
+
+import jax
+
+
+def varying_axes_of_aval(aval) -> frozenset:
+    """Mesh axes an abstract value varies over inside ``shard_map``.
+
+    jax 0.11 exposes ``aval.vma``; jax 0.10 keeps it in ``aval.mat.varying``.
+    """
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
+        vma = getattr(mat, "varying", frozenset())
+    return frozenset(vma or ())
+
+
+def varying_axes(x) -> frozenset:
+    """Mesh axes the value ``x`` varies over inside ``shard_map``."""
+    return varying_axes_of_aval(jax.typeof(x))

@@ -1,0 +1,212 @@
+"""One XLA binding for all jax_flux Triton kernels, on CUDA and on the CPU.
+
+``triton_call`` binds the primitive ``jax_flux_triton_call``, whose lowering
+depends on the platform the program is compiled for:
+
+* CUDA: jax-triton's ``triton_call`` (imported lazily: it does not import
+  without a CUDA jaxlib), which compiles the kernel and emits one custom call
+  launched on XLA's stream.
+* CPU: a host callback that runs the very same ``@triton.jit`` source through
+  Triton's interpreter on numpy buffers (wrapped as ``HostTensor``). Inside a
+  ``shard_map`` over emulated CPU devices, XLA runs each device's callback on
+  its own thread, so the ranks' kernels run concurrently, as on GPUs.
+
+The calling convention is jax-triton's: kernel parameters are the positional
+``args`` in order (arrays become pointers, Python scalars are passed by value
+and specialise the kernel), then one pointer per output, then ``metaparams``
+as constexprs. Runtime values (a rank, an epoch) must be arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.extend import core as jax_core
+from jax.interpreters import mlir
+
+from custom_calls import _interpreter_shim, _mode
+from custom_calls._host_tensor import HostTensor
+from custom_calls._jax_compat import varying_axes_of_aval as _varying_axes
+
+Grid = tuple[int, ...]
+
+# Value written into every output before a CPU launch, so a tile the kernel
+# never writes shows up in a comparison instead of passing as stale memory.
+_POISON_INT = -0x5A5A5A5A
+
+
+triton_call_p = jax_core.Primitive("jax_flux_triton_call")
+triton_call_p.multiple_results = True
+
+
+@triton_call_p.def_abstract_eval
+def _abstract_eval(*avals, out_shapes, **_):
+    if not avals:
+        raise ValueError("a jax_flux Triton call needs at least one array operand")
+    # Outputs vary over every mesh axis some input varies over; take the aval
+    # of the most-varying input as the template so that type is carried over.
+    template = max(avals, key=lambda a: len(_varying_axes(a)))
+    union = frozenset().union(*(_varying_axes(a) for a in avals))
+    if _varying_axes(template) != union:
+        raise ValueError(f"operands vary over incompatible mesh axes: "
+                         f"{[sorted(_varying_axes(a)) for a in avals]}")
+    return [template.update(shape=tuple(s.shape), dtype=np.dtype(s.dtype), weak_type=False)
+            for s in out_shapes]
+
+
+def triton_call(
+    *args: Any,
+    kernel: Any,
+    out_shape: jax.ShapeDtypeStruct | Sequence[jax.ShapeDtypeStruct],
+    grid: int | Sequence[int],
+    num_warps: int = 4,
+    num_stages: int = 3,
+    input_output_aliases: dict[int, int] | None = None,
+    zeroed_outputs: Sequence[int] = (),
+    **metaparams: Any,
+) -> Any:
+    """Calls a ``@triton.jit`` kernel on JAX arrays, on CUDA or on the CPU.
+
+    Args:
+      *args: kernel operands in parameter order: JAX arrays (passed as
+        pointers) and Python ``bool``/``int``/``float`` (passed by value).
+      kernel: the ``@triton.jit`` function.
+      out_shape: one ``jax.ShapeDtypeStruct`` or a sequence of them; one
+        pointer per output follows the operands.
+      grid: number of programs, an int or a tuple of up to 3 ints.
+      num_warps: warps per program (compiled path only).
+      num_stages: software-pipelining stages (compiled path only).
+      input_output_aliases: ``{array operand index: output index}``; the
+        output starts as a copy of (on CUDA: is) that operand.
+      zeroed_outputs: indices of outputs set to zero before the launch.
+      **metaparams: ``tl.constexpr`` parameters of the kernel.
+
+    Returns:
+      One array, or a list of arrays when ``out_shape`` is a sequence.
+    """
+    single = not isinstance(out_shape, (list, tuple))
+    out_shapes = (out_shape,) if single else tuple(out_shape)
+    out_shapes = tuple(jax.ShapeDtypeStruct(tuple(s.shape), s.dtype) for s in out_shapes)
+    grid = (grid,) if isinstance(grid, int) else tuple(int(g) for g in grid)
+    if not 1 <= len(grid) <= 3 or min(grid) < 1:
+        raise ValueError(f"grid must be 1 to 3 positive ints, got {grid}")
+
+    arrays, scalars = [], []
+    for i, a in enumerate(args):
+        if isinstance(a, (bool, int, float)):
+            scalars.append((i, a))
+        else:
+            arrays.append(a)
+    outs = triton_call_p.bind(
+        *arrays,
+        kernel=kernel,
+        scalars=tuple(scalars),
+        out_shapes=out_shapes,
+        grid=grid,
+        num_warps=int(num_warps),
+        num_stages=int(num_stages),
+        input_output_aliases=tuple(sorted((input_output_aliases or {}).items())),
+        zeroed_outputs=tuple(zeroed_outputs),
+        metaparams=tuple(sorted(metaparams.items())),
+    )
+    return outs[0] if single else list(outs)
+
+
+def _interleave(arrays: Sequence[Any], scalars: tuple) -> list:
+    """Rebuilds the kernel's operand list: scalars back at their positions."""
+    out, it = [], iter(arrays)
+    positions = dict(scalars)
+    for i in range(len(arrays) + len(scalars)):
+        out.append(positions[i] if i in positions else next(it))
+    return out
+
+
+# --------------------------------------------------------------------- CPU
+
+
+def _poison(a: np.ndarray) -> None:
+    if np.issubdtype(a.dtype, np.integer):
+        a.fill(np.array(_POISON_INT).astype(a.dtype))
+    else:
+        a.fill(np.nan)
+
+
+def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars: tuple,
+                    out_shapes: Sequence[jax.ShapeDtypeStruct], input_output_aliases: tuple,
+                    zeroed_outputs: tuple, metaparams: tuple) -> list[np.ndarray]:
+    """Runs one kernel launch through Triton's interpreter on host arrays."""
+    if not hasattr(kernel, "rewrite"):  # triton.runtime.interpreter.InterpretedFunction
+        raise RuntimeError(
+            "jax_flux runs Triton kernels on CPU devices through Triton's interpreter, but "
+            "triton was imported in compiled mode before jax_flux. Set TRITON_INTERPRET=1 "
+            "before anything imports triton, or import jax_flux first.")
+    _interpreter_shim.install()
+    inputs = [np.ascontiguousarray(a) for a in arrays]
+    outputs = [np.empty(s.shape, s.dtype) for s in out_shapes]
+    for o in outputs:
+        _poison(o)
+    for i in zeroed_outputs:
+        outputs[i].fill(0)
+    for i, o in input_output_aliases:
+        np.copyto(outputs[o], inputs[i])
+    operands = _interleave([HostTensor(a) for a in inputs], scalars)
+    kernel[grid](*operands, *[HostTensor(o) for o in outputs], **dict(metaparams))
+    return outputs
+
+
+def _cpu_lowering(ctx, *args, kernel, scalars, out_shapes, grid, num_warps, num_stages,
+                  input_output_aliases, zeroed_outputs, metaparams):
+    del num_warps, num_stages  # the interpreter has neither
+    host_fn = functools.partial(
+        run_interpreted, kernel, grid, scalars=scalars, out_shapes=out_shapes,
+        input_output_aliases=input_output_aliases, zeroed_outputs=zeroed_outputs,
+        metaparams=metaparams)
+
+    def callback(*arrays):
+        return jax.pure_callback(lambda *a: host_fn(a), list(out_shapes), *arrays)
+
+    return mlir.lower_fun(callback, multiple_results=True)(ctx, *args)
+
+
+# -------------------------------------------------------------------- CUDA
+
+
+@functools.cache
+def _jax_triton():
+    try:
+        import jax_triton
+    except Exception as e:  # ImportError, or its own failure without CUDA jaxlib
+        raise RuntimeError(
+            "jax_flux's Triton kernels on GPU need jax-triton (pip install 'jax-triton==0.3.1' "
+            f"with triton 3.6, or 0.4.x with jax >= 0.11): {e}") from e
+    return jax_triton
+
+
+def _gpu_lowering(ctx, *args, kernel, scalars, out_shapes, grid, num_warps, num_stages,
+                  input_output_aliases, zeroed_outputs, metaparams):
+    jt = _jax_triton()
+
+    def call(*arrays):
+        return jt.triton_call(
+            *_interleave(arrays, scalars), kernel=kernel, out_shape=list(out_shapes), grid=grid,
+            num_warps=num_warps, num_stages=num_stages,
+            input_output_aliases=dict(input_output_aliases),
+            zeroed_outputs=zeroed_outputs, **dict(metaparams))
+
+    return mlir.lower_fun(call, multiple_results=True)(ctx, *args)
+
+
+mlir.register_lowering(triton_call_p, _cpu_lowering, platform="cpu")
+mlir.register_lowering(triton_call_p, _gpu_lowering, platform="cuda")
+mlir.register_lowering(triton_call_p, _gpu_lowering, platform="rocm")
+
+
+def interpreter_ready() -> bool:
+    """True when this process runs Triton kernels through the interpreter."""
+    return _mode.interpreting()
+
+
+__all__ = ["triton_call", "triton_call_p", "run_interpreted", "interpreter_ready"]

@@ -1,0 +1,98 @@
+"""The tiled GEMM: the tile loop every fused kernel extends, and a plain matmul kernel.
+
+``gemm_tile`` computes one [BLOCK_M, BLOCK_N] tile of ``a @ b`` in float32,
+masking ragged edges in M, N and K. ``matmul_kernel`` launches one program per
+output tile in grouped (L2-friendly) order; ``matmul`` wraps it for JAX
+arrays through ``custom_calls.binding.triton_call``.
+
+Operands are row-major: a [M, K], b [K, N], c [M, N].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from custom_calls import _mode
+from custom_calls.binding import triton_call
+
+
+@triton.jit
+def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """float32 tile of a[rows, :] @ b[:, cols]; rows >= M / cols >= N read as 0.
+
+    UPCAST casts operands to float32 before tl.dot: set only on the interpreter
+    path, whose tl.dot is wrong for bfloat16 operands.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = rows[:, None] < M
+    col_ok = cols[None, :] < N
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * N + cols[None, :]
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k + k0 < K
+        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * N
+    return acc
+
+
+@triton.jit
+def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile_m, tile_n) of linear tile id ``tile``, GROUP_M row tiles per group."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (tile % per_group) % group_rows
+    tile_n = (tile % per_group) // group_rows
+    return tile_m, tile_n
+
+
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, M, N, K, c_ptr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK_K, UPCAST, INPUT_PRECISION)
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def upcast_operands(dtype) -> bool:
+    """Whether tl.dot operands must be cast to float32 (interpreter + bfloat16)."""
+    return _mode.interpreting() and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def matmul(a: jax.Array, b: jax.Array, *, block_m: int = 64, block_n: int = 64,
+           block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 3,
+           input_precision: str = "ieee", out_dtype=None) -> jax.Array:
+    """``a @ b`` by ``matmul_kernel``: row-major 2-D operands of one dtype, float32 accumulate.
+
+    Shapes are not checked here beyond rank and contraction size; jax_flux
+    validates user input before it reaches a kernel.
+    """
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2 or a.dtype != b.dtype:
+        raise ValueError(f"matmul needs a [M, K] and b [K, N] of one dtype, "
+                         f"got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
+    out_dtype = a.dtype if out_dtype is None else out_dtype
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    return triton_call(
+        a, b, m, n, k, kernel=matmul_kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=grid,
+        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        UPCAST=upcast_operands(a.dtype), INPUT_PRECISION=input_precision)

@@ -1,0 +1,23 @@
+"""The local matmul every impl uses: float32 accumulation, result in the operand dtype."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def dot_f32(a, b):
+    """``a @ b`` accumulated in float32 (float32 result)."""
+    return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def dot(a, b):
+    """``a @ b`` accumulated in float32, returned in ``a``'s dtype."""
+    return dot_f32(a, b).astype(a.dtype)
+
+
+def dot_tn(a, b):
+    """``a.T @ b`` (the weight gradient), float32 accumulation, ``a``'s dtype."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(a.dtype)

@@ -1,0 +1,51 @@
+"""Input validation shared by the ops: every check runs before anything is traced into a kernel."""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "xla", "ring", "fused")
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def axis_size(op: str, axis_name: Hashable) -> int:
+    """Size of the mesh axis ``axis_name``; a ValueError outside ``shard_map``."""
+    if isinstance(axis_name, (tuple, list)):
+        raise ValueError(f"{op}: axis_name must name one mesh axis, got {axis_name!r}")
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError as e:
+        raise ValueError(
+            f"{op}: unbound axis name {axis_name!r}; call it inside jax.shard_map over a mesh "
+            f"with that axis") from e
+
+
+def check_impl(op: str, impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+
+
+def check_operands(op: str, x, w, axis_name: Hashable, size: int) -> None:
+    """2-D operands, matching contraction size, one supported dtype."""
+    where = f"(axis {axis_name!r} of size {size})"
+    if getattr(x, "ndim", None) != 2 or getattr(w, "ndim", None) != 2:
+        raise ValueError(f"{op}: x and w must be 2-D, got x{tuple(jnp.shape(x))} and "
+                         f"w{tuple(jnp.shape(w))} {where}")
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(f"{op}: contraction sizes differ: x{tuple(x.shape)} @ w{tuple(w.shape)} "
+                         f"{where}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"{op}: x and w must have one dtype, got x {x.dtype} and w {w.dtype} "
+                         f"{where}")
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        names = ", ".join(d.name for d in SUPPORTED_DTYPES)
+        raise ValueError(f"{op}: dtype {x.dtype} is not supported (one of {names}) {where}")
+
+
+def check_scatter_rows(op: str, x, axis_name: Hashable, size: int) -> None:
+    if x.shape[0] % size:
+        raise ValueError(f"{op}: x{tuple(x.shape)} has {x.shape[0]} rows, not divisible by the "
+                         f"size {size} of axis {axis_name!r} it is scattered over")

@@ -1,0 +1,66 @@
+"""AllGather-GEMM: ``all_gather(x, tiled) @ w`` inside ``shard_map``, by impl.
+
+Every function here runs inside ``shard_map`` on one rank's operands:
+x [m, K] (this rank's rows), w [K, n]. The result [m * P, n] holds rank r's
+rows at [r * m, (r + 1) * m), the row order of ``lax.all_gather(tiled=True)``.
+
+* ``reference``: the lax collective, then the matmul (what users write today);
+  also the ``"xla"`` impl.
+* ``ring``: medium-grained decomposition. Shards travel a bidirectional
+  ``ppermute`` ring (forward carries sources idx-1, idx-2, ...; backward
+  idx+1, idx+2, ...), and each step's two chunk matmuls are independent of
+  the next step's permutes, so XLA overlaps them. P // 2 steps in total.
+* ``fused``: the Flux kernel (``custom_calls``), one Triton launch per call.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import jax.numpy as jnp
+from jax import lax
+
+from jax_flux._matmul import dot
+
+
+def reference(x, w, axis_name: Hashable, *, return_gathered: bool = False):
+    """``lax.all_gather`` then matmul; also returns the gathered x if asked."""
+    xg = lax.all_gather(x, axis_name, axis=0, tiled=True)
+    y = dot(xg, w)
+    return (y, xg) if return_gathered else y
+
+
+def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False):
+    """Bidirectional collective-permute ring; lowers to collective_permute only."""
+    if size == 1:
+        y = dot(x, w)
+        return (y, x) if return_gathered else y
+    m = x.shape[0]
+    idx = lax.axis_index(axis_name)
+    fwd_perm = [(i, (i + 1) % size) for i in range(size)]
+    bwd_perm = [(i, (i - 1) % size) for i in range(size)]
+    # P - 1 remote shards: P // 2 arrive going forward, (P - 1) // 2 backward.
+    n_fwd, n_bwd = size // 2, (size - 1) // 2
+
+    y = jnp.zeros((size * m, w.shape[1]), x.dtype)
+    xg = jnp.zeros((size * m, x.shape[1]), x.dtype) if return_gathered else None
+
+    def place(y, xg, chunk, src):
+        row = src * m
+        y = lax.dynamic_update_slice_in_dim(y, dot(chunk, w), row, axis=0)
+        if xg is not None:
+            xg = lax.dynamic_update_slice_in_dim(xg, chunk, row, axis=0)
+        return y, xg
+
+    fwd = lax.ppermute(x, axis_name, fwd_perm)
+    bwd = lax.ppermute(x, axis_name, bwd_perm) if n_bwd else None
+    y, xg = place(y, xg, x, idx)  # own rows first, while the first permutes fly
+    for step in range(1, n_fwd + 1):
+        # Invariant: fwd holds the shard of rank idx - step, bwd that of idx + step.
+        nxt_fwd = lax.ppermute(fwd, axis_name, fwd_perm) if step < n_fwd else None
+        nxt_bwd = lax.ppermute(bwd, axis_name, bwd_perm) if step < n_bwd else None
+        y, xg = place(y, xg, fwd, (idx - step) % size)
+        if step <= n_bwd:
+            y, xg = place(y, xg, bwd, (idx + step) % size)
+        fwd, bwd = nxt_fwd, nxt_bwd
+    return (y, xg) if return_gathered else y

@@ -1,0 +1,171 @@
+"""The public ops: ``all_gather_matmul`` and ``matmul_reduce_scatter``.
+
+Both run inside ``jax.shard_map`` like ``lax`` collectives, validate their
+input up front, dispatch on ``impl`` and are differentiable through one
+``jax.custom_vjp`` each, whose input gradient is the other op:
+
+* y = AG(x) @ w      ->  dx = RS(dy @ w^T),   dw = AG(x)^T @ dy
+* z = RS(x @ w)      ->  dx = AG(dz) @ w^T,   dw = x^T @ AG(dz)
+
+The forward of AG-GEMM keeps the gathered x it already has, so the weight
+gradient needs no second all-gather; the backward of GEMM-RS gets AG(dz) from
+the same AG-GEMM that computes dx.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Hashable
+
+import jax
+from jax import lax
+
+from custom_calls._jax_compat import varying_axes
+from jax_flux import _validate, ag_gemm, gemm_rs
+from jax_flux._matmul import dot_tn
+
+_AG = "all_gather_matmul"
+_RS = "matmul_reduce_scatter"
+_FUSED_ISSUES = {_AG: "issue 3 (fused AllGather-GEMM)", _RS: "issue 4 (fused GEMM-ReduceScatter)"}
+
+
+def _resolve(op: str, impl: str, config: Any) -> str:
+    """The concrete impl for ``impl``; ``"auto"`` picks fused where supported."""
+    _validate.check_impl(op, impl)
+    if impl == "auto":
+        return "xla"
+    if impl in ("xla", "ring") and config is not None:
+        raise ValueError(f"{op}: config applies to impl='fused' only, got impl={impl!r} with "
+                         f"config={config!r}")
+    if impl == "fused":
+        raise NotImplementedError(
+            f"{op}(impl='fused') is the Flux Triton kernel of {_FUSED_ISSUES[op]}, which has not "
+            f"landed yet; use impl='xla' or impl='ring' (impl='auto' picks what is available)")
+    return impl
+
+
+def _ag_forward(x, w, axis_name, impl, size, return_gathered=False):
+    if impl == "ring":
+        return ag_gemm.ring(x, w, axis_name, size, return_gathered=return_gathered)
+    return ag_gemm.reference(x, w, axis_name, return_gathered=return_gathered)
+
+
+def _rs_forward(x, w, axis_name, impl, size):
+    if impl == "ring":
+        return gemm_rs.ring(x, w, axis_name, size)
+    return gemm_rs.reference(x, w, axis_name)
+
+
+# ------------------------------------------------------------ AG-GEMM vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _ag(x, w, axis_name, impl, size):
+    return _ag_forward(x, w, axis_name, impl, size)
+
+
+def _ag_fwd(x, w, axis_name, impl, size):
+    y, xg = _ag_forward(x, w, axis_name, impl, size, return_gathered=True)
+    return y, (xg, w)
+
+
+def _ag_bwd(axis_name, impl, size, res, dy):
+    xg, w = res
+    dx = _rs_forward(dy, w.T, axis_name, impl, size)
+    return dx, dot_tn(xg, dy)
+
+
+_ag.defvjp(_ag_fwd, _ag_bwd)
+
+
+# ------------------------------------------------------------ GEMM-RS vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _rs(x, w, axis_name, impl, size):
+    return _rs_forward(x, w, axis_name, impl, size)
+
+
+def _rs_fwd(x, w, axis_name, impl, size):
+    return _rs_forward(x, w, axis_name, impl, size), (x, w)
+
+
+def _rs_bwd(axis_name, impl, size, res, dz):
+    x, w = res
+    dx, dzg = _ag_forward(dz, w.T, axis_name, impl, size, return_gathered=True)
+    return dx, dot_tn(x, dzg)
+
+
+_rs.defvjp(_rs_fwd, _rs_bwd)
+
+
+def _vary(a, axis_name):
+    """Marks ``a`` as varying over ``axis_name`` (a replicated weight under shard_map).
+
+    The custom_vjp's weight gradient is per rank; casting a replicated weight
+    to varying first lets JAX's own transpose of that cast sum it over ranks.
+    """
+    if axis_name in varying_axes(a):
+        return a
+    return lax.pcast(a, axis_name, to="varying")
+
+
+def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: str = "auto",
+                      config: Any = None) -> jax.Array:
+    """All-gathers ``x`` over ``axis_name`` (tiled, along rows) and multiplies by ``w``.
+
+    Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
+    ``lax.all_gather(x, axis_name, axis=0, tiled=True) @ w`` accumulated in
+    float32, without materialising the gather before the matmul starts
+    (impl ``"ring"`` and ``"fused"``).
+
+    Args:
+      x: this rank's rows, [m, K]; bfloat16, float16 or float32.
+      w: [K, n], same dtype as x (typically this rank's column shard).
+      axis_name: the mesh axis to gather over (size P).
+      impl: ``"xla"`` (all-gather then matmul), ``"ring"`` (bidirectional
+        collective-permute ring overlapping chunk matmuls), ``"fused"`` (the
+        Flux Triton kernel) or ``"auto"`` (fused where supported, else xla).
+      config: tuning for impl ``"fused"``; None picks a default by shape.
+
+    Returns:
+      [m * P, n] in x's dtype; rank r's rows at [r * m, (r + 1) * m).
+
+    Raises:
+      ValueError: operands not 2-D, contraction sizes or dtypes differ, an
+        unsupported dtype, an unknown impl, or no such bound axis.
+    """
+    size = _validate.axis_size(_AG, axis_name)
+    _validate.check_operands(_AG, x, w, axis_name, size)
+    impl = _resolve(_AG, impl, config)
+    return _ag(x, _vary(w, axis_name), axis_name, impl, size)
+
+
+def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
+                          impl: str = "auto", config: Any = None) -> jax.Array:
+    """Multiplies ``x @ w`` and reduce-scatters the sum over ``axis_name`` along rows.
+
+    Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
+    ``lax.psum_scatter(x @ w, axis_name, scatter_dimension=0, tiled=True)``
+    with the matmul accumulated in float32.
+
+    Args:
+      x: [M, k], M divisible by the axis size P; bfloat16, float16 or float32.
+      w: [k, N], same dtype as x (typically this rank's row shard).
+      axis_name: the mesh axis to reduce and scatter over (size P).
+      impl: ``"xla"``, ``"ring"``, ``"fused"`` or ``"auto"``, as in
+        ``all_gather_matmul``.
+      config: tuning for impl ``"fused"``; None picks a default by shape.
+
+    Returns:
+      [M / P, N] in x's dtype: rank r gets rows [r * M/P, (r + 1) * M/P) of
+      the sum over ranks.
+
+    Raises:
+      ValueError: as ``all_gather_matmul``, and when M is not divisible by P.
+    """
+    size = _validate.axis_size(_RS, axis_name)
+    _validate.check_operands(_RS, x, w, axis_name, size)
+    _validate.check_scatter_rows(_RS, x, axis_name, size)
+    impl = _resolve(_RS, impl, config)
+    return _rs(x, _vary(w, axis_name), axis_name, impl, size)

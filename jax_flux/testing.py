@@ -1,0 +1,93 @@
+"""A shard_map harness for checking the ops, shared by tests, the demo and benchmarks.
+
+Global view used throughout: X [M, K] and W [K, N].
+
+* AG-GEMM (column parallel): X sharded by rows, W by columns; each rank
+  computes all_gather(x) @ w = X @ W[:, its columns].
+* GEMM-RS (row parallel): X sharded by columns, W by rows; each rank gets its
+  rows of sum over ranks of x @ w = X @ W.
+
+Both therefore equal X @ W, which the host computes in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
+
+# Relative Frobenius error allowed against the float64 host reference.
+TOLERANCE = {
+    jnp.dtype(jnp.float32): 1e-5,
+    jnp.dtype(jnp.float16): 2e-3,
+    jnp.dtype(jnp.bfloat16): 2e-2,
+}
+
+OPS = {"all_gather_matmul": all_gather_matmul, "matmul_reduce_scatter": matmul_reduce_scatter}
+
+# (in_specs, out_spec) of each op's global view.
+_SPECS = {
+    "all_gather_matmul": ((P("tp", None), P(None, "tp")), P(None, "tp")),
+    "matmul_reduce_scatter": ((P(None, "tp"), P("tp", None)), P("tp", None)),
+}
+
+
+def mesh(devices=None, axis_name: str = "tp") -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of the default backend)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def random_operands(m: int, k: int, n: int, dtype, seed: int = 0):
+    """X [m, k] and W [k, n] from N(0, 1) (scaled for stable sums), as host float64 and jnp."""
+    rng = np.random.default_rng(seed)
+    x64 = rng.standard_normal((m, k))
+    w64 = rng.standard_normal((k, n)) / np.sqrt(k)
+    x, w = jnp.asarray(x64, dtype), jnp.asarray(w64, dtype)
+    # The reference sees exactly the rounded values the op sees.
+    return x, w, np.asarray(x, np.float64), np.asarray(w, np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def sharded(op_name: str, mesh_: Mesh, impl: str = "auto", config=None, grad: bool = False):
+    """Jitted global-view function of one op over ``mesh_``'s axis "tp".
+
+    With ``grad``, it returns (out, dX, dW) for the loss sum(out * G) where G
+    is the third argument (a cotangent of out's global shape).
+    """
+    in_specs, out_spec = _SPECS[op_name]
+    op = OPS[op_name]
+
+    def body(x, w):
+        return op(x, w, "tp", impl=impl, config=config)
+
+    fn = jax.shard_map(body, mesh=mesh_, in_specs=in_specs, out_specs=out_spec)
+    if not grad:
+        return jax.jit(fn)
+
+    def with_grad(x, w, g):
+        out, vjp = jax.vjp(fn, x, w)
+        dx, dw = vjp(g)
+        return out, dx, dw
+
+    return jax.jit(with_grad)
+
+
+def place(op_name: str, mesh_: Mesh, x, w):
+    """Puts X and W on the mesh in the op's input layout."""
+    (sx, sw), _ = _SPECS[op_name]
+    return jax.device_put(x, NamedSharding(mesh_, sx)), jax.device_put(w, NamedSharding(mesh_, sw))
+
+
+def relative_error(out, ref64: np.ndarray) -> float:
+    """||out - ref|| / ||ref|| in float64 (Frobenius); NaN anywhere gives inf."""
+    out64 = np.asarray(out, np.float64)
+    if not np.all(np.isfinite(out64)):
+        return float("inf")
+    return float(np.linalg.norm(out64 - ref64) / np.linalg.norm(ref64))

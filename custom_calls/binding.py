@@ -57,6 +57,17 @@ def _abstract_eval(*avals, out_shapes, **_):
             for s in out_shapes]
 
 
+@functools.lru_cache(maxsize=256)
+def _jitted_bind(params: tuple):
+    return jax.jit(functools.partial(triton_call_p.bind, **dict(params)))
+
+
+@triton_call_p.def_impl
+def _eager_impl(*args, **params):
+    # Outside jit: compile the one call (cached by its static parameters).
+    return _jitted_bind(tuple(sorted(params.items())))(*args)
+
+
 def triton_call(
     *args: Any,
     kernel: Any,

@@ -100,10 +100,10 @@ _rs.defvjp(_rs_fwd, _rs_bwd)
 
 
 def _vary(a, axis_name):
-    """Marks ``a`` as varying over ``axis_name`` (a replicated weight under shard_map).
+    """Marks ``a`` as varying over ``axis_name`` (e.g. a replicated weight under shard_map).
 
-    The custom_vjp's weight gradient is per rank; casting a replicated weight
-    to varying first lets JAX's own transpose of that cast sum it over ranks.
+    The custom_vjp's gradients are per rank; casting a replicated operand to
+    varying first lets JAX's own transpose of that cast sum them over ranks.
     """
     if axis_name in varying_axes(a):
         return a
@@ -138,7 +138,7 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size)
     impl = _resolve(_AG, impl, config)
-    return _ag(x, _vary(w, axis_name), axis_name, impl, size)
+    return _ag(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size)
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
@@ -168,4 +168,4 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     _validate.check_operands(_RS, x, w, axis_name, size)
     _validate.check_scatter_rows(_RS, x, axis_name, size)
     impl = _resolve(_RS, impl, config)
-    return _rs(x, _vary(w, axis_name), axis_name, impl, size)
+    return _rs(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size)

@@ -1,0 +1,49 @@
+"""Test setup: 8 emulated CPU devices and Triton's interpreter, unless asked for the GPU.
+
+Set ``JAX_FLUX_TEST_PLATFORM=gpu`` to run on the local GPUs (the ``gpu``
+tests need it); by default JAX is pinned to the CPU so the suite means the
+same thing on every host. All of this must happen before jax is imported.
+"""
+
+import os
+
+ON_GPU = os.environ.get("JAX_FLUX_TEST_PLATFORM", "cpu") == "gpu"
+if not ON_GPU:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def gpu_available() -> bool:
+    """True when JAX's default backend is a CUDA GPU and jax-triton imports."""
+    try:
+        if not any(d.platform == "gpu" for d in jax.devices()):
+            return False
+    except RuntimeError:
+        return False
+    try:
+        import jax_triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with jax-triton "
+                                   "(run with JAX_FLUX_TEST_PLATFORM=gpu on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    if not ON_GPU:
+        assert len(jax.devices()) == 8, "jax was imported before tests/conftest.py set XLA_FLAGS"

@@ -1,0 +1,38 @@
+"""Shared test helpers: meshes over subsets of the 8 CPU devices, the lax reference in shard_map."""
+
+import functools
+
+import jax
+import numpy as np
+
+from jax_flux import ag_gemm, gemm_rs, testing
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_of(size: int):
+    return testing.mesh(jax.devices()[:size])
+
+
+@functools.lru_cache(maxsize=None)
+def lax_reference(op_name: str, mesh, grad: bool = False):
+    """The same global view as testing.sharded, through the plain lax collectives
+    (no custom_vjp): what the ops and their gradients must match."""
+    in_specs, out_spec = testing._SPECS[op_name]
+    ref = {"all_gather_matmul": ag_gemm.reference,
+           "matmul_reduce_scatter": gemm_rs.reference}[op_name]
+    fn = jax.shard_map(lambda x, w: ref(x, w, "tp"), mesh=mesh, in_specs=in_specs,
+                       out_specs=out_spec)
+    if not grad:
+        return jax.jit(fn)
+
+    def with_grad(x, w, g):
+        out, vjp = jax.vjp(fn, x, w)
+        return (out, *vjp(g))
+
+    return jax.jit(with_grad)
+
+
+def cotangent(shape, dtype, seed=1):
+    g64 = np.random.default_rng(seed).standard_normal(shape)
+    g = jax.numpy.asarray(g64, dtype)
+    return g, np.asarray(g, np.float64)

@@ -1,0 +1,112 @@
+"""The CPU side of the binding: mode selection, the host-tensor adapter, concurrent kernels."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import triton
+import triton.language as tl
+
+from custom_calls import _mode, interpreter_ready
+from custom_calls._host_tensor import HostTensor
+from custom_calls.binding import run_interpreted
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_this_process_interprets():
+    assert interpreter_ready()
+
+
+@pytest.mark.parametrize("platforms,expected", [("cpu", False), ("tpu,cpu", False)])
+def test_jax_platforms_without_gpu_means_cpu_only(monkeypatch, platforms, expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert _mode.gpu_backend_possible() is expected
+
+
+def test_no_gpu_plugin_means_cpu_only(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(_mode, "_module_installed", lambda name: False)
+    assert not _mode.gpu_backend_possible()
+    monkeypatch.setattr(_mode, "_module_installed", lambda name: name == "jax_plugins.xla_cuda13")
+    assert _mode.gpu_backend_possible()
+
+
+def _python(code, **env):
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("TRITON_INTERPRET", "JAX_PLATFORMS")}
+    full_env.update(env, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_import_arranges_the_interpreter_on_a_cpu_only_host():
+    r = _python("import jax_flux, triton; print(triton.knobs.runtime.interpret)",
+                JAX_PLATFORMS="cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
+
+
+def test_triton_imported_first_in_compiled_mode_gives_a_clear_error():
+    code = ("import triton, jax, jax.numpy as jnp, jax_flux\n"
+            "from custom_calls.gemm import matmul\n"
+            "matmul(jnp.ones((8, 8)), jnp.ones((8, 8)))\n")
+    r = _python(code, JAX_PLATFORMS="cpu")
+    assert r.returncode != 0
+    assert "Set TRITON_INTERPRET=1 before anything imports triton" in r.stderr
+
+
+def test_host_tensor_looks_like_what_triton_reads():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = HostTensor(a)
+    assert t.data_ptr() == a.ctypes.data == t.untyped_storage().data_ptr()
+    assert str(t.dtype) == "torch.float32" and t.size() == (3, 4) and t.stride() == (4, 1)
+    import ml_dtypes
+    assert str(HostTensor(np.zeros(2, ml_dtypes.bfloat16)).dtype) == "torch.bfloat16"
+    with pytest.raises(ValueError, match="C-contiguous"):
+        HostTensor(a.T)
+    with pytest.raises(ValueError, match="no element type"):
+        HostTensor(np.zeros(2, np.complex64))
+
+
+@triton.jit
+def _arrive_and_wait(counter_ptr, order_ptr, out_ptr, RANKS: tl.constexpr, MAX_SPINS: tl.constexpr):
+    # Each "rank" takes a ticket, then spins until every rank has arrived.
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    tl.store(order_ptr, ticket)
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    spins = 0
+    while (seen < RANKS) & (spins < MAX_SPINS):
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        spins += 1
+    tl.store(out_ptr, seen)
+
+
+def test_kernels_in_threads_spin_wait_on_each_other():
+    # Needs the interpreter shim: kernels in 4 threads at once, each waiting for
+    # the others' atomics. Without concurrency this would time out at 1 arrival.
+    ranks = 4
+    counter = np.zeros(1, np.int32)
+    results, errors = [None] * ranks, []
+
+    def rank(r):
+        try:
+            order = np.zeros(1, np.int32)
+            (out,) = run_interpreted(
+                _arrive_and_wait, (1,), [counter, order], scalars=(),
+                out_shapes=[np.zeros(1, np.int32)], input_output_aliases=(),
+                zeroed_outputs=(), metaparams=(("MAX_SPINS", 20000), ("RANKS", ranks)))
+            results[r] = int(out[0])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert results == [ranks] * ranks

@@ -1,0 +1,76 @@
+"""Bad input raises a ValueError naming shapes, dtypes and the axis size, before any kernel."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_flux
+from tests.helpers import mesh_of
+
+OPS = [jax_flux.all_gather_matmul, jax_flux.matmul_reduce_scatter]
+
+
+def call(op, x, w, **kw):
+    """Traces op on local shards x, w (replicated into every rank) over 8 ranks."""
+    f = jax.shard_map(lambda x, w: op(x, w, "tp", **kw), mesh=mesh_of(8),
+                      in_specs=(P(), P()), out_specs=P("tp"), check_vma=False)
+    return jax.eval_shape(f, x, w)
+
+
+def arr(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_rank_must_be_2(op):
+    with pytest.raises(ValueError, match=r"2-D.*x\(8, 4, 2\).*w\(2, 3\).*size 8"):
+        call(op, arr((8, 4, 2)), arr((2, 3)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_contraction_sizes_must_match(op):
+    with pytest.raises(ValueError, match=r"contraction.*x\(8, 4\) @ w\(5, 3\).*size 8"):
+        call(op, arr((8, 4)), arr((5, 3)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_dtypes_must_match(op):
+    with pytest.raises(ValueError, match="x float32 and w bfloat16"):
+        call(op, arr((8, 4)), arr((4, 3), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int16, jnp.int8])
+def test_unsupported_dtype(op, dtype):
+    with pytest.raises(ValueError, match="is not supported"):
+        call(op, arr((8, 4), dtype), arr((4, 3), dtype))
+
+
+def test_reduce_scatter_rows_divisible_by_axis_size():
+    with pytest.raises(ValueError, match=r"x\(12, 4\) has 12 rows, not divisible by the size 8"):
+        call(jax_flux.matmul_reduce_scatter, arr((12, 4)), arr((4, 3)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_impl(op):
+    with pytest.raises(ValueError, match="impl must be one of"):
+        call(op, arr((8, 4)), arr((4, 3)), impl="nccl")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_config_only_for_fused(op):
+    with pytest.raises(ValueError, match="config applies to impl='fused' only"):
+        call(op, arr((8, 4)), arr((4, 3)), impl="ring", config=object())
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_outside_shard_map(op):
+    with pytest.raises(ValueError, match="unbound axis name 'tp'.*shard_map"):
+        op(jnp.ones((8, 4)), jnp.ones((4, 3)), "tp")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_several_axis_names_rejected(op):
+    with pytest.raises(ValueError, match="must name one mesh axis"):
+        op(jnp.ones((8, 4)), jnp.ones((4, 3)), ("tp", "dp"))

@@ -9,21 +9,29 @@ interpreter, as shipped, is single-threaded in two ways:
   ``tl.num_programs`` read) live on one module-global builder;
 * every launch patches ``triton.language`` with interpreter builtins on entry
   and restores the originals on exit, under the feet of a kernel still
-  running in another thread ("`_semantic` argument must be provided").
+  running in another thread ("`_semantic` argument must be provided");
+* kernels are rewritten from their source into a shared cache on first use,
+  and two threads parsing at once break CPython's parser.
 
 ``install()`` makes the two builder fields thread-local and applies the
 language patch once, never restoring it (the process is in interpreter mode
-for good). It is idempotent and checked on the Triton versions below; any
+for good). It also shortens the GIL switch interval of the process, so a
+program polling a signal lets the other ranks' threads run. It is idempotent and checked on the Triton versions below; any
 other version is refused with a clear error rather than patched blindly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import threading
 import types
 
 # Versions whose interpreter internals this shim was read against and tested on.
 CHECKED_TRITON = ("3.9",)
+
+# GIL switch interval while kernels are interpreted (Python's default: 5 ms).
+SWITCH_INTERVAL_S = 1e-3
 
 _lock = threading.Lock()
 _installed = False
@@ -96,4 +104,31 @@ def install() -> None:
             return _NoRestoreScope()
 
         interp._patch_lang = patch_lang_once
+
+        # Triton's interpreter checks every int32 add/mul for overflow by
+        # redoing it in int64 (a debugging aid the compiled kernels don't
+        # have); it costs about 40% of a kernel's run time here. The kernels
+        # do large-offset arithmetic in int64 by construction.
+        builder = interp.interpreter_builder
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+        # Kernels and the device functions they call are rewritten (ast.parse)
+        # on first use into a shared cache; two threads doing that at once
+        # break CPython's parser ("AST constructor recursion depth mismatch").
+        rewrite_lock = threading.Lock()
+        original_rewrite = interp.InterpretedFunction.rewrite
+
+        def rewrite_once(self):
+            cached = interp.InterpretedFunction.rewritten_fn.get(self.fn)
+            if cached is not None:
+                return cached
+            with rewrite_lock:
+                return original_rewrite(self)
+
+        interp.InterpretedFunction.rewrite = rewrite_once
+
+        # A program spinning on a signal holds the GIL for a whole switch
+        # interval per turn (5 ms by default), starving the ranks whose
+        # progress it waits for. Hand the GIL over more often.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         _installed = True

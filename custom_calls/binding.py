@@ -20,11 +20,12 @@ as constexprs. Runtime values (a rank, an epoch) must be arrays.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.extend import core as jax_core
+from jax.experimental import io_callback
 from jax.interpreters import mlir
 
 from custom_calls import _interpreter_shim, _mode
@@ -32,6 +33,15 @@ from custom_calls._host_tensor import HostTensor
 from custom_calls._jax_compat import varying_axes_of_aval as _varying_axes
 
 Grid = tuple[int, ...]
+
+class PeerTimeoutError(RuntimeError):
+    """A fused kernel waited past its timeout for a peer that never arrived."""
+
+
+def _raise_on_status(status: np.ndarray, status_output, on_status) -> None:
+    if status_output is not None and int(status[0]) != 0:
+        raise PeerTimeoutError(on_status(np.asarray(status)))
+
 
 # Value written into every output before a CPU launch, so a tile the kernel
 # never writes shows up in a comparison instead of passing as stale memory.
@@ -48,11 +58,8 @@ def _abstract_eval(*avals, out_shapes, **_):
         raise ValueError("a jax_flux Triton call needs at least one array operand")
     # Outputs vary over every mesh axis some input varies over; take the aval
     # of the most-varying input as the template so that type is carried over.
+    # triton_call made every operand vary over the same mesh axes; outputs do too.
     template = max(avals, key=lambda a: len(_varying_axes(a)))
-    union = frozenset().union(*(_varying_axes(a) for a in avals))
-    if _varying_axes(template) != union:
-        raise ValueError(f"operands vary over incompatible mesh axes: "
-                         f"{[sorted(_varying_axes(a)) for a in avals]}")
     return [template.update(shape=tuple(s.shape), dtype=np.dtype(s.dtype), weak_type=False)
             for s in out_shapes]
 
@@ -77,6 +84,8 @@ def triton_call(
     num_stages: int = 3,
     input_output_aliases: dict[int, int] | None = None,
     zeroed_outputs: Sequence[int] = (),
+    status_output: int | None = None,
+    on_status: Callable[[np.ndarray], str] | None = None,
     **metaparams: Any,
 ) -> Any:
     """Calls a ``@triton.jit`` kernel on JAX arrays, on CUDA or on the CPU.
@@ -93,6 +102,10 @@ def triton_call(
       input_output_aliases: ``{array operand index: output index}``; the
         output starts as a copy of (on CUDA: is) that operand.
       zeroed_outputs: indices of outputs set to zero before the launch.
+      status_output: index of a zeroed int32 output the kernel sets nonzero
+        when it gave up waiting for a peer; the call then raises
+        ``PeerTimeoutError`` with the message ``on_status(status)``.
+      on_status: formats a nonzero status (a host int32 array) as a message.
       **metaparams: ``tl.constexpr`` parameters of the kernel.
 
     Returns:
@@ -105,12 +118,17 @@ def triton_call(
     if not 1 <= len(grid) <= 3 or min(grid) < 1:
         raise ValueError(f"grid must be 1 to 3 positive ints, got {grid}")
 
+    if status_output is not None:
+        if on_status is None:
+            raise ValueError("status_output needs on_status to describe a failure")
+        zeroed_outputs = tuple(sorted(set(zeroed_outputs) | {status_output}))
     arrays, scalars = [], []
     for i, a in enumerate(args):
         if isinstance(a, (bool, int, float)):
             scalars.append((i, a))
         else:
             arrays.append(a)
+    arrays = _same_varying_axes(arrays)
     outs = triton_call_p.bind(
         *arrays,
         kernel=kernel,
@@ -121,9 +139,20 @@ def triton_call(
         num_stages=int(num_stages),
         input_output_aliases=tuple(sorted((input_output_aliases or {}).items())),
         zeroed_outputs=tuple(zeroed_outputs),
+        status_output=status_output,
+        on_status=on_status,
         metaparams=tuple(sorted(metaparams.items())),
     )
     return outs[0] if single else list(outs)
+
+
+def _same_varying_axes(arrays: list) -> list:
+    """Inside shard_map, casts operands to vary over the union of their mesh axes."""
+    axes = [_varying_axes(jax.typeof(a)) for a in arrays]
+    union = frozenset().union(*axes)
+    return [a if ax == union else jax.lax.pcast(a, tuple(sorted(union - ax, key=str)),
+                                                to="varying")
+            for a, ax in zip(arrays, axes)]
 
 
 def _interleave(arrays: Sequence[Any], scalars: tuple) -> list:
@@ -169,15 +198,25 @@ def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars
 
 
 def _cpu_lowering(ctx, *args, kernel, scalars, out_shapes, grid, num_warps, num_stages,
-                  input_output_aliases, zeroed_outputs, metaparams):
+                  input_output_aliases, zeroed_outputs, status_output, on_status, metaparams):
     del num_warps, num_stages  # the interpreter has neither
-    host_fn = functools.partial(
-        run_interpreted, kernel, grid, scalars=scalars, out_shapes=out_shapes,
-        input_output_aliases=input_output_aliases, zeroed_outputs=zeroed_outputs,
-        metaparams=metaparams)
+
+    def host_fn(*arrays):
+        outputs = run_interpreted(
+            kernel, grid, arrays, scalars=scalars, out_shapes=out_shapes,
+            input_output_aliases=input_output_aliases, zeroed_outputs=zeroed_outputs,
+            metaparams=metaparams)
+        if status_output is not None:
+            _raise_on_status(outputs[status_output], status_output, on_status)
+        return outputs
 
     def callback(*arrays):
-        return jax.pure_callback(lambda *a: host_fn(a), list(out_shapes), *arrays)
+        if status_output is None:
+            return jax.pure_callback(host_fn, list(out_shapes), *arrays)
+        # Communicating kernels have side effects on the workspace: XLA must
+        # neither drop nor reorder them (it runs side-effecting callbacks of a
+        # device in program order, the same order on every rank).
+        return io_callback(host_fn, list(out_shapes), *arrays, ordered=False)
 
     return mlir.lower_fun(callback, multiple_results=True)(ctx, *args)
 
@@ -197,15 +236,25 @@ def _jax_triton():
 
 
 def _gpu_lowering(ctx, *args, kernel, scalars, out_shapes, grid, num_warps, num_stages,
-                  input_output_aliases, zeroed_outputs, metaparams):
+                  input_output_aliases, zeroed_outputs, status_output, on_status, metaparams):
     jt = _jax_triton()
 
     def call(*arrays):
-        return jt.triton_call(
+        outs = jt.triton_call(
             *_interleave(arrays, scalars), kernel=kernel, out_shape=list(out_shapes), grid=grid,
             num_warps=num_warps, num_stages=num_stages,
             input_output_aliases=dict(input_output_aliases),
             zeroed_outputs=zeroed_outputs, **dict(metaparams))
+        if status_output is not None:
+            # A timed-out wait surfaces as an error of this program (one small
+            # device-to-host read of the status word per call).
+            status = outs[status_output]
+            jax.lax.cond(status[0] != 0,
+                         lambda s: io_callback(functools.partial(
+                             _raise_on_status, status_output=status_output, on_status=on_status),
+                             None, s, ordered=False),
+                         lambda s: None, status)
+        return outs
 
     return mlir.lower_fun(call, multiple_results=True)(ctx, *args)
 
@@ -220,4 +269,5 @@ def interpreter_ready() -> bool:
     return _mode.interpreting()
 
 
-__all__ = ["triton_call", "triton_call_p", "run_interpreted", "interpreter_ready"]
+__all__ = ["PeerTimeoutError", "triton_call", "triton_call_p", "run_interpreted",
+           "interpreter_ready"]

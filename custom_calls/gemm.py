@@ -21,11 +21,13 @@ from custom_calls.binding import triton_call
 
 @triton.jit
 def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
-              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              A_CACHE: tl.constexpr = ""):
     """float32 tile of a[rows, :] @ b[:, cols]; rows >= M / cols >= N read as 0.
 
     UPCAST casts operands to float32 before tl.dot: set only on the interpreter
-    path, whose tl.dot is wrong for bfloat16 operands.
+    path, whose tl.dot is wrong for bfloat16 operands. A_CACHE is the load
+    cache modifier for a (".cg" where peers wrote it: bypass a stale L1).
     """
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows[:, None] < M
@@ -35,7 +37,7 @@ def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k + k0 < K
-        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0, cache_modifier=A_CACHE)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)

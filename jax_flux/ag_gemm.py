@@ -20,7 +20,10 @@ from typing import Hashable
 import jax.numpy as jnp
 from jax import lax
 
+from custom_calls import ag_gemm as kernel
+from jax_flux import _fused
 from jax_flux._matmul import dot
+from jax_flux.config import AllGatherMatmulConfig
 
 
 def reference(x, w, axis_name: Hashable, *, return_gathered: bool = False):
@@ -63,4 +66,31 @@ def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False)
         if step <= n_bwd:
             y, xg = place(y, xg, bwd, (idx + step) % size)
         fwd, bwd = nxt_fwd, nxt_bwd
+    return (y, xg) if return_gathered else y
+
+
+def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | None = None, *,
+          return_gathered: bool = False):
+    """The Flux kernel: one Triton launch that gathers x through the workspace and
+    multiplies tile by tile as rows arrive."""
+    m, k = x.shape
+    n = w.shape[1]
+    cfg = config or AllGatherMatmulConfig.default(m, k, n, size, _fused.interpreter_ready())
+    if not isinstance(cfg, AllGatherMatmulConfig):
+        raise ValueError(f"all_gather_matmul(impl='fused') takes an AllGatherMatmulConfig, "
+                         f"got {type(cfg).__name__}")
+    sig_off, data_off, nbytes = kernel.workspace_bytes(size, m, k, x.dtype.itemsize,
+                                                       cfg.chunk_rows)
+    launch = _fused.prepare("all_gather_matmul", axis_name, size, nbytes, cfg, x.dtype)
+    tiles = size * _fused.cdiv(m, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
+    grid = cfg.num_programs or min(tiles + cfg.comm_programs, launch.max_programs)
+    grid = max(grid, cfg.comm_programs + 1)
+    y, _, xg = kernel.ag_gemm(
+        x, w, launch.ctx, launch.table, world=size, sig_off=sig_off, data_off=data_off,
+        chunk_rows=cfg.chunk_rows, comm_programs=cfg.comm_programs,
+        gemm_programs=grid - cfg.comm_programs, block_m=cfg.block_m, block_n=cfg.block_n,
+        block_k=cfg.block_k, copy_rows=cfg.copy_rows, copy_cols=cfg.copy_cols,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, return_gathered=return_gathered,
+        upcast=launch.upcast, input_precision=_fused.input_precision(cfg, x.dtype),
+        remote_cache=launch.remote_cache, on_timeout=launch.on_timeout)
     return (y, xg) if return_gathered else y

@@ -21,7 +21,10 @@ from typing import Hashable
 
 from jax import lax
 
+from custom_calls import gemm_rs as kernel
+from jax_flux import _fused
 from jax_flux._matmul import dot, dot_f32
+from jax_flux.config import MatmulReduceScatterConfig
 
 
 def reference(x, w, axis_name: Hashable):
@@ -60,3 +63,31 @@ def ring(x, w, axis_name: Hashable, size: int):
     if bwd is not None:
         total = total + bwd.astype("float32")
     return total.astype(x.dtype)
+
+
+def fused(x, w, axis_name: Hashable, size: int,
+          config: MatmulReduceScatterConfig | None = None):
+    """The Flux kernel: one Triton launch whose GEMM epilogue stores each tile into
+    its owner's reduce buffer; the owner sums the P partials in rank order."""
+    m_total, k = x.shape
+    n = w.shape[1]
+    m_own = m_total // size
+    cfg = config or MatmulReduceScatterConfig.default(m_own, k, n, size,
+                                                      _fused.interpreter_ready())
+    if not isinstance(cfg, MatmulReduceScatterConfig):
+        raise ValueError(f"matmul_reduce_scatter(impl='fused') takes a "
+                         f"MatmulReduceScatterConfig, got {type(cfg).__name__}")
+    sig_off, data_off, nbytes = kernel.workspace_bytes(size, m_own, n, x.dtype.itemsize,
+                                                       cfg.block_m, cfg.block_n)
+    launch = _fused.prepare("matmul_reduce_scatter", axis_name, size, nbytes, cfg, x.dtype)
+    tiles = size * _fused.cdiv(m_own, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
+    grid = cfg.num_programs or min(tiles + cfg.reduce_programs, launch.max_programs)
+    grid = max(grid, cfg.reduce_programs + 1)
+    z, _ = kernel.gemm_rs(
+        x, w, launch.ctx, launch.table, world=size, sig_off=sig_off, data_off=data_off,
+        gemm_programs=grid - cfg.reduce_programs, reduce_programs=cfg.reduce_programs,
+        block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
+        input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
+        on_timeout=launch.on_timeout)
+    return z

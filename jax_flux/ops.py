@@ -26,50 +26,61 @@ from jax_flux._matmul import dot_tn
 
 _AG = "all_gather_matmul"
 _RS = "matmul_reduce_scatter"
-_FUSED_ISSUES = {_AG: "issue 3 (fused AllGather-GEMM)", _RS: "issue 4 (fused GEMM-ReduceScatter)"}
+
+
+def _fused_is_default() -> bool:
+    """Whether impl="auto" picks the fused kernels.
+
+    On CPU devices the kernels run through Triton's interpreter, which is for
+    testing, not speed, so auto stays on xla there. On GPUs the fused path
+    needs the CUDA symmetric workspace, not built yet (see jax_flux.workspace).
+    """
+    return False
 
 
 def _resolve(op: str, impl: str, config: Any) -> str:
     """The concrete impl for ``impl``; ``"auto"`` picks fused where supported."""
     _validate.check_impl(op, impl)
     if impl == "auto":
-        return "xla"
+        return "fused" if _fused_is_default() else "xla"
     if impl in ("xla", "ring") and config is not None:
         raise ValueError(f"{op}: config applies to impl='fused' only, got impl={impl!r} with "
                          f"config={config!r}")
-    if impl == "fused":
-        raise NotImplementedError(
-            f"{op}(impl='fused') is the Flux Triton kernel of {_FUSED_ISSUES[op]}, which has not "
-            f"landed yet; use impl='xla' or impl='ring' (impl='auto' picks what is available)")
     return impl
 
 
-def _ag_forward(x, w, axis_name, impl, size, return_gathered=False):
+def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False):
+    if impl == "fused":
+        return ag_gemm.fused(x, w, axis_name, size, config, return_gathered=return_gathered)
     if impl == "ring":
         return ag_gemm.ring(x, w, axis_name, size, return_gathered=return_gathered)
     return ag_gemm.reference(x, w, axis_name, return_gathered=return_gathered)
 
 
-def _rs_forward(x, w, axis_name, impl, size):
+def _rs_forward(x, w, axis_name, impl, size, config=None):
+    if impl == "fused":
+        return gemm_rs.fused(x, w, axis_name, size, config)
     if impl == "ring":
         return gemm_rs.ring(x, w, axis_name, size)
     return gemm_rs.reference(x, w, axis_name)
 
 
 # ------------------------------------------------------------ AG-GEMM vjp
+# The config tunes the op it was given to; the other op in the backward pass
+# uses its own default.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _ag(x, w, axis_name, impl, size):
-    return _ag_forward(x, w, axis_name, impl, size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _ag(x, w, axis_name, impl, size, config):
+    return _ag_forward(x, w, axis_name, impl, size, config)
 
 
-def _ag_fwd(x, w, axis_name, impl, size):
-    y, xg = _ag_forward(x, w, axis_name, impl, size, return_gathered=True)
+def _ag_fwd(x, w, axis_name, impl, size, config):
+    y, xg = _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True)
     return y, (xg, w)
 
 
-def _ag_bwd(axis_name, impl, size, res, dy):
+def _ag_bwd(axis_name, impl, size, config, res, dy):
     xg, w = res
     dx = _rs_forward(dy, w.T, axis_name, impl, size)
     return dx, dot_tn(xg, dy)
@@ -81,16 +92,16 @@ _ag.defvjp(_ag_fwd, _ag_bwd)
 # ------------------------------------------------------------ GEMM-RS vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _rs(x, w, axis_name, impl, size):
-    return _rs_forward(x, w, axis_name, impl, size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _rs(x, w, axis_name, impl, size, config):
+    return _rs_forward(x, w, axis_name, impl, size, config)
 
 
-def _rs_fwd(x, w, axis_name, impl, size):
-    return _rs_forward(x, w, axis_name, impl, size), (x, w)
+def _rs_fwd(x, w, axis_name, impl, size, config):
+    return _rs_forward(x, w, axis_name, impl, size, config), (x, w)
 
 
-def _rs_bwd(axis_name, impl, size, res, dz):
+def _rs_bwd(axis_name, impl, size, config, res, dz):
     x, w = res
     dx, dzg = _ag_forward(dz, w.T, axis_name, impl, size, return_gathered=True)
     return dx, dot_tn(x, dzg)
@@ -126,7 +137,8 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
       impl: ``"xla"`` (all-gather then matmul), ``"ring"`` (bidirectional
         collective-permute ring overlapping chunk matmuls), ``"fused"`` (the
         Flux Triton kernel) or ``"auto"`` (fused where supported, else xla).
-      config: tuning for impl ``"fused"``; None picks a default by shape.
+      config: ``AllGatherMatmulConfig`` for impl ``"fused"``; None picks a
+        default by shape.
 
     Returns:
       [m * P, n] in x's dtype; rank r's rows at [r * m, (r + 1) * m).
@@ -138,7 +150,7 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size)
     impl = _resolve(_AG, impl, config)
-    return _ag(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size)
+    return _ag(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size, config)
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
@@ -155,7 +167,8 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
       axis_name: the mesh axis to reduce and scatter over (size P).
       impl: ``"xla"``, ``"ring"``, ``"fused"`` or ``"auto"``, as in
         ``all_gather_matmul``.
-      config: tuning for impl ``"fused"``; None picks a default by shape.
+      config: ``MatmulReduceScatterConfig`` for impl ``"fused"``; None picks
+        a default by shape.
 
     Returns:
       [M / P, N] in x's dtype: rank r gets rows [r * M/P, (r + 1) * M/P) of
@@ -168,4 +181,4 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     _validate.check_operands(_RS, x, w, axis_name, size)
     _validate.check_scatter_rows(_RS, x, axis_name, size)
     impl = _resolve(_RS, impl, config)
-    return _rs(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size)
+    return _rs(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size, config)

@@ -36,3 +36,13 @@ def cotangent(shape, dtype, seed=1):
     g64 = np.random.default_rng(seed).standard_normal(shape)
     g = jax.numpy.asarray(g64, dtype)
     return g, np.asarray(g, np.float64)
+
+
+def fused_fn(op_name: str, mesh, config=None, **kw):
+    """Jitted global-view fused op (no caching: configs vary per test)."""
+    from jax_flux import testing as t
+
+    in_specs, out_spec = t._SPECS[op_name]
+    op = t.OPS[op_name]
+    return jax.jit(jax.shard_map(lambda x, w: op(x, w, "tp", impl="fused", config=config, **kw),
+                                 mesh=mesh, in_specs=in_specs, out_specs=out_spec))

@@ -9,7 +9,7 @@ from jax_flux import testing
 from tests.helpers import cotangent, lax_reference, mesh_of
 
 OPS = list(testing.OPS)
-IMPLS = ["xla", "ring", "auto"]
+IMPLS = ["xla", "ring", "fused", "auto"]
 # (M, K, N) global; M and N divisible by 8. Rows per rank 1, 8 and 13.
 SHAPES = [(64, 48, 40), (104, 72, 24), (8, 136, 16)]
 DTYPES = [jnp.float32, jnp.bfloat16]

@@ -1,0 +1,172 @@
+"""Fused AllGather-GEMM (Flux): one persistent Triton launch per call.
+
+Rank r holds x [m, K] and w [K, n] and computes y = all_gather(x) @ w,
+[P * m, n], reading peers' rows from its own gather buffer in the symmetric
+workspace (``signals.py`` has the layout), into which the peers push them.
+
+Programs [0, COMM_PROGRAMS) communicate: they push this rank's shard to peers
+r+1, r+2, ... (so at step d every rank sends to rank + d and receives from
+rank - d) in chunks of CHUNK_ROWS rows, each chunk followed by a release store
+of its signal ``sig[r * chunks + j] = epoch`` in the peer's workspace. Before
+the first write into a peer they wait until that peer has finished its
+previous call (start barrier). They never wait on anything of this call.
+
+The other programs are the GEMM: output tiles in rank-rotated order (own rows
+first, read straight from x, then rows of rank r-1, r-2, ..., the order they
+arrive in), each acquire-waiting only on the signals of the chunks its rows
+lie in. With RETURN_GATHERED they also write the gathered x (the rows they
+read for tile column 0), so the weight gradient needs no second all-gather.
+
+Invariant that makes one source right both on a GPU (programs concurrent) and
+in the interpreter (programs of a rank run one after another, ranks
+concurrently): every wait of this call targets work of programs that never
+wait on this call and have lower ids than every program that does wait.
+"""
+
+import jax
+import triton
+import triton.language as tl
+
+from custom_calls import signals
+from custom_calls.binding import triton_call
+from custom_calls.gemm import gemm_tile
+
+
+@triton.jit
+def _copy_rows(src_ptr, dst_ptr, row0, row1, K,
+               COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, SRC_CACHE: tl.constexpr):
+    """dst[row, :K] = src[row, :K] for row0 <= row < row1 (row-major, K columns)."""
+    offs_r = tl.arange(0, COPY_ROWS)
+    offs_c = tl.arange(0, COPY_COLS)
+    for r in range(row0, row1, COPY_ROWS):
+        rows = r + offs_r
+        row_ok = rows[:, None] < row1
+        for c in range(0, K, COPY_COLS):
+            cols = c + offs_c
+            offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+            mask = row_ok & (cols[None, :] < K)
+            tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask, cache_modifier=SRC_CACHE),
+                     mask=mask)
+
+
+@triton.jit
+def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K, chunks, pid,
+                WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
+                CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
+                COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    for item in range(pid, (WORLD - 1) * chunks, COMM_PROGRAMS):
+        # Items in send order: all chunks for peer rank+1, then rank+2, ...
+        peer = (rank + item // chunks + 1) % WORLD
+        chunk = item % chunks
+        signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr)
+        peer_ws = signals.peer_base(table_ptr, peer)
+        dst = signals.as_ptr(peer_ws, DATA_OFF, dtype) + rank.to(tl.int64) * M_LOCAL * K
+        row0 = chunk * CHUNK_ROWS
+        _copy_rows(x_ptr, dst, row0, tl.minimum(row0 + CHUNK_ROWS, M_LOCAL), K,
+                   COPY_ROWS, COPY_COLS, "")
+        sig = signals.as_ptr(peer_ws, SIG_OFF, tl.int32) + rank * chunks + chunk
+        signals.store_release(sig, epoch)
+
+
+@triton.jit
+def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin_limit,
+                M_LOCAL, N, K, chunks, gemm_pid, gemm_programs,
+                WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
+                CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
+                RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    gather = signals.as_ptr(base, DATA_OFF, dtype)
+    my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
+    tiles_m = tl.cdiv(M_LOCAL, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_source = tiles_m * tiles_n
+    for t in range(gemm_pid, WORLD * per_source, gemm_programs):
+        step = t // per_source  # 0: own rows; s > 0: rows of rank - s
+        src = (rank - step + WORLD) % WORLD
+        tile_m = (t % per_source) // tiles_n
+        tile_n = (t % per_source) % tiles_n
+        row0 = tile_m * BLOCK_M
+        row1 = tl.minimum(row0 + BLOCK_M, M_LOCAL)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if step == 0:
+            a_ptr = x_ptr
+        else:
+            # Wait only for the chunks this tile's rows lie in.
+            for c in range(row0 // CHUNK_ROWS, (row1 - 1) // CHUNK_ROWS + 1):
+                signals.wait_at_least(my_signals + src * chunks + c, epoch, spin_limit,
+                                      status_ptr, signals.WAIT_ROWS, rank, src, c)
+            a_ptr = gather + tl.cast(src, tl.int64) * M_LOCAL * K
+        acc = gemm_tile(a_ptr, w_ptr, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
+                        INPUT_PRECISION, REMOTE_CACHE)
+        out_rows = tl.cast(src, tl.int64) * M_LOCAL + rows
+        tl.store(y_ptr + out_rows[:, None] * N + cols[None, :], acc.to(dtype),
+                 mask=(rows[:, None] < M_LOCAL) & (cols[None, :] < N))
+        if RETURN_GATHERED:
+            if tile_n == 0:
+                _copy_rows(a_ptr, xg_ptr + tl.cast(src, tl.int64) * M_LOCAL * K, row0, row1, K,
+                           COPY_ROWS, COPY_COLS, REMOTE_CACHE)
+
+
+@triton.jit
+def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_LOCAL, N, K,
+                   y_ptr, status_ptr, xg_ptr,
+                   WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
+                   CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
+                   RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr):
+    rank = tl.load(ctx_ptr)
+    spin_limit = tl.load(ctx_ptr + 1)
+    base, epoch = signals.begin_call(table_ptr, rank)
+    chunks = tl.cdiv(M_LOCAL, CHUNK_ROWS)
+    pid = tl.program_id(0)
+    if pid < COMM_PROGRAMS:
+        _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K, chunks,
+                    pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS, COPY_COLS)
+    else:
+        _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin_limit,
+                    M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
+                    tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
+                    BLOCK_M, BLOCK_N, BLOCK_K, COPY_ROWS, COPY_COLS, RETURN_GATHERED, UPCAST,
+                    INPUT_PRECISION, REMOTE_CACHE)
+    signals.end_call(base, epoch)
+
+
+def workspace_bytes(world: int, m_local: int, k: int, itemsize: int, chunk_rows: int):
+    """(signal offset, data offset, total bytes) of one rank's workspace for this call."""
+    chunks = -(-m_local // chunk_rows)
+    sig_off = signals.CONTROL_BYTES
+    data_off = _align(sig_off + 4 * world * chunks, 256)
+    return sig_off, data_off, data_off + world * m_local * k * itemsize
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_rows: int,
+            comm_programs: int, gemm_programs: int, block_m: int, block_n: int, block_k: int,
+            copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
+            return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
+            on_timeout):
+    """Launches ``ag_gemm_kernel``; returns (y [P*m, n], status [5] int32, xg or a dummy [1])."""
+    m, k = x.shape
+    n = w.shape[1]
+    out_shape = [
+        jax.ShapeDtypeStruct((world * m, n), x.dtype),
+        jax.ShapeDtypeStruct((signals.STATUS_WORDS,), "int32"),
+        jax.ShapeDtypeStruct((world * m, k) if return_gathered else (1,), x.dtype),
+    ]
+    return triton_call(
+        x, w, ctx, table, m, n, k, kernel=ag_gemm_kernel, out_shape=out_shape,
+        grid=(comm_programs + gemm_programs,), num_warps=num_warps, num_stages=num_stages,
+        zeroed_outputs=(1,), status_output=1, on_status=on_timeout,
+        WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off, CHUNK_ROWS=chunk_rows,
+        COMM_PROGRAMS=comm_programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
+        UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache)

@@ -1,0 +1,131 @@
+"""Fused GEMM-ReduceScatter (Flux): one persistent Triton launch per call.
+
+Rank r holds x [M, k] and w [k, N], M = P * m, and computes
+z = (sum over ranks of x @ w)[r * m : (r + 1) * m], [m, N]. Each rank's
+workspace holds a reduce buffer of P slots [P, m, N] (slot s: the partial
+from rank s) and one signal per (source, tile).
+
+Programs [0, GEMM) compute output tiles in rank-rotated order: the rows owned
+by rank r+1 first, then r+2, ..., and this rank's own rows last, so ranks do
+not all write to the same peer at once. Each finished tile is stored straight
+into its owner's reduce buffer, in slot r (no atomics: deterministic), then
+its signal ``sig[r * tiles + t] = epoch`` is release-stored. Before the first
+write into an owner they wait until it has finished its previous call (start
+barrier). They never wait on anything of this call.
+
+Programs [GEMM, GEMM + REDUCE_PROGRAMS) reduce this rank's tiles in the order
+they are completed: acquire-wait for the tile's P signals, sum the P
+partials in rank order 0..P-1 in float32, store into z. Early tiles are
+reduced while the GEMM programs work on later ones.
+
+The same wait invariant as AG-GEMM holds: every wait of this call targets
+work of programs that never wait on this call and have lower ids than every
+program that does wait, so the kernel is right on a GPU and in the
+interpreter.
+"""
+
+import jax
+import triton
+import triton.language as tl
+
+from custom_calls import signals
+from custom_calls.binding import triton_call
+from custom_calls.gemm import gemm_tile
+
+
+@triton.jit
+def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
+                pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
+                DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_owner = tl.cdiv(M_OWN, BLOCK_M) * tiles_n
+    for t in range(pid, WORLD * per_owner, gemm_programs):
+        owner = (rank + 1 + t // per_owner) % WORLD  # rank + 1 first, own rows last
+        tile = t % per_owner
+        rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
+                        BLOCK_K, UPCAST, INPUT_PRECISION)
+        signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr)
+        owner_ws = signals.peer_base(table_ptr, owner)
+        slot = signals.as_ptr(owner_ws, DATA_OFF, dtype) + rank.to(tl.int64) * M_OWN * N
+        tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
+                 mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
+        sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
+        signals.store_release(sig, epoch)
+
+
+@triton.jit
+def _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N, pid,
+                  REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
+                  DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  REMOTE_CACHE: tl.constexpr):
+    dtype = z_ptr.dtype.element_ty
+    partials = signals.as_ptr(base, DATA_OFF, dtype)
+    my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_owner = tl.cdiv(M_OWN, BLOCK_M) * tiles_n
+    for tile in range(pid, per_owner, REDUCE_PROGRAMS):
+        rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < M_OWN) & (cols[None, :] < N)
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for src in range(0, WORLD):  # fixed order: bitwise repeatable sums
+            signals.wait_at_least(my_signals + src * per_owner + tile, epoch, spin_limit,
+                                  status_ptr, signals.WAIT_PARTIAL, rank, src, tile)
+            part = tl.load(partials + tl.cast(src, tl.int64) * M_OWN * N + offs, mask=mask, other=0.0,
+                           cache_modifier=REMOTE_CACHE)
+            acc += part.to(tl.float32)
+        tl.store(z_ptr + offs, acc.to(dtype), mask=mask)
+
+
+@triton.jit
+def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_OWN, N, K,
+                   z_ptr, status_ptr,
+                   WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
+                   REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr):
+    rank = tl.load(ctx_ptr)
+    spin_limit = tl.load(ctx_ptr + 1)
+    base, epoch = signals.begin_call(table_ptr, rank)
+    pid = tl.program_id(0)
+    gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
+    if pid < gemm_programs:
+        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
+                    pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
+                    UPCAST, INPUT_PRECISION)
+    else:
+        _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N,
+                      pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
+                      BLOCK_N, REMOTE_CACHE)
+    signals.end_call(base, epoch)
+
+
+def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int, block_n: int):
+    """(signal offset, data offset, total bytes) of one rank's workspace for this call."""
+    tiles = -(-m_own // block_m) * -(-n // block_n)
+    sig_off = signals.CONTROL_BYTES
+    data_off = -(-(sig_off + 4 * world * tiles) // 256) * 256
+    return sig_off, data_off, data_off + world * m_own * n * itemsize
+
+
+def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_programs: int,
+            reduce_programs: int, block_m: int, block_n: int, block_k: int, num_warps: int,
+            num_stages: int, upcast: bool, input_precision: str, remote_cache: str, on_timeout):
+    """Launches ``gemm_rs_kernel``; returns (z [M/P, N], status [5] int32)."""
+    m_total, k = x.shape
+    n = w.shape[1]
+    m_own = m_total // world
+    out_shape = [jax.ShapeDtypeStruct((m_own, n), x.dtype),
+                 jax.ShapeDtypeStruct((signals.STATUS_WORDS,), "int32")]
+    return triton_call(
+        x, w, ctx, table, m_own, n, k, kernel=gemm_rs_kernel, out_shape=out_shape,
+        grid=(gemm_programs + reduce_programs,), num_warps=num_warps, num_stages=num_stages,
+        status_output=1, on_status=on_timeout,
+        WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off, REDUCE_PROGRAMS=reduce_programs,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast,
+        INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache)

@@ -1,0 +1,116 @@
+"""Signal, wait and peer-address helpers shared by the fused kernels.
+
+The symmetric workspace of one rank is one allocation laid out as
+
+    [control: CONTROL_BYTES][signals: int32 ...][data ...]
+
+control holds two int32 counters of this rank:
+
+* ``EPOCH``: how many fused calls this rank has completed on this workspace
+  (an epoch is never reset; call c writes signal value c, so stale signals of
+  earlier calls are always smaller);
+* ``EXIT``: programs of the running launch that have finished; the last one
+  resets it and publishes ``EPOCH = c``, which is also the start barrier a
+  peer waits for before overwriting this rank's buffers.
+
+Peers' base addresses come in a table of uint32 (lo, hi) pairs (an int64 JAX
+array would be truncated with x64 off). Only ``tl.atomic_*`` with explicit
+``sem``/``scope`` are used, no inline PTX, so one source runs compiled on GPUs
+(Triton 3.6 to 3.9) and in Triton's interpreter.
+"""
+
+import triton
+import triton.language as tl
+
+CONTROL_BYTES = 128
+EPOCH = 0
+EXIT = 1
+
+# Codes a timed-out wait leaves in the status output: [code, rank, peer, index, epoch].
+STATUS_OK = 0
+WAIT_PEER_IDLE = 1  # start barrier: the peer's previous call never finished
+WAIT_ROWS = 2  # AG-GEMM: a chunk of a peer's rows never arrived
+WAIT_PARTIAL = 3  # GEMM-RS: a peer's partial tile never arrived
+STATUS_WORDS = 5
+
+
+@triton.jit
+def peer_base(table_ptr, peer):
+    """Base address (int64) of rank ``peer``'s workspace, from the (lo, hi) table."""
+    lo = tl.load(table_ptr + 2 * peer).to(tl.int64) & 0xFFFFFFFF
+    hi = tl.load(table_ptr + 2 * peer + 1).to(tl.int64)
+    return lo | (hi << 32)
+
+
+@triton.jit
+def as_ptr(address, offset_bytes, DTYPE: tl.constexpr):
+    """``address + offset_bytes`` as a pointer to DTYPE."""
+    return (address + offset_bytes).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def load_acquire(ptr):
+    return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def store_release(ptr, value):
+    # Every thread of the program must have issued its data stores first.
+    tl.debug_barrier()
+    tl.atomic_xchg(ptr, value, sem="release", scope="sys")
+
+
+@triton.jit
+def wait_at_least(ptr, target, spin_limit, status_ptr, code, rank, peer, index):
+    """Spins until ``*ptr >= target`` (acquire), at most ``spin_limit`` polls.
+
+    On timeout the first failing wait of the launch records
+    [code, rank, peer, index, target] in the (zeroed) status output and the
+    program goes on, so the launch ends and the host can report it: never a
+    hang. Once a wait of the launch has failed, later waits poll only once.
+    """
+    value = load_acquire(ptr)
+    spins = 0
+    if tl.atomic_add(status_ptr, 0, sem="relaxed") != 0:
+        spins = spin_limit
+    while (value < target) & (spins < spin_limit):
+        value = load_acquire(ptr)
+        spins += 1
+    if value < target:
+        if tl.atomic_cas(status_ptr, 0, code, sem="relaxed") == 0:
+            tl.store(status_ptr + 1, rank)
+            tl.store(status_ptr + 2, peer)
+            tl.store(status_ptr + 3, index)
+            tl.store(status_ptr + 4, target)
+    tl.debug_barrier()
+
+
+@triton.jit
+def begin_call(table_ptr, rank):
+    """(this rank's workspace base, this call's epoch)."""
+    base = peer_base(table_ptr, rank)
+    epoch = load_acquire(as_ptr(base, EPOCH * 4, tl.int32)) + 1
+    return base, epoch
+
+
+@triton.jit
+def wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr):
+    """Start barrier: ``peer`` has finished call ``epoch - 1``, so it no longer
+    reads the buffers this call is about to write into."""
+    ctrl = as_ptr(peer_base(table_ptr, peer), EPOCH * 4, tl.int32)
+    wait_at_least(ctrl, epoch - 1, spin_limit, status_ptr, WAIT_PEER_IDLE, rank, peer, 0)
+
+
+@triton.jit
+def end_call(base, epoch):
+    """Exit protocol: the last program of the launch publishes EPOCH = epoch.
+
+    Every program has read EPOCH before it arrives here, so none of this
+    launch reads the bumped value.
+    """
+    tl.debug_barrier()
+    exit_ptr = as_ptr(base, EXIT * 4, tl.int32)
+    ticket = tl.atomic_add(exit_ptr, 1, sem="acq_rel", scope="sys")
+    if ticket == tl.num_programs(0) - 1:
+        tl.atomic_xchg(exit_ptr, 0, sem="relaxed", scope="sys")
+        tl.atomic_xchg(as_ptr(base, EPOCH * 4, tl.int32), epoch, sem="release", scope="sys")

@@ -1,0 +1,96 @@
+"""What both fused ops need at trace time: the workspace table, this rank's context, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from custom_calls import interpreter_ready, signals  # noqa: F401 (re-exported)
+from custom_calls.gemm import upcast_operands
+from jax_flux import workspace
+
+# Persistent grid cap in Triton's interpreter (programs run one after another).
+_INTERPRETER_PROGRAMS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Per-call operands and options shared by the fused kernels."""
+
+    ctx: jax.Array  # int32 [2]: this rank's index on the axis, spin limit
+    table: jax.Array  # uint32 [P * 2]: (lo, hi) base address of every rank's workspace
+    interpreting: bool
+    max_programs: int
+    upcast: bool
+    remote_cache: str
+    on_timeout: functools.partial
+
+
+def _groups(op: str, axis_name: Hashable):
+    """(mesh axes, number of groups, this rank's group index) for the workspace."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names, sizes = tuple(mesh.axis_names), tuple(mesh.axis_sizes)
+    if axis_name not in names:
+        raise ValueError(f"{op}(impl='fused') must run inside jax.shard_map over a mesh with "
+                         f"axis {axis_name!r}; the current mesh has axes {names}")
+    manual = set(getattr(mesh, "manual_axes", names))
+    group, groups = 0, 1
+    for name, size in zip(names, sizes):
+        if name == axis_name or size == 1:
+            continue
+        if name not in manual:
+            raise ValueError(f"{op}(impl='fused') needs shard_map to be manual over every mesh "
+                             f"axis of size > 1; {name!r} (size {size}) is not")
+        group = group * size + lax.axis_index(name)
+        groups *= size
+    return tuple(zip(names, sizes)), groups, group
+
+
+def _describe_timeout(status: np.ndarray, *, op: str, axis_name: Hashable, timeout_s: float) -> str:
+    code, rank, peer, index, epoch = (int(v) for v in status[: signals.STATUS_WORDS])
+    what = {
+        signals.WAIT_PEER_IDLE: f"rank {peer} to finish its previous fused call",
+        signals.WAIT_ROWS: f"row chunk {index} of rank {peer}",
+        signals.WAIT_PARTIAL: f"partial tile {index} from rank {peer}",
+    }.get(code, f"signal {index} of rank {peer} (code {code})")
+    return (f"{op}(impl='fused'): rank {rank} of axis {axis_name!r} gave up after about "
+            f"{timeout_s:g} s waiting for {what} (epoch {epoch}). Every rank of the axis must "
+            f"make the same fused calls in the same order. The workspace is now out of step: "
+            f"call jax_flux.workspace.reset() before the next fused call.")
+
+
+def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype) -> Launch:
+    """Allocates (or reuses) the workspace and builds this rank's kernel operands."""
+    interpreting = interpreter_ready()
+    mesh_axes, groups, group = _groups(op, axis_name)
+    platform = "cpu" if interpreting else "cuda"
+    ws = workspace.get(workspace.axis_key(mesh_axes, axis_name), size, groups, nbytes, platform)
+    table = jnp.asarray(ws.table())  # [groups, P, 2], baked into the program
+    table = (table[group] if groups > 1 else table[0]).reshape(-1)
+    ctx = jnp.stack([lax.axis_index(axis_name),
+                     jnp.int32(config.spin_limit(interpreting))]).astype(jnp.int32)
+    if interpreting:
+        max_programs = _INTERPRETER_PROGRAMS
+    else:
+        max_programs = getattr(jax.devices()[0], "core_count", None) or 132
+    return Launch(
+        ctx=ctx, table=table, interpreting=interpreting, max_programs=max_programs,
+        upcast=upcast_operands(dtype), remote_cache="" if interpreting else ".cg",
+        on_timeout=functools.partial(_describe_timeout, op=op, axis_name=axis_name,
+                                     timeout_s=config.timeout_s))
+
+
+def input_precision(config, dtype) -> str:
+    return config.f32_precision if jnp.dtype(dtype) == jnp.float32 else "ieee"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+

@@ -1,0 +1,143 @@
+"""Tuning configurations of the fused kernels: frozen dataclasses, validated on construction.
+
+``config=None`` in the ops picks ``default(...)``: a heuristic by shape,
+dtype and axis size. Block sizes are powers of two (Triton's tl.arange needs
+them); tl.dot on a GPU needs every block dimension >= 16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# How many polls of a signal a wait may spend per second of its timeout: about
+# 1 us per system-scope atomic on a GPU; Triton's interpreter polls far slower.
+POLLS_PER_SECOND_GPU = 1_000_000
+POLLS_PER_SECOND_INTERPRETER = 20_000
+_INT32_MAX = 2**31 - 1
+
+
+def _pow2(name: str, value: int, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or value < lo or value > hi or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value!r}")
+
+
+def _positive(name: str, value, lo: int = 1) -> None:
+    if not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _clamp_pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, _next_pow2(n)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Common:
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    # Total persistent grid; None: one program per output tile, capped at the
+    # number of SMs (GPU) or 8 (interpreter).
+    num_programs: int | None = None
+    timeout_s: float = 60.0
+    # tl.dot input precision for float32 operands on a GPU ("tf32" is what
+    # XLA's default precision uses on Hopper; "ieee" is exact float32).
+    f32_precision: str = "tf32"
+
+    def _check_common(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            _pow2(name, getattr(self, name), 1, 1024)
+        _pow2("num_warps", self.num_warps, 1, 32)
+        _positive("num_stages", self.num_stages)
+        if self.num_programs is not None:
+            _positive("num_programs", self.num_programs, 2)
+        if self.f32_precision not in ("tf32", "tf32x3", "ieee"):
+            raise ValueError(f"f32_precision must be 'tf32', 'tf32x3' or 'ieee', "
+                             f"got {self.f32_precision!r}")
+        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
+            raise ValueError(f"timeout_s must be in (0, 3600] seconds, got {self.timeout_s!r}")
+
+    def spin_limit(self, interpreting: bool) -> int:
+        """Polls a wait may spend before it reports a timeout."""
+        rate = POLLS_PER_SECOND_INTERPRETER if interpreting else POLLS_PER_SECOND_GPU
+        return int(min(_INT32_MAX, max(1, self.timeout_s * rate)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AllGatherMatmulConfig(_Common):
+    """Fused AllGather-GEMM tuning.
+
+    Attributes:
+      block_m, block_n, block_k: GEMM tile.
+      num_warps, num_stages: Triton compile options (GPU).
+      chunk_rows: rows per communication chunk (one signal each); independent
+        of the GEMM tile.
+      comm_programs: programs that push this rank's shard to its peers.
+      copy_rows, copy_cols: tile of the communication copy loop.
+      num_programs: total persistent grid, communication programs included.
+      timeout_s: how long a wait may spin before the call fails.
+    """
+
+    chunk_rows: int = 128
+    comm_programs: int = 2
+    copy_rows: int = 32
+    copy_cols: int = 128
+
+    def __post_init__(self):
+        self._check_common()
+        _positive("chunk_rows", self.chunk_rows)
+        _positive("comm_programs", self.comm_programs)
+        _pow2("copy_rows", self.copy_rows, 1, 1024)
+        _pow2("copy_cols", self.copy_cols, 1, 4096)
+        if self.num_programs is not None and self.num_programs <= self.comm_programs:
+            raise ValueError(f"num_programs ({self.num_programs}) must exceed comm_programs "
+                             f"({self.comm_programs}): GEMM programs are the rest")
+
+    @classmethod
+    def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool):
+        """Heuristic: tiles no larger than the problem; chunks of about a GEMM tile."""
+        if interpreting:
+            return cls(block_m=_clamp_pow2(m_local, 16, 64), block_n=_clamp_pow2(n, 16, 64),
+                       block_k=_clamp_pow2(k, 16, 64), chunk_rows=max(1, min(m_local, 32)),
+                       comm_programs=1, copy_rows=16, copy_cols=_clamp_pow2(k, 16, 64))
+        block_m = _clamp_pow2(m_local, 16, 128)
+        return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
+                   chunk_rows=max(block_m, min(m_local, 256)), comm_programs=min(4, world))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulReduceScatterConfig(_Common):
+    """Fused GEMM-ReduceScatter tuning.
+
+    Attributes:
+      block_m, block_n, block_k: GEMM tile; also the unit of signalling and
+        of the reduction.
+      reduce_programs: programs that sum the P partials of this rank's rows.
+      num_warps, num_stages: Triton compile options (GPU).
+      num_programs: total persistent grid, reduction programs included.
+      timeout_s: how long a wait may spin before the call fails.
+    """
+
+    reduce_programs: int = 8
+
+    def __post_init__(self):
+        self._check_common()
+        _positive("reduce_programs", self.reduce_programs)
+        if self.num_programs is not None and self.num_programs <= self.reduce_programs:
+            raise ValueError(f"num_programs ({self.num_programs}) must exceed reduce_programs "
+                             f"({self.reduce_programs}): GEMM programs are the rest")
+
+    @classmethod
+    def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool):
+        """Heuristic: tiles no larger than a rank's rows; small M gets small tiles."""
+        if interpreting:
+            return cls(block_m=_clamp_pow2(m_local, 16, 64), block_n=_clamp_pow2(n, 16, 64),
+                       block_k=_clamp_pow2(k, 16, 64), reduce_programs=2)
+        block_m = _clamp_pow2(m_local, 16, 128)
+        return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
+                   reduce_programs=8 if m_local >= 512 else 4)

@@ -1,0 +1,128 @@
+"""Fused AllGather-GEMM: the real kernel through Triton's interpreter on 8 CPU devices.
+
+Each emulated device runs its kernel on its own thread; rows move between
+ranks only through the host-memory symmetric workspace, by the kernels' own
+pushes and signals.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import jax_flux
+from jax_flux import AllGatherMatmulConfig, ag_gemm, testing, workspace
+from tests.helpers import fused_fn, mesh_of
+
+OP = "all_gather_matmul"
+# Small tiles and chunks so one tile spans several chunks and ragged edges abound.
+SMALL = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=5,
+                              comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
+                         ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("m_local,k,n_local", [(13, 40, 7), (16, 16, 16), (1, 24, 3)])
+def test_ragged_shapes(m_local, k, n_local, dtype):
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(8 * m_local, k, 8 * n_local, dtype, seed=k)
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = fused_fn(OP, mesh, SMALL)(xs, ws)
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
+
+
+def test_default_config_every_axis_size():
+    for size in (1, 2, 3, 8):
+        mesh = mesh_of(size)
+        x, w, x64, w64 = testing.random_operands(6 * size, 20, 4 * size, jnp.float32, seed=size)
+        xs, ws = testing.place(OP, mesh, x, w)
+        out = testing.sharded(OP, mesh, "fused")(xs, ws)
+        assert testing.relative_error(out, x64 @ w64) < 1e-5, size
+
+
+def test_fifty_back_to_back_calls_with_fresh_data():
+    # A stale-buffer detector: a wait satisfied by an earlier call's signal
+    # would multiply that call's rows, and the check of this call would fail.
+    mesh = mesh_of(8)
+    f = fused_fn(OP, mesh, SMALL)
+    for i in range(50):
+        x, w, x64, w64 = testing.random_operands(8 * 6, 16, 8 * 2, jnp.float32, seed=100 + i)
+        xs, ws = testing.place(OP, mesh, x, w)
+        assert testing.relative_error(f(xs, ws), x64 @ w64) < 1e-5, f"call {i}"
+
+
+def test_several_fused_calls_in_one_program_and_across_programs():
+    mesh = mesh_of(8)
+
+    def body(x, w1, w2):
+        a = jax_flux.all_gather_matmul(x, w1, "tp", impl="fused")
+        b = jax_flux.all_gather_matmul(x, w2, "tp", impl="fused")  # independent of a
+        c = jax_flux.all_gather_matmul(x * 2, w1, "tp", impl="fused")
+        return a, b, c
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp"), P(None, "tp")),
+                              out_specs=(P(None, "tp"),) * 3))
+    g = fused_fn(OP, mesh)
+    for i in range(3):
+        x, w1, x64, w164 = testing.random_operands(8 * 4, 12, 16, jnp.float32, seed=i)
+        _, w2, _, w264 = testing.random_operands(8 * 4, 12, 24, jnp.float32, seed=50 + i)
+        a, b, c = f(x, w1, w2)
+        assert testing.relative_error(a, x64 @ w164) < 1e-5
+        assert testing.relative_error(b, x64 @ w264) < 1e-5
+        assert testing.relative_error(c, 2 * x64 @ w164) < 1e-5
+        xs, ws = testing.place(OP, mesh, x, w1)
+        assert testing.relative_error(g(xs, ws), x64 @ w164) < 1e-5
+
+
+def test_gathered_x_output():
+    mesh = mesh_of(8)
+    x, w, x64, _ = testing.random_operands(8 * 7, 20, 16, jnp.bfloat16, seed=3)
+
+    def body(x, w):
+        y, xg = ag_gemm.fused(x, w, "tp", 8, SMALL, return_gathered=True)
+        return y, xg[None]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                              out_specs=(P(None, "tp"), P("tp"))))
+    _, xg = f(x, w)
+    for r in range(8):  # every rank holds all of x, bit for bit
+        np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
+
+
+def test_lowered_program_has_our_call_and_no_collective():
+    mesh = mesh_of(8)
+    x, w, _, _ = testing.random_operands(32, 16, 16, jnp.float32)
+    xs, ws = testing.place(OP, mesh, x, w)
+    text = testing.sharded(OP, mesh, "fused").lower(xs, ws).as_text()
+    assert "cpu_callback" in text
+    for name in ("all_gather", "reduce_scatter", "all_reduce", "collective_permute", "all_to_all"):
+        assert f"stablehlo.{name}" not in text, name
+
+
+def test_a_rank_that_skips_its_call_times_out_with_a_clear_error():
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=8,
+                                timeout_s=0.25)
+
+    def body(x, w):
+        skip = lax.axis_index("tp") == 3
+        zeros = lax.pcast(jnp.zeros((8 * x.shape[0], w.shape[1]), x.dtype), "tp", to="varying")
+        return lax.cond(skip, lambda: zeros,
+                        lambda: jax_flux.all_gather_matmul(x, w, "tp", impl="fused",
+                                                           config=cfg))
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                              out_specs=P(None, "tp")))
+    x, w, _, _ = testing.random_operands(8 * 8, 16, 16, jnp.float32)
+    try:
+        with pytest.raises(Exception, match=r"all_gather_matmul\(impl='fused'\): rank \d of axis "
+                                            r"'tp' gave up .* waiting for row chunk 0 of rank 3"):
+            jax.block_until_ready(f(x, w))
+    finally:
+        workspace.reset()
+    # After a reset the workspace serves calls again.
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = testing.sharded(OP, mesh, "fused")(xs, ws)
+    assert testing.relative_error(out, np.asarray(x, np.float64) @ np.asarray(w, np.float64)) < 1e-5

@@ -13,6 +13,10 @@ interpreter, as shipped, is single-threaded in two ways:
 * kernels are rewritten from their source into a shared cache on first use,
   and two threads parsing at once break CPython's parser.
 
+Two fidelity fixes ride along: float32 -> bfloat16 casts round to nearest
+even (the interpreter truncates; GPUs round), and the int32 overflow
+sanitizer, a debugging aid compiled kernels lack, is off (it costs ~40%).
+
 ``install()`` makes the two builder fields thread-local and applies the
 language patch once, never restoring it (the process is in interpreter mode
 for good). It also shortens the GIL switch interval of the process, so a
@@ -26,6 +30,9 @@ import dataclasses
 import sys
 import threading
 import types
+
+import ml_dtypes
+import numpy as np
 
 # Versions whose interpreter internals this shim was read against and tested on.
 CHECKED_TRITON = ("3.9",)
@@ -126,6 +133,18 @@ def install() -> None:
                 return original_rewrite(self)
 
         interp.InterpretedFunction.rewrite = rewrite_once
+
+        # The interpreter converts float32 to bfloat16 by truncation; GPUs (and
+        # XLA) round to nearest even, which halves the error. Do the same.
+        original_cast = builder_cls.cast_impl
+
+        def cast_rounding(self, src, dst_type):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                rounded = np.asarray(src.data, np.float32).astype(ml_dtypes.bfloat16)
+                return interp.TensorHandle(rounded.view(np.uint16), dst_type.scalar)
+            return original_cast(self, src, dst_type)
+
+        builder_cls.cast_impl = cast_rounding
 
         # A program spinning on a signal holds the GIL for a whole switch
         # interval per turn (5 ms by default), starving the ranks whose

@@ -110,3 +110,22 @@ def test_kernels_in_threads_spin_wait_on_each_other():
         t.join(timeout=120)
     assert not errors, errors
     assert results == [ranks] * ranks
+
+
+@triton.jit
+def _to_bf16(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+def test_float32_to_bfloat16_rounds_to_nearest_even_like_a_gpu():
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from custom_calls import triton_call
+
+    x = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    y = triton_call(jnp.asarray(x), kernel=_to_bf16,
+                    out_shape=jax.ShapeDtypeStruct((64,), jnp.bfloat16), grid=1, N=64)
+    assert np.asarray(y).tobytes() == x.astype(ml_dtypes.bfloat16).tobytes()

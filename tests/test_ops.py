@@ -62,7 +62,7 @@ def test_gradients_match_lax_autodiff(op, impl, dtype):
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
 
 
-@pytest.mark.parametrize("impl", ["xla", "ring"])
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
 def test_replicated_weight_gradient_is_summed_over_ranks(impl):
     # A weight passed replicated (P()) into shard_map: its gradient is the sum of
     # every rank's contribution, as JAX's own autodiff of the lax collective gives.

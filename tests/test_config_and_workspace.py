@@ -1,0 +1,106 @@
+"""Fused-kernel configs (validation, defaults) and the symmetric workspace's bookkeeping."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_flux
+from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, testing, workspace
+from tests.helpers import mesh_of
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"block_m": 48}, "block_m must be a power of two"),
+    ({"block_k": 0}, "block_k must be a power of two"),
+    ({"num_warps": 3}, "num_warps must be a power of two"),
+    ({"num_stages": 0}, "num_stages must be an int >= 1"),
+    ({"chunk_rows": 0}, "chunk_rows must be an int >= 1"),
+    ({"comm_programs": 0}, "comm_programs must be an int >= 1"),
+    ({"comm_programs": 4, "num_programs": 4}, r"num_programs \(4\) must exceed comm_programs"),
+    ({"timeout_s": 0}, "timeout_s must be in"),
+    ({"f32_precision": "fp64"}, "f32_precision must be"),
+])
+def test_invalid_all_gather_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AllGatherMatmulConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"block_n": 100}, "block_n must be a power of two"),
+    ({"reduce_programs": 0}, "reduce_programs must be an int >= 1"),
+    ({"reduce_programs": 8, "num_programs": 8}, r"num_programs \(8\) must exceed reduce_programs"),
+])
+def test_invalid_reduce_scatter_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MatmulReduceScatterConfig(**kwargs)
+
+
+def test_configs_are_frozen_and_hashable():
+    cfg = AllGatherMatmulConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.block_m = 64
+    assert hash(cfg) == hash(AllGatherMatmulConfig())
+
+
+@pytest.mark.parametrize("interpreting", [True, False])
+@pytest.mark.parametrize("m,k,n", [(1, 16, 16), (8, 12288, 49152 // 8), (1024, 12288, 6144),
+                                   (13, 40, 7)])
+def test_default_configs_are_valid(interpreting, m, k, n):
+    for cls in (AllGatherMatmulConfig, MatmulReduceScatterConfig):
+        cfg = cls.default(m, k, n, 8, interpreting)
+        assert isinstance(cfg, cls)
+        assert cfg.spin_limit(interpreting) >= 1
+
+
+def test_wrong_config_type_is_rejected():
+    mesh = mesh_of(8)
+    x, w, _, _ = testing.random_operands(16, 16, 16, jnp.float32)
+    f = jax.shard_map(lambda x, w: jax_flux.all_gather_matmul(
+        x, w, "tp", impl="fused", config=MatmulReduceScatterConfig()),
+        mesh=mesh, in_specs=(P("tp"), P(None, "tp")), out_specs=P(None, "tp"))
+    with pytest.raises(ValueError, match="takes an AllGatherMatmulConfig"):
+        jax.eval_shape(f, x, w)
+
+
+def test_workspace_is_inspectable_and_grows():
+    mesh = mesh_of(4)
+    axis = "tp"
+
+    def run(m):
+        x, w, x64, w64 = testing.random_operands(4 * m, 16, 8, jnp.float32, seed=m)
+        xs, ws = testing.place("all_gather_matmul", mesh, x, w)
+        out = testing.sharded("all_gather_matmul", mesh, "fused")(xs, ws)
+        assert testing.relative_error(out, x64 @ w64) < 1e-5
+
+    def current():
+        live = [ws for ws in workspace.info()
+                if not ws["retired"] and ws["key"][1] == axis and ws["world"] == 4]
+        assert len(live) == 1
+        return live[0]
+
+    run(4)
+    first = current()
+    assert first["location"] == "host" and first["groups"] == 1
+    assert first["total_bytes"] == 4 * first["bytes_per_rank"]
+    run(4096)  # needs 4 * 4096 * 16 * 4 bytes of gather buffer per rank: more than before
+    grown = current()
+    assert grown["bytes_per_rank"] > first["bytes_per_rank"]
+    assert any(ws["retired"] and ws["key"] == first["key"] for ws in workspace.info())
+    run(4)  # the program compiled first still runs on its (retired) workspace
+
+
+def test_two_dimensional_mesh_has_one_workspace_group_per_row():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    x, w, x64, w64 = testing.random_operands(2 * 4 * 3, 12, 8, jnp.float32, seed=2)
+    # Rows of x split over dp then tp; each dp row gathers only within its tp group.
+    f = jax.jit(jax.shard_map(
+        lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", impl="fused"), mesh=mesh,
+        in_specs=(P(("dp", "tp")), P(None, "tp")), out_specs=P("dp", "tp")))
+    out = f(x, w)
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+    groups = [ws for ws in workspace.info() if not ws["retired"] and ws["groups"] == 2]
+    assert groups and groups[0]["world"] == 4

@@ -1,0 +1,127 @@
+"""Fused GEMM-ReduceScatter: the real kernel through Triton's interpreter on 8 CPU devices.
+
+Partials move between ranks only through the host-memory symmetric
+workspace: each rank's GEMM epilogue stores tiles into their owners' reduce
+buffers, and the owners sum them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import jax_flux
+from jax_flux import MatmulReduceScatterConfig, testing, workspace
+from tests.helpers import cotangent, fused_fn, mesh_of
+
+OP = "matmul_reduce_scatter"
+SMALL = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=2,
+                                  num_programs=5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
+                         ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("m_own,k_local,n", [(13, 5, 40), (16, 16, 16), (1, 3, 24)])
+def test_ragged_shapes(m_own, k_local, n, dtype):
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(8 * m_own, 8 * k_local, n, dtype, seed=n)
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = fused_fn(OP, mesh, SMALL)(xs, ws)
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
+
+
+def test_default_config_every_axis_size():
+    for size in (1, 2, 3, 8):
+        mesh = mesh_of(size)
+        x, w, x64, w64 = testing.random_operands(6 * size, 5 * size, 20, jnp.float32, seed=size)
+        xs, ws = testing.place(OP, mesh, x, w)
+        out = testing.sharded(OP, mesh, "fused")(xs, ws)
+        assert testing.relative_error(out, x64 @ w64) < 1e-5, size
+
+
+def test_decode_sized_m():
+    # 64 rows in total: 8 per rank, one small tile each.
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(64, 8 * 16, 48, jnp.bfloat16, seed=64)
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = testing.sharded(OP, mesh, "fused")(xs, ws)
+    assert testing.relative_error(out, x64 @ w64) < 2e-2
+
+
+def test_fifty_back_to_back_calls_with_fresh_data():
+    mesh = mesh_of(8)
+    f = fused_fn(OP, mesh, SMALL)
+    for i in range(50):
+        x, w, x64, w64 = testing.random_operands(8 * 3, 8 * 2, 16, jnp.float32, seed=200 + i)
+        xs, ws = testing.place(OP, mesh, x, w)
+        assert testing.relative_error(f(xs, ws), x64 @ w64) < 1e-5, f"call {i}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_bitwise_repeatable(dtype):
+    mesh = mesh_of(8)
+    f = fused_fn(OP, mesh, SMALL)
+    x, w, _, _ = testing.random_operands(8 * 9, 8 * 4, 24, dtype, seed=9)
+    xs, ws = testing.place(OP, mesh, x, w)
+    first = np.asarray(f(xs, ws))
+    second = np.asarray(f(xs, ws))
+    assert first.tobytes() == second.tobytes()
+
+
+def _tp_mlp(impl):
+    def mlp(x, w1, w2):
+        h = jax.nn.gelu(jax_flux.all_gather_matmul(x, w1, "tp", impl=impl))
+        return jax_flux.matmul_reduce_scatter(h, w2, "tp", impl=impl)
+
+    return jax.shard_map(mlp, mesh=mesh_of(8), in_specs=(P("tp"), P(None, "tp"), P("tp")),
+                         out_specs=P("tp"))
+
+
+def test_tensor_parallel_mlp_and_its_gradient():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8 * 4, 24)), jnp.float32)
+    w1 = jnp.asarray(rng.standard_normal((24, 64)) / 5, jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((64, 24)) / 8, jnp.float32)
+    g, _ = cotangent((8 * 4, 24), jnp.float32)
+
+    def run(impl):
+        def with_grad(x, w1, w2):
+            out, vjp = jax.vjp(_tp_mlp(impl), x, w1, w2)
+            return (out, *vjp(g))
+
+        return [np.asarray(a, np.float64) for a in jax.jit(with_grad)(x, w1, w2)]
+
+    dense_out, dense_vjp = jax.vjp(lambda x, w1, w2: jax.nn.gelu(x @ w1) @ w2, x, w1, w2)
+    dense = [np.asarray(a, np.float64) for a in (dense_out, *dense_vjp(g))]
+    for got, ref, xla in zip(run("fused"), dense, run("xla")):
+        assert testing.relative_error(got, ref) < 1e-5
+        assert testing.relative_error(got, xla) < 1e-5
+
+
+def test_a_rank_that_skips_its_call_times_out_with_a_clear_error():
+    mesh = mesh_of(8)
+    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=1,
+                                    timeout_s=0.25)
+
+    def body(x, w):
+        zeros = lax.pcast(jnp.zeros((x.shape[0] // 8, w.shape[1]), x.dtype), "tp", to="varying")
+        return lax.cond(lax.axis_index("tp") == 5, lambda: zeros,
+                        lambda: jax_flux.matmul_reduce_scatter(x, w, "tp", impl="fused",
+                                                               config=cfg))
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(None, "tp"), P("tp")),
+                              out_specs=P("tp")))
+    x, w, _, _ = testing.random_operands(8 * 4, 8 * 2, 16, jnp.float32)
+    try:
+        with pytest.raises(Exception, match=r"matmul_reduce_scatter\(impl='fused'\): rank \d of "
+                                            r"axis 'tp' gave up .* waiting for partial tile 0 "
+                                            r"from rank 5"):
+            jax.block_until_ready(f(x, w))
+    finally:
+        workspace.reset()
+    # After a reset the workspace serves calls again.
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = testing.sharded(OP, mesh, "fused")(xs, ws)
+    assert testing.relative_error(out, np.asarray(x, np.float64) @ np.asarray(w, np.float64)) < 1e-5

@@ -22,7 +22,7 @@ from custom_calls.binding import triton_call
 @triton.jit
 def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-              A_CACHE: tl.constexpr = ""):
+              A_CACHE: tl.constexpr):
     """float32 tile of a[rows, :] @ b[:, cols]; rows >= M / cols >= N read as 0.
 
     UPCAST casts operands to float32 before tl.dot: set only on the interpreter
@@ -68,7 +68,7 @@ def matmul_kernel(a_ptr, b_ptr, M, N, K, c_ptr,
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK_K, UPCAST, INPUT_PRECISION)
+    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "")
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 

@@ -47,7 +47,7 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_
         rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
-                        BLOCK_K, UPCAST, INPUT_PRECISION)
+                        BLOCK_K, UPCAST, INPUT_PRECISION, "")
         signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr)
         owner_ws = signals.peer_base(table_ptr, owner)
         slot = signals.as_ptr(owner_ws, DATA_OFF, dtype) + rank.to(tl.int64) * M_OWN * N

@@ -23,14 +23,14 @@ import triton
 import triton.language as tl
 
 CONTROL_BYTES = 128
-EPOCH = 0
-EXIT = 1
+# Globals a kernel reads must be tl.constexpr; the host reads them with .value.
+EPOCH = tl.constexpr(0)
+EXIT = tl.constexpr(1)
 
 # Codes a timed-out wait leaves in the status output: [code, rank, peer, index, epoch].
-STATUS_OK = 0
-WAIT_PEER_IDLE = 1  # start barrier: the peer's previous call never finished
-WAIT_ROWS = 2  # AG-GEMM: a chunk of a peer's rows never arrived
-WAIT_PARTIAL = 3  # GEMM-RS: a peer's partial tile never arrived
+WAIT_PEER_IDLE = tl.constexpr(1)  # start barrier: the peer's previous call never finished
+WAIT_ROWS = tl.constexpr(2)  # AG-GEMM: a chunk of a peer's rows never arrived
+WAIT_PARTIAL = tl.constexpr(3)  # GEMM-RS: a peer's partial tile never arrived
 STATUS_WORDS = 5
 
 

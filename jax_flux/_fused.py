@@ -55,9 +55,9 @@ def _groups(op: str, axis_name: Hashable):
 def _describe_timeout(status: np.ndarray, *, op: str, axis_name: Hashable, timeout_s: float) -> str:
     code, rank, peer, index, epoch = (int(v) for v in status[: signals.STATUS_WORDS])
     what = {
-        signals.WAIT_PEER_IDLE: f"rank {peer} to finish its previous fused call",
-        signals.WAIT_ROWS: f"row chunk {index} of rank {peer}",
-        signals.WAIT_PARTIAL: f"partial tile {index} from rank {peer}",
+        signals.WAIT_PEER_IDLE.value: f"rank {peer} to finish its previous fused call",
+        signals.WAIT_ROWS.value: f"row chunk {index} of rank {peer}",
+        signals.WAIT_PARTIAL.value: f"partial tile {index} from rank {peer}",
     }.get(code, f"signal {index} of rank {peer} (code {code})")
     return (f"{op}(impl='fused'): rank {rank} of axis {axis_name!r} gave up after about "
             f"{timeout_s:g} s waiting for {what} (epoch {epoch}). Every rank of the axis must "

@@ -1,0 +1,289 @@
+"""Flax NNX tensor-parallel linear layers built on the jax_flux ops.
+
+Megatron-style tensor parallelism over one mesh axis (``axis_name``, size P),
+with sequence parallelism: between blocks, activations are laid out
+``[S, B, ...]`` (sequence first) and sharded along S, so a gathered
+activation's rows are the true sequence order and no token is ever permuted.
+
+* ``ColumnParallelLinear``: the kernel is sharded along its first output dim.
+  Sequence-parallel input (sharded along S) goes through ``all_gather_matmul``;
+  an input already replicated (decode) is multiplied locally, no communication.
+  Output: every position, this rank's slice of the output features.
+* ``RowParallelLinear``: the kernel is sharded along its first input dim (the
+  column layer's sharded output). Sequence-parallel output goes through
+  ``matmul_reduce_scatter`` (back to S-sharded); otherwise local matmul + psum
+  (an all-reduce, for replicated decode activations).
+
+Both work two ways, chosen per call from the trace context:
+
+* global view, under ``jax.jit`` with a mesh: the layer wraps its op in
+  ``jax.shard_map`` over ``mesh`` itself (the way MaxText/Flax models are
+  written);
+* inside the user's own ``jax.shard_map`` that is manual over ``axis_name``:
+  the layer works on local shards directly.
+
+Parameters carry their sharding as NNX metadata (``out_sharding``), so
+``nnx.get_partition_spec`` / ``nnx.get_named_sharding`` place them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jax_flux._matmul import dot_f32
+from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
+
+Shape = int | Sequence[int]
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def _as_shape(features: Shape) -> tuple[int, ...]:
+    return (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
+
+
+def axis_size(mesh: Mesh, axis_name: Hashable) -> int:
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"mesh has axes {mesh.axis_names}, not the tensor-parallel axis "
+                         f"{axis_name!r}")
+    return int(mesh.shape[axis_name])
+
+
+def in_manual_context(axis_name: Hashable) -> bool:
+    """True inside a shard_map that is manual over ``axis_name`` (local shards)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return axis_name in getattr(mesh, "manual_axes", ())
+
+
+def _batch_spec(batch_axis) -> Any:
+    return batch_axis if batch_axis else None
+
+
+def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
+                    impl: str = "auto", config=None):
+    """Local-shard column-parallel matmul: ``x [S_local, ..., in] @ kernel [in, out_local...]``.
+
+    With ``sequence_parallel`` the leading (sequence) dim of x is this rank's
+    shard and the result covers the whole sequence; otherwise x is replicated.
+    """
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k_in)
+    k2 = kernel.reshape(kernel.shape[0], -1)
+    if sequence_parallel:
+        y = all_gather_matmul(x2, k2, axis_name, impl=impl, config=config)
+        lead = (y.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
+    else:
+        y = dot_f32(x2, k2).astype(x.dtype)
+    y = y.reshape(*lead, *kernel.shape[1:])
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
+                 impl: str = "auto", config=None):
+    """Local-shard row-parallel matmul: ``x [S, ..., in_local...] @ kernel [in_local..., out]``.
+
+    With ``sequence_parallel`` the sum over ranks is scattered along the
+    leading (sequence) dim; otherwise it is all-reduced (replicated result).
+    """
+    n_in = kernel.ndim - 1
+    lead = x.shape[:x.ndim - n_in]
+    x2 = x.reshape(math.prod(lead), -1)
+    k2 = kernel.reshape(-1, kernel.shape[-1])
+    if sequence_parallel:
+        z = matmul_reduce_scatter(x2, k2, axis_name, impl=impl, config=config)
+        lead = (z.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
+    else:
+        z = lax.psum(dot_f32(x2, k2), axis_name).astype(x.dtype)
+    z = z.reshape(*lead, kernel.shape[-1])
+    return z if bias is None else z + bias.astype(z.dtype)
+
+
+class _ParallelLinear(nnx.Module):
+    """Shared construction and dispatch of the two layers."""
+
+    def __init__(self, in_features: Shape, out_features: Shape, *, mesh: Mesh,
+                 axis_name: Hashable, use_bias: bool, impl: str, config, sequence_parallel: bool,
+                 batch_axis, dtype, param_dtype, kernel_init, bias_init, rngs: nnx.Rngs):
+        self.in_shape = _as_shape(in_features)
+        self.out_shape = _as_shape(out_features)
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.tp = axis_size(mesh, axis_name)
+        self.impl = impl
+        self.config = config
+        self.sequence_parallel = sequence_parallel
+        self.batch_axis = batch_axis
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        kernel_shape = self.in_shape + self.out_shape
+        fan_shape = (math.prod(self.in_shape), math.prod(self.out_shape))
+        value = kernel_init(rngs.params(), fan_shape, param_dtype).reshape(kernel_shape)
+        self.kernel = nnx.Param(value, out_sharding=self.kernel_sharding(), mesh=mesh)
+        self.bias = nnx.Param(bias_init(rngs.params(), self.bias_shape(), param_dtype),
+                              out_sharding=self.bias_sharding(), mesh=mesh) if use_bias else None
+
+    def _compute_dtype(self, x):
+        return self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+
+    def __call__(self, x: jax.Array, *, sequence_parallel: bool | None = None) -> jax.Array:
+        """Applies the layer.
+
+        Args:
+          x: ``[S, ..., in]`` activations, sequence first: global shapes under
+            jit, local shards inside a shard_map manual over ``axis_name``.
+          sequence_parallel: overrides the layer's default for this call (e.g.
+            False for replicated decode activations).
+        """
+        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
+        self._check_input(x)
+        dtype = self._compute_dtype(x)
+        x = x.astype(dtype)
+        kernel = self.kernel[...].astype(dtype)
+        bias = None if self.bias is None else self.bias[...]
+        fn = self._local_fn(sp)
+        if in_manual_context(self.axis_name):
+            return fn(x, kernel, bias)
+        x_spec, out_spec = self._activation_specs(x.ndim, sp)
+        specs = (x_spec, P(*self.kernel_sharding()),
+                 None if bias is None else P(*self.bias_sharding()))
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_spec)(
+            x, kernel, bias)
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """``y = x @ kernel (+ bias)``, kernel ``[in, *out]`` sharded along ``out[0]``.
+
+    Args:
+      in_features: input features (the last dim of x).
+      out_features: int or tuple; the kernel is ``[in, *out_features]`` and
+        its first output dim is split over the axis (so a fused projection
+        such as ``(kv_groups, heads_per_group + 2, head_dim)`` keeps whole
+        groups on each rank and means the same on any number of ranks).
+      mesh: the device mesh; ``axis_name`` is its tensor-parallel axis.
+      use_bias: add a bias (sharded like the output).
+      impl, config: passed to ``all_gather_matmul``.
+      sequence_parallel: default for calls; True: x is sharded along its
+        leading (sequence) dim and gathered; False: x is replicated.
+      batch_axis: mesh axis (or axes) of dim 1 of x in the global view (data
+        parallelism), or None.
+      dtype: compute dtype (default: promote x and params); param_dtype: of
+        the parameters.
+      kernel_init, bias_init: initialisers; rngs: ``nnx.Rngs``.
+
+    Raises:
+      ValueError: at construction, when ``out_features[0]`` is not divisible
+        by the axis size.
+    """
+
+    def __init__(self, in_features: int, out_features: Shape, *, mesh: Mesh,
+                 axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
+                 config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
+                 param_dtype=jnp.float32, kernel_init=default_kernel_init,
+                 bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+        out = _as_shape(out_features)
+        tp = axis_size(mesh, axis_name)
+        if out[0] % tp:
+            raise ValueError(f"ColumnParallelLinear: output features {out} are split along "
+                             f"{out[0]}, not divisible by the size {tp} of axis {axis_name!r}")
+        super().__init__(in_features, out, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
+                         impl=impl, config=config, sequence_parallel=sequence_parallel,
+                         batch_axis=batch_axis, dtype=dtype, param_dtype=param_dtype,
+                         kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+    def kernel_sharding(self):
+        return (None, self.axis_name) + (None,) * (len(self.out_shape) - 1)
+
+    def bias_shape(self):
+        return self.out_shape
+
+    def bias_sharding(self):
+        return (self.axis_name,) + (None,) * (len(self.out_shape) - 1)
+
+    def _check_input(self, x):
+        if x.ndim < 2 or x.shape[-1] != self.in_shape[0]:
+            raise ValueError(f"ColumnParallelLinear: expected x [S, ..., {self.in_shape[0]}], "
+                             f"got {x.shape}")
+
+    def _local_fn(self, sp):
+        def fn(x, kernel, bias):
+            return column_parallel(x, kernel, bias, axis_name=self.axis_name,
+                                   sequence_parallel=sp, impl=self.impl, config=self.config)
+        return fn
+
+    def _activation_specs(self, ndim, sp):
+        mid = (_batch_spec(self.batch_axis),) + (None,) * (ndim - 3)
+        x_spec = P(self.axis_name if sp else None, *mid, None)
+        out_spec = P(None, *mid, self.axis_name, *(None,) * (len(self.out_shape) - 1))
+        return x_spec, out_spec
+
+
+class RowParallelLinear(_ParallelLinear):
+    """``z = x @ kernel (+ bias)``, kernel ``[*in, out]`` sharded along ``in[0]``.
+
+    Args:
+      in_features: int or tuple, the trailing dims of x; the first is split
+        over the axis (the sharded output of a ColumnParallelLinear).
+      out_features: output features.
+      mesh, axis_name, impl, config, batch_axis, dtype, param_dtype,
+        kernel_init, bias_init, rngs: as ColumnParallelLinear (impl/config go
+        to ``matmul_reduce_scatter``).
+      use_bias: add a (replicated) bias after the reduction.
+      sequence_parallel: default for calls; True: reduce-scatter along the
+        leading (sequence) dim; False: all-reduce (replicated result).
+
+    Raises:
+      ValueError: at construction, when ``in_features[0]`` is not divisible
+        by the axis size.
+    """
+
+    def __init__(self, in_features: Shape, out_features: int, *, mesh: Mesh,
+                 axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
+                 config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
+                 param_dtype=jnp.float32, kernel_init=default_kernel_init,
+                 bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+        inp = _as_shape(in_features)
+        tp = axis_size(mesh, axis_name)
+        if inp[0] % tp:
+            raise ValueError(f"RowParallelLinear: input features {inp} are split along "
+                             f"{inp[0]}, not divisible by the size {tp} of axis {axis_name!r}")
+        super().__init__(inp, out_features, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
+                         impl=impl, config=config, sequence_parallel=sequence_parallel,
+                         batch_axis=batch_axis, dtype=dtype, param_dtype=param_dtype,
+                         kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+    def kernel_sharding(self):
+        return (self.axis_name,) + (None,) * len(self.in_shape)
+
+    def bias_shape(self):
+        return self.out_shape
+
+    def bias_sharding(self):
+        return (None,)
+
+    def _check_input(self, x):
+        n = len(self.in_shape)
+        if x.ndim < n + 1 or (n > 1 and tuple(x.shape[-(n - 1):]) != self.in_shape[1:]):
+            raise ValueError(f"RowParallelLinear: expected x [S, ..., *{self.in_shape}] (first "
+                             f"feature dim sharded), got {x.shape}")
+
+    def _local_fn(self, sp):
+        def fn(x, kernel, bias):
+            return row_parallel(x, kernel, bias, axis_name=self.axis_name,
+                                sequence_parallel=sp, impl=self.impl, config=self.config)
+        return fn
+
+    def _activation_specs(self, ndim, sp):
+        n = len(self.in_shape)
+        mid = (_batch_spec(self.batch_axis),) + (None,) * (ndim - n - 2)
+        x_spec = P(None, *mid, self.axis_name, *(None,) * (n - 1))
+        out_spec = P(self.axis_name if sp else None, *mid, None)
+        return x_spec, out_spec

@@ -1,0 +1,22 @@
+"""Entry points call this before importing jax: emulate CPU devices when there is no GPU."""
+
+import os
+
+
+def emulate_cpu_devices(count: int) -> None:
+    """Asks XLA for ``count`` CPU devices (harmless on GPU hosts: GPUs stay the default)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def pick_devices(tp: int):
+    """The first ``tp`` GPUs if JAX has them, else the first ``tp`` CPU devices."""
+    import jax
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    pool = gpus or jax.devices("cpu")
+    if len(pool) < tp:
+        raise ValueError(f"--tp {tp} needs {tp} devices, found {len(pool)} "
+                         f"{'GPUs' if gpus else 'CPU devices'}")
+    return pool[:tp]

@@ -1,0 +1,90 @@
+"""Model hyper-parameters and presets.
+
+``tiny`` is for tests and the CPU demo; the others carry the shapes of real
+models for benchmarks (never allocated in tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama-style decoder.
+
+    Attributes:
+      vocab: vocabulary size (divisible by the tensor-parallel size when the
+        head is untied; padded vocabularies are the usual fix).
+      hidden: model width H.
+      layers: decoder blocks.
+      heads: query heads; kv_heads: key/value heads (grouped-query attention,
+        heads divisible by kv_heads; kv_heads divisible by the tp size, which
+        splits whole groups).
+      ffn: MLP width F.
+      mlp: "swiglu" (Llama) or "gelu" (GPT-3: one up projection).
+      max_seq: longest sequence the KV cache holds.
+      rope_theta: rotary base; norm_eps: RMSNorm epsilon.
+      tie_embeddings: the output head reuses the embedding table.
+      dtype: compute dtype; param_dtype: parameter dtype.
+    """
+
+    vocab: int = 256
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 8
+    kv_heads: int = 8
+    ffn: int = 128
+    mlp: str = "swiglu"
+    max_seq: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def check_tp(self, tp: int) -> None:
+        """Raises a ValueError naming what does not split over ``tp`` ranks."""
+        problems = []
+        if self.kv_heads % tp:
+            problems.append(f"kv_heads {self.kv_heads} (heads {self.heads})")
+        if self.ffn % tp:
+            problems.append(f"ffn {self.ffn}")
+        if not self.tie_embeddings and self.vocab % tp:
+            problems.append(f"vocab {self.vocab}")
+        if problems:
+            raise ValueError(f"tensor parallelism over {tp} ranks needs these divisible by {tp}: "
+                             + ", ".join(problems))
+
+    def num_params(self) -> int:
+        h, f, hd = self.hidden, self.ffn, self.head_dim
+        attn = h * (self.heads + 2 * self.kv_heads) * hd + self.heads * hd * h
+        mlp = h * f * (2 if self.mlp == "swiglu" else 1) + f * h
+        head = 0 if self.tie_embeddings else self.vocab * h
+        return self.vocab * h + self.layers * (attn + mlp + 2 * h) + h + head
+
+
+PRESETS = {
+    "tiny": LlamaConfig(),
+    "llama2-7b": LlamaConfig(vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=32,
+                             ffn=11008, max_seq=4096, dtype="bfloat16"),
+    "llama2-70b": LlamaConfig(vocab=32000, hidden=8192, layers=80, heads=64, kv_heads=8,
+                              ffn=28672, max_seq=4096, dtype="bfloat16"),
+    # GPT-3 175B's shapes (Flux's benchmark model) in this decoder: GELU MLP,
+    # vocabulary padded from 50257 to a multiple of 128.
+    "gpt3-175b": LlamaConfig(vocab=50304, hidden=12288, layers=96, heads=96, kv_heads=96,
+                             ffn=49152, mlp="gelu", max_seq=2048, tie_embeddings=True,
+                             dtype="bfloat16"),
+}

@@ -1,0 +1,231 @@
+"""A Llama-style decoder with tensor + sequence parallelism through jax_flux.nn.
+
+Written in global view: call it under ``jax.jit`` with parameters sharded on
+``mesh`` (they are created sharded); each parallel layer runs its jax_flux op
+in a shard_map of its own. Activations between blocks are ``[S, B, H]``
+(sequence first), sharded along S over the tensor-parallel axis during
+training and prefill (sequence parallelism), replicated during decode.
+
+Per block: RMSNorm -> attention (QKV column-parallel: AG-GEMM; whole
+grouped-query groups per rank; rotary embeddings; causal softmax in float32;
+output row-parallel: GEMM-RS) -> residual; RMSNorm -> MLP (SwiGLU gate/up
+column-parallel, down row-parallel) -> residual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_flux.nn import ColumnParallelLinear, RowParallelLinear, axis_size, column_parallel
+from models.config import LlamaConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, [layers, B, max_seq, kv_heads, head_dim], and
+    how many positions are filled."""
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, cfg: LlamaConfig, batch: int, mesh: Mesh, axis_name: str = "tp"):
+        shape = (cfg.layers, batch, cfg.max_seq, cfg.kv_heads, cfg.head_dim)
+        sharding = NamedSharding(mesh, P(None, None, None, axis_name, None))
+        zeros = jax.device_put(jnp.zeros(shape, cfg.dtype), sharding)
+        return cls(k=zeros, v=zeros, length=jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, mesh: Mesh, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(None,), mesh=mesh)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x, positions, theta: float):
+    """Rotates the two halves of the last dim of x [S, B, ..., hd] by position."""
+    hd = x.shape[-1]
+    freqs = theta ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) * 2 / hd)
+    angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [S, hd/2]
+    angles = angles.reshape(angles.shape[0], *(1,) * (x.ndim - 2), hd // 2)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention; each rank owns kv_heads / tp whole groups."""
+
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.group = cfg.heads // cfg.kv_heads  # query heads per kv head
+        common = dict(mesh=mesh, axis_name=axis_name, impl=impl, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        # Per group: its query heads, then k, then v.
+        self.qkv = ColumnParallelLinear(cfg.hidden, (cfg.kv_heads, self.group + 2, cfg.head_dim),
+                                        **common)
+        self.out = RowParallelLinear((cfg.heads, cfg.head_dim), cfg.hidden, **common)
+
+    def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True):
+        cfg, r = self.cfg, self.group
+        qkv = self.qkv(x, sequence_parallel=sequence_parallel)  # [S, B, G, r + 2, hd]
+        q = rotary(qkv[..., :r, :], positions, cfg.rope_theta)
+        k = rotary(qkv[..., r, :], positions, cfg.rope_theta)  # [S, B, G, hd]
+        v = qkv[..., r + 1, :]
+        keys, values = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)  # [B, S, G, hd]
+        key_pos = positions
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            keys = jax.lax.dynamic_update_slice_in_dim(ck, keys.astype(ck.dtype), start, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(cv, values.astype(cv.dtype), start,
+                                                         axis=1)
+            cache_kv = (keys, values)
+            key_pos = jnp.arange(keys.shape[1])
+        scores = jnp.einsum("sbgrd,btgd->bgrst", q.astype(jnp.float32),
+                            keys.astype(jnp.float32)) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
+        visible = key_pos[None, :] <= positions[:, None]  # causal (and unfilled cache hidden)
+        scores = jnp.where(visible, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        attn = jnp.einsum("bgrst,btgd->sbgrd", probs, values.astype(jnp.float32))
+        attn = attn.astype(x.dtype).reshape(*attn.shape[:2], -1, cfg.head_dim)  # [S, B, heads, hd]
+        return self.out(attn, sequence_parallel=sequence_parallel), cache_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        common = dict(mesh=mesh, axis_name=axis_name, impl=impl, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        # SwiGLU: gate and up side by side per ffn unit, so each rank gets both halves.
+        up_shape = (cfg.ffn, 2) if cfg.mlp == "swiglu" else (cfg.ffn,)
+        self.up = ColumnParallelLinear(cfg.hidden, up_shape, **common)
+        self.down = RowParallelLinear(cfg.ffn, cfg.hidden, **common)
+
+    def __call__(self, x, *, sequence_parallel=True):
+        h = self.up(x, sequence_parallel=sequence_parallel)
+        if self.kind == "swiglu":
+            h = jax.nn.silu(h[..., 0]) * h[..., 1]
+        else:
+            h = jax.nn.gelu(h)
+        return self.down(h, sequence_parallel=sequence_parallel)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
+        self.attn = Attention(cfg, mesh, axis_name, impl, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
+        self.mlp = MLP(cfg, mesh, axis_name, impl, rngs)
+
+    def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True):
+        a, cache_kv = self.attn(self.attn_norm(x), positions, cache_kv, start,
+                                sequence_parallel=sequence_parallel)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x), sequence_parallel=sequence_parallel)
+        return x, cache_kv
+
+
+class Llama(nnx.Module):
+    """The decoder. ``model(tokens)`` -> logits; ``prefill`` / ``decode_step`` with a KVCache.
+
+    Args:
+      cfg: hyper-parameters.
+      mesh: device mesh with a tensor-parallel axis ``axis_name`` (size 1 for
+        a single device).
+      impl: jax_flux impl of every parallel layer ("xla", "ring", "fused",
+        "auto").
+      rngs: ``nnx.Rngs`` for initialisation (same seed, same parameters, on
+        any mesh).
+
+    Raises:
+      ValueError: at construction, when heads, kv heads, ffn or vocab do not
+        split over the axis.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, mesh: Mesh, axis_name: str = "tp",
+                 impl: str = "auto", rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.impl = impl
+        self.tp = axis_size(mesh, axis_name)
+        cfg.check_tp(self.tp)
+        pdt = jnp.dtype(cfg.param_dtype)
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab, cfg.hidden), pdt),
+                               out_sharding=(None, None), mesh=mesh)
+        self.blocks = nnx.List([Block(cfg, mesh, axis_name, impl, rngs)
+                                for _ in range(cfg.layers)])
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
+        self.head = None if cfg.tie_embeddings else ColumnParallelLinear(
+            cfg.hidden, cfg.vocab, mesh=mesh, axis_name=axis_name, impl=impl,
+            dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, rngs=rngs)
+
+    def _constrain(self, x, spec):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def _logits(self, h, sp):
+        if self.head is not None:
+            logits = self.head(h, sequence_parallel=sp)
+        else:
+            table = self.embed[...].astype(h.dtype).T  # [H, vocab], split over vocab
+            fn = lambda h, k: column_parallel(h, k, None, axis_name=self.axis_name,  # noqa: E731
+                                              sequence_parallel=sp, impl=self.impl)
+            ax = self.axis_name
+            logits = jax.shard_map(fn, mesh=self.mesh,
+                                   in_specs=(P(ax if sp else None, None, None), P(None, ax)),
+                                   out_specs=P(None, None, ax))(h, table)
+        return jnp.swapaxes(logits, 0, 1)  # [B, S, vocab]
+
+    def _run(self, tokens, positions, cache, start, sp):
+        if sp and tokens.shape[1] % self.tp:
+            raise ValueError(f"sequence length {tokens.shape[1]} must be divisible by the "
+                             f"tensor-parallel size {self.tp} (sequence parallelism)")
+        h = jnp.swapaxes(self.embed[...].astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
+        h = self._constrain(h, P(self.axis_name if sp else None, None, None))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, kv = block(h, positions, kv, start, sequence_parallel=sp)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        logits = self._logits(self.norm(h), sp)
+        if cache is None:
+            return logits, None
+        return logits, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
+                               length=start + tokens.shape[1])
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits [B, S, vocab] of tokens [B, S] (S divisible by the tp size)."""
+        return self._run(tokens, jnp.arange(tokens.shape[1]), None, None, True)[0]
+
+    def prefill(self, tokens: jax.Array, cache: KVCache):
+        """Runs the prompt sequence-parallel (AG-GEMM / GEMM-RS), filling the cache."""
+        return self._run(tokens, jnp.arange(tokens.shape[1]), cache, 0, True)
+
+    def decode_step(self, tokens: jax.Array, cache: KVCache):
+        """One token per sequence, tokens [B, 1], replicated activations
+        (local matmuls and all-reduce)."""
+        positions = cache.length + jnp.arange(tokens.shape[1])
+        return self._run(tokens, positions, cache, cache.length, False)
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross entropy in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

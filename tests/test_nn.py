@@ -1,0 +1,123 @@
+"""jax_flux.nn: the tensor-parallel layers in global view and inside a user's shard_map."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jax_flux import testing
+from jax_flux.nn import ColumnParallelLinear, RowParallelLinear
+from models import Llama, LlamaConfig
+from tests.helpers import mesh_of
+
+
+def _pair(mesh, impl, use_bias=True):
+    col = ColumnParallelLinear(16, (32, 2), mesh=mesh, use_bias=use_bias, impl=impl,
+                               rngs=nnx.Rngs(0))
+    row = RowParallelLinear(32, 24, mesh=mesh, use_bias=use_bias, impl=impl, rngs=nnx.Rngs(1))
+    if use_bias:  # nonzero biases, so they are checked too
+        col.bias[...] = jnp.linspace(-1, 1, 64).reshape(32, 2)
+        row.bias[...] = jnp.linspace(1, 2, 24)
+    return col, row
+
+
+def _mlp(col, row, x, sp=True):
+    h = col(x, sequence_parallel=sp)
+    return row(jax.nn.silu(h[..., 0]) * h[..., 1], sequence_parallel=sp)
+
+
+def _dense(col, row, x):
+    def f64(p):
+        return 0.0 if p is None else np.asarray(p[...], np.float64)
+
+    x = np.asarray(x, np.float64)
+    h = np.einsum("sbi,ifo->sbfo", x, f64(col.kernel)) + f64(col.bias)
+    g = h[..., 0] / (1 + np.exp(-h[..., 0])) * h[..., 1]
+    return g @ f64(row.kernel) + f64(row.bias)
+
+
+def _x(s=16, b=2, h=16, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((s, b, h)), jnp.float32)
+
+
+def test_parameters_carry_their_sharding():
+    col, row = _pair(mesh_of(8), "xla")
+    specs = nnx.get_partition_spec(nnx.state(col))
+    assert specs["kernel"].get_value() == P(None, "tp", None)
+    assert specs["bias"].get_value() == P("tp", None)
+    specs = nnx.get_partition_spec(nnx.state(row))
+    assert specs["kernel"].get_value() == P("tp", None)
+    assert specs["bias"].get_value() == P(None)
+    # Created sharded on the mesh: each device holds its slice only.
+    assert col.kernel[...].sharding.shard_shape((16, 32, 2)) == (16, 4, 2)
+
+
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+def test_global_view_under_jit(impl):
+    col, row = _pair(mesh_of(8), impl)
+    x = _x()
+    out = nnx.jit(_mlp)(col, row, x)
+    assert out.shape == (16, 2, 24)
+    # Sequence-sharded output, in true sequence order.
+    assert out.sharding.spec[0] == "tp"
+    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+
+
+def test_replicated_decode_path():
+    col, row = _pair(mesh_of(8), "xla")
+    x = _x(s=1, seed=3)  # one position: cannot be split over 8 ranks
+    out = nnx.jit(lambda c, r, x: _mlp(c, r, x, sp=False))(col, row, x)
+    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_inside_a_users_shard_map_on_local_shards(impl):
+    mesh = mesh_of(8)
+    col, row = _pair(mesh, impl)
+    graph, state = nnx.split((col, row))
+    specs = nnx.get_partition_spec(state)
+
+    def body(state, x):  # local shards of the parameters and of the sequence
+        c, r = nnx.merge(graph, state)
+        return _mlp(c, r, x)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P("tp")), out_specs=P("tp")))
+    x = _x(seed=5)
+    assert testing.relative_error(f(state, x), _dense(col, row, x)) < 1e-5
+
+
+def test_bfloat16_compute_with_float32_params():
+    mesh = mesh_of(8)
+    col = ColumnParallelLinear(16, (32, 2), mesh=mesh, dtype=jnp.bfloat16, impl="ring",
+                               rngs=nnx.Rngs(0))
+    row = RowParallelLinear(32, 24, mesh=mesh, dtype=jnp.bfloat16, impl="ring", rngs=nnx.Rngs(1))
+    assert col.kernel[...].dtype == jnp.float32
+    x = _x()
+    out = nnx.jit(_mlp)(col, row, x)
+    assert out.dtype == jnp.bfloat16
+    col64 = ColumnParallelLinear(16, (32, 2), mesh=mesh, rngs=nnx.Rngs(0))
+    assert testing.relative_error(out, _dense(col64, row, x)) < 3e-2
+
+
+def test_bad_sizes_raise_at_construction():
+    mesh = mesh_of(8)
+    with pytest.raises(ValueError, match=r"ColumnParallelLinear: output features \(12,\).*size 8"):
+        ColumnParallelLinear(16, 12, mesh=mesh, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"RowParallelLinear: input features \(20, 4\).*size 8"):
+        RowParallelLinear((20, 4), 16, mesh=mesh, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not the tensor-parallel axis 'model'"):
+        ColumnParallelLinear(16, 16, mesh=mesh, axis_name="model", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"needs these divisible by 8: kv_heads 4 \(heads 8\)"):
+        Llama(LlamaConfig(heads=8, kv_heads=4), mesh=mesh, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="hidden 60 is not divisible by heads 8"):
+        LlamaConfig(hidden=60)
+    with pytest.raises(ValueError, match="heads 8 is not divisible by kv_heads 3"):
+        LlamaConfig(kv_heads=3)
+
+
+def test_wrong_input_width_is_a_clear_error():
+    col, _ = _pair(mesh_of(8), "xla")
+    with pytest.raises(ValueError, match=r"expected x \[S, ..., 16\], got \(16, 2, 8\)"):
+        col(jnp.ones((16, 2, 8)))

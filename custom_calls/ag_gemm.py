@@ -53,11 +53,16 @@ def _copy_rows(src_ptr, dst_ptr, row0, row1, K,
 def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K, chunks, pid,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
-                COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr):
+                COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     for item in range(pid, (WORLD - 1) * chunks, COMM_PROGRAMS):
         # Items in send order: all chunks for peer rank+1, then rank+2, ...
-        peer = (rank + item // chunks + 1) % WORLD
+        # (ROTATE off: every rank sends to peer 0 first, then 1, ...).
+        d = item // chunks
+        if ROTATE:
+            peer = (rank + d + 1) % WORLD
+        else:
+            peer = d + (d >= rank).to(tl.int32)
         chunk = item % chunks
         signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr)
         peer_ws = signals.peer_base(table_ptr, peer)
@@ -76,7 +81,8 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin
                 CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
                 RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr):
+                INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
+                ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     gather = signals.as_ptr(base, DATA_OFF, dtype)
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
@@ -84,15 +90,18 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_source = tiles_m * tiles_n
     for t in range(gemm_pid, WORLD * per_source, gemm_programs):
-        step = t // per_source  # 0: own rows; s > 0: rows of rank - s
-        src = (rank - step + WORLD) % WORLD
+        step = t // per_source
+        if ROTATE:
+            src = (rank - step + WORLD) % WORLD  # own rows, then rank - 1, rank - 2, ...
+        else:
+            src = step + rank * 0  # rank order (as a tensor, like the rotated branch)
         tile_m = (t % per_source) // tiles_n
         tile_n = (t % per_source) % tiles_n
         row0 = tile_m * BLOCK_M
         row1 = tl.minimum(row0 + BLOCK_M, M_LOCAL)
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if step == 0:
+        if src == rank:
             a_ptr = x_ptr
         else:
             # Wait only for the chunks this tile's rows lie in.
@@ -119,7 +128,8 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_LOCAL, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
                    RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr):
+                   INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
+                   ROTATE: tl.constexpr):
     rank = tl.load(ctx_ptr)
     spin_limit = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank)
@@ -127,13 +137,14 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_LOCAL, N, K,
     pid = tl.program_id(0)
     if pid < COMM_PROGRAMS:
         _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K, chunks,
-                    pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS, COPY_COLS)
+                    pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS, COPY_COLS,
+                    ROTATE)
     else:
         _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin_limit,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, COPY_ROWS, COPY_COLS, RETURN_GATHERED, UPCAST,
-                    INPUT_PRECISION, REMOTE_CACHE)
+                    INPUT_PRECISION, REMOTE_CACHE, ROTATE)
     signals.end_call(base, epoch)
 
 
@@ -153,7 +164,7 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             comm_programs: int, gemm_programs: int, block_m: int, block_n: int, block_k: int,
             copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
-            on_timeout):
+            rotate: bool, on_timeout):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n], status [5] int32, xg or a dummy [1])."""
     m, k = x.shape
     n = w.shape[1]
@@ -169,4 +180,5 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off, CHUNK_ROWS=chunk_rows,
         COMM_PROGRAMS=comm_programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
-        UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache)
+        UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,
+        ROTATE=rotate)

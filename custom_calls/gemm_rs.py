@@ -37,12 +37,16 @@ from custom_calls.gemm import gemm_tile
 def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
                 pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                 DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_owner = tl.cdiv(M_OWN, BLOCK_M) * tiles_n
     for t in range(pid, WORLD * per_owner, gemm_programs):
-        owner = (rank + 1 + t // per_owner) % WORLD  # rank + 1 first, own rows last
+        if ROTATE:
+            owner = (rank + 1 + t // per_owner) % WORLD  # rank + 1 first, own rows last
+        else:
+            owner = t // per_owner + rank * 0  # rank order (as a tensor, like the rotated one)
         tile = t % per_owner
         rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,7 +92,8 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_OWN, N, K,
                    WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                    REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr):
+                   INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
+                   ROTATE: tl.constexpr):
     rank = tl.load(ctx_ptr)
     spin_limit = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank)
@@ -97,7 +102,7 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_OWN, N, K,
     if pid < gemm_programs:
         _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
                     pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
-                    UPCAST, INPUT_PRECISION)
+                    UPCAST, INPUT_PRECISION, ROTATE)
     else:
         _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
@@ -115,7 +120,8 @@ def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int,
 
 def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_programs: int,
             reduce_programs: int, block_m: int, block_n: int, block_k: int, num_warps: int,
-            num_stages: int, upcast: bool, input_precision: str, remote_cache: str, on_timeout):
+            num_stages: int, upcast: bool, input_precision: str, remote_cache: str, rotate: bool,
+            on_timeout):
     """Launches ``gemm_rs_kernel``; returns (z [M/P, N], status [5] int32)."""
     m_total, k = x.shape
     n = w.shape[1]
@@ -128,4 +134,4 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
         status_output=1, on_status=on_timeout,
         WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off, REDUCE_PROGRAMS=reduce_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast,
-        INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache)
+        INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache, ROTATE=rotate)

@@ -86,6 +86,20 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
                                      timeout_s=config.timeout_s))
 
 
+def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype):
+    """The autotuned config for this problem on this device kind, else the heuristic."""
+    from jax_flux import autotune
+
+    # The abstract mesh of a shard_map may not know its device kind; the
+    # default backend's devices are the ones a fused kernel can run on.
+    device_kind = (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
+                   jax.devices()[0].device_kind)
+    tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world)
+    if tuned is not None:
+        return tuned
+    return cls.default(m_local, k, n, world, interpreter_ready())
+
+
 def input_precision(config, dtype) -> str:
     return config.f32_precision if jnp.dtype(dtype) == jnp.float32 else "ieee"
 

@@ -75,7 +75,8 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
     multiplies tile by tile as rows arrive."""
     m, k = x.shape
     n = w.shape[1]
-    cfg = config or AllGatherMatmulConfig.default(m, k, n, size, _fused.interpreter_ready())
+    cfg = config or _fused.tuned_or_default(AllGatherMatmulConfig, "all_gather_matmul", m, k, n,
+                                            size, x.dtype)
     if not isinstance(cfg, AllGatherMatmulConfig):
         raise ValueError(f"all_gather_matmul(impl='fused') takes an AllGatherMatmulConfig, "
                          f"got {type(cfg).__name__}")
@@ -92,5 +93,5 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
         block_k=cfg.block_k, copy_rows=cfg.copy_rows, copy_cols=cfg.copy_cols,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, return_gathered=return_gathered,
         upcast=launch.upcast, input_precision=_fused.input_precision(cfg, x.dtype),
-        remote_cache=launch.remote_cache, on_timeout=launch.on_timeout)
+        remote_cache=launch.remote_cache, rotate=cfg.rotate, on_timeout=launch.on_timeout)
     return (y, xg) if return_gathered else y

@@ -48,6 +48,9 @@ class _Common:
     # tl.dot input precision for float32 operands on a GPU ("tf32" is what
     # XLA's default precision uses on Hopper; "ieee" is exact float32).
     f32_precision: str = "tf32"
+    # Rank-rotated tile order (Flux's swizzle): ranks start on different peers.
+    # Off: every rank walks the ranks in order 0, 1, ... (for comparison).
+    rotate: bool = True
 
     def _check_common(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -56,6 +59,8 @@ class _Common:
         _positive("num_stages", self.num_stages)
         if self.num_programs is not None:
             _positive("num_programs", self.num_programs, 2)
+        if not isinstance(self.rotate, bool):
+            raise ValueError(f"rotate must be a bool, got {self.rotate!r}")
         if self.f32_precision not in ("tf32", "tf32x3", "ieee"):
             raise ValueError(f"f32_precision must be 'tf32', 'tf32x3' or 'ieee', "
                              f"got {self.f32_precision!r}")

@@ -72,8 +72,8 @@ def fused(x, w, axis_name: Hashable, size: int,
     m_total, k = x.shape
     n = w.shape[1]
     m_own = m_total // size
-    cfg = config or MatmulReduceScatterConfig.default(m_own, k, n, size,
-                                                      _fused.interpreter_ready())
+    cfg = config or _fused.tuned_or_default(MatmulReduceScatterConfig, "matmul_reduce_scatter",
+                                            m_own, k, n, size, x.dtype)
     if not isinstance(cfg, MatmulReduceScatterConfig):
         raise ValueError(f"matmul_reduce_scatter(impl='fused') takes a "
                          f"MatmulReduceScatterConfig, got {type(cfg).__name__}")
@@ -89,5 +89,5 @@ def fused(x, w, axis_name: Hashable, size: int,
         block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
         input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
-        on_timeout=launch.on_timeout)
+        rotate=cfg.rotate, on_timeout=launch.on_timeout)
     return z

@@ -45,13 +45,13 @@ def cases():
                dict(WORLD=8, SIG_OFF=128, DATA_OFF=512, CHUNK_ROWS=128, COMM_PROGRAMS=2,
                     BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, COPY_ROWS=32, COPY_COLS=128,
                     RETURN_GATHERED=True, UPCAST=False, INPUT_PRECISION=precision,
-                    REMOTE_CACHE=".cg"), dtype)
+                    REMOTE_CACHE=".cg", ROTATE=True), dtype)
         yield ("gemm_rs", gemm_rs.gemm_rs_kernel,
                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
                 "z_ptr": f"*{t}", "status_ptr": "*i32"},
                dict(WORLD=8, SIG_OFF=128, DATA_OFF=512, REDUCE_PROGRAMS=8, BLOCK_M=128,
                     BLOCK_N=128, BLOCK_K=64, UPCAST=False, INPUT_PRECISION=precision,
-                    REMOTE_CACHE=".cg"), dtype)
+                    REMOTE_CACHE=".cg", ROTATE=True), dtype)
 
 
 def main(argv) -> int:

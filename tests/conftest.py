@@ -6,6 +6,7 @@ same thing on every host. All of this must happen before jax is imported.
 """
 
 import os
+import tempfile
 
 ON_GPU = os.environ.get("JAX_FLUX_TEST_PLATFORM", "cpu") == "gpu"
 if not ON_GPU:
@@ -14,6 +15,10 @@ if not ON_GPU:
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+
+# Tests never read or write the user's autotuning cache.
+os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="jax_flux_tests_"),
+                                                     "autotune.json")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

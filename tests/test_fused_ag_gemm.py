@@ -126,3 +126,12 @@ def test_a_rank_that_skips_its_call_times_out_with_a_clear_error():
     xs, ws = testing.place(OP, mesh, x, w)
     out = testing.sharded(OP, mesh, "fused")(xs, ws)
     assert testing.relative_error(out, np.asarray(x, np.float64) @ np.asarray(w, np.float64)) < 1e-5
+
+
+def test_without_tile_rotation():
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=5,
+                                comm_programs=2, num_programs=5, rotate=False)
+    x, w, x64, w64 = testing.random_operands(8 * 13, 24, 8 * 3, jnp.float32, seed=8)
+    xs, ws = testing.place(OP, mesh, x, w)
+    assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5

@@ -1,0 +1,1 @@
+"""Benchmarks: correctness first, then device-synchronised timing; CSV + markdown + PNG."""

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should run, in one call; results under $OUT (default benchmarks/results/gpu).
+#
+#   on the device machine, from the repository root, with .whl/ carried:
+#   bash benchmarks/gpu_run.sh
+#
+# Installs the carried jax-triton wheel (the machine has no network), checks that every kernel
+# compiles, runs the GPU tests, then the GEMM, op and model benchmarks. Each step's output is
+# kept even when a step fails; the exit status is that of the first failing step.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  pip install -q --no-deps --target .site .whl/*.whl
+  export PYTHONPATH="$PWD/.site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+# Lazy module loading can deadlock spin-waiting kernels: load every module up front.
+export CUDA_MODULE_LOADING=EAGER
+export TRITON_DEFAULT_FP_FUSION=1
+status=0
+step() {  # step NAME COMMAND...: run, tee to $OUT/NAME.txt, remember the first failure
+  local name=$1; shift
+  echo "== $name: $*" | tee "$OUT/$name.txt"
+  "$@" 2>&1 | tee -a "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
+  return 0
+}
+step env bash -c "nvidia-smi; python -c 'import jax, triton; print(jax.__version__, triton.__version__, jax.devices())'"
+step compile python -m tests.compile_for_gpu 90
+step pytest_gpu env JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu tests/test_gpu.py
+step gemm_gpt3 python -m benchmarks.gemm --sweep gpt3-175b --out "$OUT"
+step gemm_llama70b python -m benchmarks.gemm --sweep llama2-70b --out "$OUT"
+step ops_gpt3 python -m benchmarks.ops --sweep gpt3-175b --out "$OUT"
+step model_7b python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,ring --out "$OUT"
+exit $status

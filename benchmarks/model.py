@@ -1,0 +1,128 @@
+"""Model benchmark: one tensor-parallel transformer block, and a training step, per impl.
+
+    python -m benchmarks.model --preset llama2-7b --layers 2        # on GPUs
+    python -m benchmarks.model --quick                              # CPU smoke run
+
+For each impl: forward+backward time of one decoder block on [S, B, H]
+activations (sequence parallel), and the time and tokens/s of one AdamW
+training step of the model (--layers overrides the preset's depth so big
+shapes fit). Same process, same parameters; the loss of every impl is
+checked against xla's before anything is timed.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from models import PRESETS, Llama  # noqa: E402
+from models.data import progressions  # noqa: E402
+from models.llama import Block, cross_entropy  # noqa: E402
+
+
+def block_step(cfg, mesh, impl, seq, batch, reps):
+    block = Block(cfg, mesh, "tp", impl, nnx.Rngs(0))
+    x = jax.device_put(
+        jnp.asarray(np.random.default_rng(0).standard_normal((seq, batch, cfg.hidden)), cfg.dtype),
+        NamedSharding(mesh, P("tp")))
+    positions = jnp.arange(seq)
+
+    @nnx.jit
+    def step(block, x):
+        def loss(block, x):
+            return jnp.mean(block(x, positions)[0].astype(jnp.float32) ** 2)
+        return nnx.value_and_grad(loss, argnums=(0, 1))(block, x)
+
+    (value, _) = step(block, x)
+    return float(value), harness.time_fn(step, (block, x), reps=reps)
+
+
+def train_step(cfg, mesh, impl, seq, batch, reps):
+    model = Llama(cfg, mesh=mesh, impl=impl, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+    tokens = jnp.asarray(progressions(np.random.default_rng(0), batch, seq + 1, cfg.vocab))
+
+    @nnx.jit
+    def step(model, optimizer, tokens):
+        loss, grads = nnx.value_and_grad(
+            lambda m: cross_entropy(m(tokens[:, :-1]), tokens[:, 1:]))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    first = float(step(model, optimizer, tokens))  # loss before any update: comparable
+    return first, harness.time_fn(step, (model, optimizer, tokens), warmup=1, reps=reps)
+
+
+COLUMNS = ["what", "impl", "median_ms", "spread_pct", "tokens_per_s", "loss", "loss_vs_xla",
+           "status"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=None, help="override the preset's depth")
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--impls", default="xla,ring,fused")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 rep (CPU smoke run)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = p.parse_args(argv)
+    preset = "tiny" if a.quick else a.preset
+    cfg = PRESETS[preset]
+    if a.layers:
+        cfg = dataclasses.replace(cfg, layers=a.layers)
+    seq = a.seq or (16 if a.quick else 2048)
+    batch = a.batch or (2 if a.quick else 1)
+    reps = 1 if a.quick else a.reps
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    devices = gpus or jax.devices("cpu")[:8]
+    mesh = Mesh(np.asarray(devices), ("tp",))
+    env = harness.environment(devices)
+    rows, ref = [], {}
+    for impl in [i for i in a.impls.split(",") if i]:
+        for what, fn in (("block fwd+bwd", block_step), ("train step", train_step)):
+            row = {"what": what, "impl": impl}
+            try:
+                loss, t = fn(cfg, mesh, impl, seq, batch, reps)
+            except NotImplementedError as e:
+                rows.append(dict(row, status="unavailable: " + str(e).split(";")[0]))
+                continue
+            ref.setdefault(what, loss)
+            rel = abs(loss - ref[what]) / max(abs(ref[what]), 1e-30)
+            rows.append(dict(row, median_ms=t.median_ms, spread_pct=t.spread_pct,
+                             tokens_per_s=seq * batch / (t.median_ms * 1e-3), loss=loss,
+                             loss_vs_xla=rel, status="ok" if rel < 2e-2 else "LOSS DIFFERS"))
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in rows[-1].items()))
+    os.makedirs(a.out, exist_ok=True)
+    base = os.path.join(a.out, f"model_{preset}_L{cfg.layers}_{env['platform']}{len(devices)}")
+    harness.write_csv(base + ".csv", [{c: r.get(c) for c in COLUMNS} for r in rows])
+    notes = [f"Model {preset} with {cfg.layers} layers, seq {seq}, batch {batch}, "
+             f"{cfg.dtype}; tensor parallel over {len(devices)} devices."]
+    if not gpus:
+        notes.append("CPU devices: a smoke run of the harness, not a performance claim.")
+    harness.write_markdown(base + ".md", f"jax_flux model benchmark: {preset}", env,
+                           [("results", harness.markdown_table(rows, COLUMNS))], notes)
+    print(f"wrote {base}.csv/.md")
+    return 1 if any(r.get("status") == "LOSS DIFFERS" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Autotuning of the fused kernels: a pruned config space, verify-then-time, a persistent cache.
+
+``tune(...)`` runs every candidate config of one op and shape on a mesh,
+discards any whose result is not within tolerance of the lax collective,
+times the rest (median of device-synchronised runs) and records the fastest
+in the cache. ``impl="fused"`` with ``config=None`` consults, in order: the
+user's cache, the defaults shipped with jax_flux (``tuned_defaults.json``),
+then the shape heuristic of the config class.
+
+Cache entries are keyed by device kind, op, per-rank shape, dtype and axis
+size. The cache is a JSON file at ``$JAX_FLUX_AUTOTUNE_CACHE`` or
+``~/.cache/jax_flux/autotune.json``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import threading
+import time
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig
+
+AG, RS = "all_gather_matmul", "matmul_reduce_scatter"
+CONFIG_CLASSES = {AG: AllGatherMatmulConfig, RS: MatmulReduceScatterConfig}
+SHIPPED = os.path.join(os.path.dirname(__file__), "tuned_defaults.json")
+# Shared memory per SM a program may use (H100/H200: 227 KiB).
+DEFAULT_SMEM_BYTES = 227 * 1024
+
+_lock = threading.Lock()
+_loaded: dict[str, dict] = {}
+
+
+def cache_path() -> str:
+    return os.environ.get("JAX_FLUX_AUTOTUNE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jax_flux", "autotune.json")
+
+
+def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int) -> str:
+    """Cache key; the shape is the per-rank problem (AG: x [m, k], w [k, n]; RS: x [P*m, k])."""
+    return f"{device_kind}|{op}|m={m_local},k={k},n={n}|{jnp.dtype(dtype).name}|P={world}"
+
+
+def _read(path: str) -> dict:
+    with _lock:
+        if path not in _loaded:
+            try:
+                with open(path) as f:
+                    _loaded[path] = json.load(f)
+            except FileNotFoundError:
+                _loaded[path] = {}
+        return _loaded[path]
+
+
+def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int):
+    """The tuned config for this problem, or None (user cache first, then shipped)."""
+    entry_key = key(op, device_kind, m_local, k, n, dtype, world)
+    for path in (cache_path(), SHIPPED):
+        entry = _read(path).get(entry_key)
+        if entry is not None:
+            return CONFIG_CLASSES[op](**entry["config"])
+    return None
+
+
+def record(op: str, entry_key: str, config, median_ms: float) -> None:
+    """Stores ``config`` under ``entry_key`` in the user cache (atomic file replace)."""
+    path = cache_path()
+    data = dict(_read(path))
+    data[entry_key] = {"op": op, "config": dataclasses.asdict(config), "median_ms": median_ms,
+                       "tuned": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    with _lock:
+        _loaded[path] = data
+
+
+def _smem_bytes(block_m, block_n, block_k, stages, itemsize) -> int:
+    return (block_m * block_k + block_k * block_n) * itemsize * stages
+
+
+def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
+               interpreting: bool = False, smem_bytes: int = DEFAULT_SMEM_BYTES) -> list:
+    """The config space of one problem, pruned of configs that cannot fit or make no sense.
+
+    Pruned: tiles more than twice the (padded) problem in any dim, operand
+    staging beyond shared memory, more than 128 accumulator elements per
+    thread, chunks larger than a rank's rows, more communication programs
+    than peers.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    if interpreting:  # the interpreter has no shared memory or warps: few, small choices
+        rows_blocks, blocks, k_blocks, warps, stages = (16, 32), (16, 32), (16, 32), (4,), (1,)
+    else:  # small row tiles are for decode-sized M
+        rows_blocks, blocks, k_blocks = (16, 32, 64, 128, 256), (64, 128, 256), (32, 64, 128)
+        warps, stages = (4, 8), (3, 4)
+    rows = m_local
+    out = []
+    for bm, bn, bk, nw, ns in itertools.product(rows_blocks, blocks, k_blocks, warps, stages):
+        if bm > 2 * max(16, rows) or bn > 2 * max(16, n) or bk > 2 * max(16, k):
+            continue
+        if not interpreting and (_smem_bytes(bm, bn, bk, ns, itemsize) > smem_bytes or
+                                 bm * bn > 128 * 32 * nw):
+            continue
+        common = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+        for rotate in (True, False):
+            if op == AG:
+                for chunk, comm in itertools.product(sorted({bm, max(bm, rows)}), (1, 2, 4)):
+                    if chunk > max(rows, 1) * 2 or comm > max(1, world - 1):
+                        continue
+                    out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
+                                                     rotate=rotate, **common))
+            else:
+                for reduce in ((1, 2) if interpreting else (4, 8, 16)):
+                    out.append(MatmulReduceScatterConfig(reduce_programs=reduce, rotate=rotate,
+                                                         **common))
+    return list(dict.fromkeys(out))
+
+
+def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterable | None = None,
+         reps: int = 10, max_configs: int | None = None, log=print):
+    """Verifies and times candidate configs on ``mesh`` (axis "tp"); records the best.
+
+    Returns (best config or None, rows of {config, status, median_ms}).
+    """
+    from jax_flux import testing
+    from jax_flux._fused import interpreter_ready
+
+    world = mesh.devices.size
+    if op == AG:
+        m, kk, nn = world * m_local, k, n * world
+    else:
+        m, kk, nn = world * m_local, k * world, n
+    configs = list(configs) if configs is not None else candidates(
+        op, m_local, k, n, dtype, world, interpreting=interpreter_ready())
+    if max_configs is not None:
+        configs = configs[:max_configs]
+    x, w, _, _ = testing.random_operands(m, kk, nn, dtype, seed=11)
+    xs, ws = testing.place(op, mesh, x, w)
+    ref = np.asarray(testing.sharded(op, mesh, "xla")(xs, ws), np.float64)
+    tol = testing.TOLERANCE[jnp.dtype(dtype)]
+    rows, best = [], None
+    for cfg in configs:
+        fn = testing.sharded(op, mesh, "fused", cfg)
+        try:
+            err = testing.relative_error(fn(xs, ws), ref)
+        except Exception as e:  # a config the compiler or device rejects, or a timeout
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [""]
+            rows.append({"config": cfg, "status": f"failed: {type(e).__name__}: {last[0]}"[:300]})
+            continue
+        if not err < tol:
+            rows.append({"config": cfg, "status": f"wrong (rel err {err:.2e})"})
+            continue
+        jax.block_until_ready(fn(xs, ws))
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(xs, ws))
+            samples.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(samples)
+        rows.append({"config": cfg, "status": "ok", "median_ms": ms})
+        log(f"{ms:10.3f} ms  {cfg}")
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    if best is not None:
+        device_kind = mesh.devices.flat[0].device_kind
+        record(op, key(op, device_kind, m_local, k, n, dtype, world), best[0], best[1])
+    return (best[0] if best else None), rows

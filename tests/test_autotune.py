@@ -1,0 +1,66 @@
+"""Autotuning: the pruned space, verify-then-time, the persistent cache the ops consult."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, autotune, testing
+from tests.helpers import mesh_of
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("JAX_FLUX_AUTOTUNE_CACHE", str(path))
+    return path
+
+
+def test_gpu_space_is_pruned_to_what_fits():
+    space = autotune.candidates("all_gather_matmul", 1024, 12288, 6144, jnp.bfloat16, 8)
+    assert space and all(isinstance(c, AllGatherMatmulConfig) for c in space)
+    for c in space:
+        smem = (c.block_m * c.block_k + c.block_k * c.block_n) * 2 * c.num_stages
+        assert smem <= autotune.DEFAULT_SMEM_BYTES
+        assert c.block_m * c.block_n <= 128 * 32 * c.num_warps
+    assert {c.rotate for c in space} == {True, False}
+    small = autotune.candidates("matmul_reduce_scatter", 8, 1536, 12288, jnp.bfloat16, 8)
+    assert small and all(c.block_m <= 64 for c in small)  # decode: no 128/256-row tiles
+
+
+def test_tune_verifies_times_records_and_the_op_uses_it(cache):
+    mesh = mesh_of(8)
+    configs = [MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=r,
+                                         num_programs=r + 2) for r in (1, 2)]
+    best, rows = autotune.tune("matmul_reduce_scatter", mesh, 8, 4, 16, jnp.float32,
+                               configs=configs, reps=1, log=lambda s: None)
+    assert best in configs
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert cache.exists()
+    kind = jax.devices()[0].device_kind
+    assert autotune.lookup("matmul_reduce_scatter", kind, 8, 4, 16, jnp.float32, 8) == best
+    # impl="fused" with config=None now uses the tuned config: spy on the lookup.
+    seen = []
+    real = autotune.lookup
+    autotune_lookup = lambda *a: seen.append(real(*a)) or seen[-1]  # noqa: E731
+    try:
+        autotune.lookup = autotune_lookup
+        x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=4)
+        xs, ws = testing.place("matmul_reduce_scatter", mesh, x, w)
+        out = testing.sharded("matmul_reduce_scatter", mesh, "fused")(xs, ws)
+    finally:
+        autotune.lookup = real
+    assert seen == [best]
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+
+
+def test_a_config_that_fails_is_reported_not_kept(cache):
+    mesh = mesh_of(8)
+    bad = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=4,
+                                timeout_s=1e-6)  # too short to wait for any peer
+    good = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=4)
+    best, rows = autotune.tune("all_gather_matmul", mesh, 4, 16, 8, jnp.float32,
+                               configs=[bad, good], reps=1, log=lambda s: None)
+    from jax_flux import workspace
+    workspace.reset()
+    assert rows[0]["status"].startswith("failed") and "gave up" in rows[0]["status"], rows[0]
+    assert rows[1]["status"] == "ok" and best == good

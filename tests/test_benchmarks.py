@@ -1,0 +1,38 @@
+"""The benchmark harness runs end to end in its --quick mode (a smoke run: no timing claims)."""
+
+import csv
+import importlib.util
+
+import pytest
+
+from benchmarks import gemm, model, ops
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_ops_quick(tmp_path):
+    assert ops.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "ops_quick_bfloat16_cpu8.csv")
+    assert {r["impl"] for r in rows} == {"xla", "ring", "fused"}
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert all(float(r["median_ms"]) > 0 and r["overlap_E"] for r in rows)
+    md = (tmp_path / "ops_quick_bfloat16_cpu8.md").read_text()
+    assert "command" in md and "device" in md and "not a performance claim" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "ops_quick_bfloat16_cpu8.png").stat().st_size > 0
+
+
+def test_gemm_quick(tmp_path):
+    assert gemm.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "gemm_quick_bfloat16_cpu.csv")
+    assert rows and all(r["ratio_vs_xla"] for r in rows)
+
+
+@pytest.mark.parametrize("impls", ["xla,ring"])
+def test_model_quick(tmp_path, impls):
+    assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "model_tiny_L2_cpu8.csv")
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from benchmarks import gemm, model, ops
+from benchmarks import gemm, model, ops, projection
 
 
 def _rows(path):
@@ -25,10 +25,14 @@ def test_ops_quick(tmp_path):
         assert (tmp_path / "ops_quick_bfloat16_cpu8.png").stat().st_size > 0
 
 
-def test_gemm_quick(tmp_path):
+def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert gemm.main(["--quick", "--out", str(tmp_path)]) == 0
-    rows = _rows(tmp_path / "gemm_quick_bfloat16_cpu.csv")
+    csv_path = tmp_path / "gemm_quick_bfloat16_cpu.csv"
+    rows = _rows(csv_path)
     assert rows and all(r["ratio_vs_xla"] for r in rows)
+    assert projection.main([str(csv_path)]) == 0
+    text = (tmp_path / "gemm_quick_bfloat16_cpu_projection_P8.md").read_text()
+    assert text.startswith("# PROJECTION (not a measurement)")
 
 
 @pytest.mark.parametrize("impls", ["xla,ring"])

@@ -20,7 +20,6 @@ from models._devices import emulate_cpu_devices
 
 emulate_cpu_devices(8)
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402

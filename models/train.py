@@ -17,7 +17,6 @@ from models._devices import emulate_cpu_devices
 
 emulate_cpu_devices(8)
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402

@@ -46,3 +46,22 @@ def fused_fn(op_name: str, mesh, config=None, **kw):
     op = t.OPS[op_name]
     return jax.jit(jax.shard_map(lambda x, w: op(x, w, "tp", impl="fused", config=config, **kw),
                                  mesh=mesh, in_specs=in_specs, out_specs=out_spec))
+
+
+def expect_timeout_then_recover(f, x, w, op_name: str, mesh, match: str):
+    """f(x, w) must fail with a peer-timeout message matching ``match``; after
+    ``workspace.reset()`` the fused op must work again on the same mesh."""
+    import pytest
+
+    from jax_flux import testing as t
+    from jax_flux import workspace
+
+    try:
+        with pytest.raises(Exception, match=match):
+            jax.block_until_ready(f(x, w))
+    finally:
+        workspace.reset()
+    xs, ws = t.place(op_name, mesh, x, w)
+    out = t.sharded(op_name, mesh, "fused")(xs, ws)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert t.relative_error(out, ref) < 1e-5

@@ -13,8 +13,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import jax_flux
-from jax_flux import AllGatherMatmulConfig, ag_gemm, testing, workspace
-from tests.helpers import fused_fn, mesh_of
+from jax_flux import AllGatherMatmulConfig, ag_gemm, testing
+from tests.helpers import expect_timeout_then_recover, fused_fn, mesh_of
 
 OP = "all_gather_matmul"
 # Small tiles and chunks so one tile spans several chunks and ragged edges abound.
@@ -116,16 +116,9 @@ def test_a_rank_that_skips_its_call_times_out_with_a_clear_error():
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
                               out_specs=P(None, "tp")))
     x, w, _, _ = testing.random_operands(8 * 8, 16, 16, jnp.float32)
-    try:
-        with pytest.raises(Exception, match=r"all_gather_matmul\(impl='fused'\): rank \d of axis "
-                                            r"'tp' gave up .* waiting for row chunk 0 of rank 3"):
-            jax.block_until_ready(f(x, w))
-    finally:
-        workspace.reset()
-    # After a reset the workspace serves calls again.
-    xs, ws = testing.place(OP, mesh, x, w)
-    out = testing.sharded(OP, mesh, "fused")(xs, ws)
-    assert testing.relative_error(out, np.asarray(x, np.float64) @ np.asarray(w, np.float64)) < 1e-5
+    expect_timeout_then_recover(f, x, w, OP, mesh,
+                                r"all_gather_matmul\(impl='fused'\): rank \d of axis "
+                                r"'tp' gave up .* waiting for row chunk 0 of rank 3")
 
 
 def test_without_tile_rotation():

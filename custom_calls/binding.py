@@ -34,6 +34,7 @@ from custom_calls._jax_compat import varying_axes_of_aval as _varying_axes
 
 Grid = tuple[int, ...]
 
+
 class PeerTimeoutError(RuntimeError):
     """A fused kernel waited past its timeout for a peer that never arrived."""
 
@@ -56,9 +57,8 @@ triton_call_p.multiple_results = True
 def _abstract_eval(*avals, out_shapes, **_):
     if not avals:
         raise ValueError("a jax_flux Triton call needs at least one array operand")
-    # Outputs vary over every mesh axis some input varies over; take the aval
-    # of the most-varying input as the template so that type is carried over.
-    # triton_call made every operand vary over the same mesh axes; outputs do too.
+    # triton_call made every operand vary over the same mesh axes (inside
+    # shard_map); outputs do too, so any operand's aval is the template.
     template = max(avals, key=lambda a: len(_varying_axes(a)))
     return [template.update(shape=tuple(s.shape), dtype=np.dtype(s.dtype), weak_type=False)
             for s in out_shapes]

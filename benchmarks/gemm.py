@@ -81,16 +81,13 @@ def main(argv=None) -> int:
                        triton_tflops=flops / t.median_ms / 1e9,
                        best_config=" ".join(f"{k}={v}" for k, v in cfg.items()), rel_err=err)
         rows.append(row)
-        print(" ".join(f"{c}={row[c]:.4g}" if isinstance(row.get(c), float) else
-                       f"{c}={row.get(c)}" for c in COLUMNS if c in row))
-    os.makedirs(a.out, exist_ok=True)
+        print(harness.format_row(row, COLUMNS))
     base = os.path.join(a.out, f"gemm_{sweep}_{dtype.name}_{device.platform}")
-    harness.write_csv(base + ".csv", [{c: r.get(c) for c in COLUMNS} for r in rows])
     notes = ["ratio_vs_xla > 1: the Triton GEMM is faster than XLA's dot."]
     if not on_gpu:
-        notes.append("CPU: Triton's interpreter against XLA's CPU dot; a smoke run only.")
-    harness.write_markdown(base + ".md", f"Triton GEMM vs XLA dot: {sweep}, {dtype.name}", env,
-                           [("results", harness.markdown_table(rows, COLUMNS))], notes)
+        notes.append("CPU: Triton's interpreter against XLA's CPU dot.")
+    harness.write_report(base, f"Triton GEMM vs XLA dot: {sweep}, {dtype.name}", env, rows,
+                         COLUMNS, notes, on_gpu)
     print(f"wrote {base}.csv/.md")
     return 0
 

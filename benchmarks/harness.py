@@ -131,3 +131,20 @@ def plot(path: str, title: str, series: dict[str, tuple[list, list]], xlabel: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def format_row(row: dict, columns: Sequence[str]) -> str:
+    """One result row as ``key=value`` pairs (for the console)."""
+    return " ".join(f"{c}={row[c]:.4g}" if isinstance(row[c], float) else f"{c}={row[c]}"
+                    for c in columns if row.get(c) is not None)
+
+
+def write_report(base: str, title: str, env: dict, rows: list[dict], columns: Sequence[str],
+                 notes: Sequence[str], on_gpu: bool) -> None:
+    """``base``.csv and ``base``.md of one benchmark run (CPU runs marked as smoke runs)."""
+    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+    write_csv(base + ".csv", [{c: r.get(c) for c in columns} for r in rows])
+    notes = list(notes)
+    if not on_gpu:
+        notes.append("CPU devices: a smoke run of the harness, not a performance claim.")
+    write_markdown(base + ".md", title, env, [("results", markdown_table(rows, columns))], notes)

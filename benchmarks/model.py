@@ -109,17 +109,12 @@ def main(argv=None) -> int:
             rows.append(dict(row, median_ms=t.median_ms, spread_pct=t.spread_pct,
                              tokens_per_s=seq * batch / (t.median_ms * 1e-3), loss=loss,
                              loss_vs_xla=rel, status="ok" if rel < 2e-2 else "LOSS DIFFERS"))
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in rows[-1].items()))
-    os.makedirs(a.out, exist_ok=True)
+            print(harness.format_row(rows[-1], COLUMNS))
     base = os.path.join(a.out, f"model_{preset}_L{cfg.layers}_{env['platform']}{len(devices)}")
-    harness.write_csv(base + ".csv", [{c: r.get(c) for c in COLUMNS} for r in rows])
     notes = [f"Model {preset} with {cfg.layers} layers, seq {seq}, batch {batch}, "
              f"{cfg.dtype}; tensor parallel over {len(devices)} devices."]
-    if not gpus:
-        notes.append("CPU devices: a smoke run of the harness, not a performance claim.")
-    harness.write_markdown(base + ".md", f"jax_flux model benchmark: {preset}", env,
-                           [("results", harness.markdown_table(rows, COLUMNS))], notes)
+    harness.write_report(base, f"jax_flux model benchmark: {preset}", env, rows, COLUMNS, notes,
+                         bool(gpus))
     print(f"wrote {base}.csv/.md")
     return 1 if any(r.get("status") == "LOSS DIFFERS" for r in rows) else 0
 

@@ -164,18 +164,12 @@ def main(argv=None) -> int:
         gemm_ms = local_gemm_ms(devices[0], shape, dtype, reps)
         for row in run_point(shape, mesh, impls, dtype, reps, peak, gemm_ms):
             rows.append(row)
-            print(" ".join(f"{c}={row[c]:.4g}" if isinstance(row.get(c), float) else
-                           f"{c}={row.get(c)}" for c in COLUMNS if row.get(c) is not None))
-    os.makedirs(a.out, exist_ok=True)
-    tag = f"ops_{sweep}_{dtype.name}_{env['platform']}{len(devices)}"
-    base = os.path.join(a.out, tag)
-    harness.write_csv(base + ".csv", [{c: r.get(c) for c in COLUMNS} for r in rows])
+            print(harness.format_row(row, COLUMNS))
+    base = os.path.join(a.out, f"ops_{sweep}_{dtype.name}_{env['platform']}{len(devices)}")
     notes = [f"Dense-GEMM peak measured here: {peak:.3g} TFLOP/s. Shapes are TP=8 per-rank "
              f"GEMMs run over P={len(devices)} devices (see benchmarks/ops.py)."]
-    if not gpus:
-        notes.append("CPU devices: a smoke run of the harness, not a performance claim.")
-    harness.write_markdown(base + ".md", f"jax_flux op sweep: {sweep}, {dtype.name}", env,
-                           [("results", harness.markdown_table(rows, COLUMNS))], notes)
+    harness.write_report(base, f"jax_flux op sweep: {sweep}, {dtype.name}", env, rows, COLUMNS,
+                         notes, bool(gpus))
     series = {}
     for r in rows:
         if r.get("status") == "ok":

@@ -117,6 +117,11 @@ class _ParallelLinear(nnx.Module):
         self.mesh = mesh
         self.axis_name = axis_name
         self.tp = axis_size(mesh, axis_name)
+        kind, split = self._split_features()
+        if split[0] % self.tp:
+            raise ValueError(f"{type(self).__name__}: {kind} features {split} are split along "
+                             f"{split[0]}, not divisible by the size {self.tp} of axis "
+                             f"{axis_name!r}")
         self.impl = impl
         self.config = config
         self.sequence_parallel = sequence_parallel
@@ -189,15 +194,13 @@ class ColumnParallelLinear(_ParallelLinear):
                  config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
                  param_dtype=jnp.float32, kernel_init=default_kernel_init,
                  bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
-        out = _as_shape(out_features)
-        tp = axis_size(mesh, axis_name)
-        if out[0] % tp:
-            raise ValueError(f"ColumnParallelLinear: output features {out} are split along "
-                             f"{out[0]}, not divisible by the size {tp} of axis {axis_name!r}")
-        super().__init__(in_features, out, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
+        super().__init__(in_features, out_features, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
                          impl=impl, config=config, sequence_parallel=sequence_parallel,
                          batch_axis=batch_axis, dtype=dtype, param_dtype=param_dtype,
                          kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+    def _split_features(self):
+        return "output", self.out_shape
 
     def kernel_sharding(self):
         return (None, self.axis_name) + (None,) * (len(self.out_shape) - 1)
@@ -250,15 +253,13 @@ class RowParallelLinear(_ParallelLinear):
                  config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
                  param_dtype=jnp.float32, kernel_init=default_kernel_init,
                  bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
-        inp = _as_shape(in_features)
-        tp = axis_size(mesh, axis_name)
-        if inp[0] % tp:
-            raise ValueError(f"RowParallelLinear: input features {inp} are split along "
-                             f"{inp[0]}, not divisible by the size {tp} of axis {axis_name!r}")
-        super().__init__(inp, out_features, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
+        super().__init__(in_features, out_features, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
                          impl=impl, config=config, sequence_parallel=sequence_parallel,
                          batch_axis=batch_axis, dtype=dtype, param_dtype=param_dtype,
                          kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+    def _split_features(self):
+        return "input", self.in_shape
 
     def kernel_sharding(self):
         return (self.axis_name,) + (None,) * len(self.in_shape)

@@ -14,15 +14,20 @@ depends on the platform the program is compiled for:
 The calling convention is jax-triton's: kernel parameters are the positional
 ``args`` in order (arrays become pointers, Python scalars are passed by value
 and specialise the kernel), then one pointer per output, then ``metaparams``
-as constexprs. Runtime values (a rank, an epoch) must be arrays.
+as constexprs. Runtime values (a rank, an epoch) must be arrays. An operand
+may also be a ``LoweredConstant``: a table fixed when the program is lowered
+for its concrete devices (the symmetric workspace's addresses), of which the
+kernel gets one row chosen at run time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 from jax.experimental import io_callback
@@ -47,6 +52,23 @@ def _raise_on_status(status: np.ndarray, status_output, on_status) -> None:
 # Value written into every output before a CPU launch, so a tile the kernel
 # never writes shows up in a comparison instead of passing as stale memory.
 _POISON_INT = -0x5A5A5A5A
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredConstant:
+    """A kernel operand whose value is fixed when the program is lowered.
+
+    Attributes:
+      resolve: hashable ``resolve(mesh, platform) -> np.ndarray [G, ...]``,
+        called by the lowering with the concrete ``jax.sharding.Mesh`` the
+        enclosing ``shard_map`` is lowered on (``None`` outside one) and
+        ``"cpu"`` or ``"cuda"``. Memory it hands out must outlive every
+        program lowered with it.
+      index: int32 scalar array; the kernel receives ``resolve(...)[index]``.
+    """
+
+    resolve: Callable[[Any, str], np.ndarray]
+    index: Any
 
 
 triton_call_p = jax_core.Primitive("jax_flux_triton_call")
@@ -122,10 +144,13 @@ def triton_call(
         if on_status is None:
             raise ValueError("status_output needs on_status to describe a failure")
         zeroed_outputs = tuple(sorted(set(zeroed_outputs) | {status_output}))
-    arrays, scalars = [], []
+    arrays, scalars, lowered = [], [], []
     for i, a in enumerate(args):
         if isinstance(a, (bool, int, float)):
             scalars.append((i, a))
+        elif isinstance(a, LoweredConstant):
+            lowered.append((len(arrays), a.resolve))
+            arrays.append(jnp.asarray(a.index, jnp.int32))
         else:
             arrays.append(a)
     arrays = _same_varying_axes(arrays)
@@ -133,6 +158,7 @@ def triton_call(
         *arrays,
         kernel=kernel,
         scalars=tuple(scalars),
+        lowered=tuple(lowered),
         out_shapes=out_shapes,
         grid=grid,
         num_warps=int(num_warps),
@@ -153,6 +179,21 @@ def _same_varying_axes(arrays: list) -> list:
     return [a if ax == union else jax.lax.pcast(a, tuple(sorted(union - ax, key=str)),
                                                 to="varying")
             for a, ax in zip(arrays, axes)]
+
+
+def _with_lowered_constants(ctx, lowered: tuple, platform: str):
+    """Resolves the LoweredConstant operands for the mesh this program is lowered on;
+    returns a function that swaps each one's index operand for its table row."""
+    mesh = getattr(ctx.module_context.axis_context, "mesh", None)
+    tables = [(pos, np.asarray(resolve(mesh, platform))) for pos, resolve in lowered]
+
+    def substitute(arrays: Sequence[Any]) -> list:
+        arrays = list(arrays)
+        for pos, table in tables:
+            arrays[pos] = jnp.asarray(table)[arrays[pos]]
+        return arrays
+
+    return substitute
 
 
 def _interleave(arrays: Sequence[Any], scalars: tuple) -> list:
@@ -197,9 +238,10 @@ def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars
     return outputs
 
 
-def _cpu_lowering(ctx, *args, kernel, scalars, out_shapes, grid, num_warps, num_stages,
+def _cpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
                   input_output_aliases, zeroed_outputs, status_output, on_status, metaparams):
     del num_warps, num_stages  # the interpreter has neither
+    substitute = _with_lowered_constants(ctx, lowered, "cpu")
 
     def host_fn(*arrays):
         outputs = run_interpreted(
@@ -211,6 +253,7 @@ def _cpu_lowering(ctx, *args, kernel, scalars, out_shapes, grid, num_warps, num_
         return outputs
 
     def callback(*arrays):
+        arrays = substitute(arrays)
         if status_output is None:
             return jax.pure_callback(host_fn, list(out_shapes), *arrays)
         # Communicating kernels have side effects on the workspace: XLA must
@@ -235,11 +278,13 @@ def _jax_triton():
     return jax_triton
 
 
-def _gpu_lowering(ctx, *args, kernel, scalars, out_shapes, grid, num_warps, num_stages,
+def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
                   input_output_aliases, zeroed_outputs, status_output, on_status, metaparams):
     jt = _jax_triton()
+    substitute = _with_lowered_constants(ctx, lowered, "cuda")
 
     def call(*arrays):
+        arrays = substitute(arrays)
         outs = jt.triton_call(
             *_interleave(arrays, scalars), kernel=kernel, out_shape=list(out_shapes), grid=grid,
             num_warps=num_warps, num_stages=num_stages,
@@ -269,5 +314,5 @@ def interpreter_ready() -> bool:
     return _mode.interpreting()
 
 
-__all__ = ["PeerTimeoutError", "triton_call", "triton_call_p", "run_interpreted",
+__all__ = ["LoweredConstant", "PeerTimeoutError", "triton_call", "triton_call_p", "run_interpreted",
            "interpreter_ready"]

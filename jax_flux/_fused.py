@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 
 from custom_calls import interpreter_ready, signals  # noqa: F401 (re-exported)
+from custom_calls.binding import LoweredConstant
 from custom_calls.gemm import upcast_operands
 from jax_flux import workspace
 
@@ -24,7 +25,7 @@ class Launch:
     """Per-call operands and options shared by the fused kernels."""
 
     ctx: jax.Array  # int32 [2]: this rank's index on the axis, spin limit
-    table: jax.Array  # uint32 [P * 2]: (lo, hi) base address of every rank's workspace
+    table: LoweredConstant  # uint32 [P * 2]: (lo, hi) base address of every rank's workspace
     interpreting: bool
     max_programs: int
     upcast: bool
@@ -66,13 +67,12 @@ def _describe_timeout(status: np.ndarray, *, op: str, axis_name: Hashable, timeo
 
 
 def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype) -> Launch:
-    """Allocates (or reuses) the workspace and builds this rank's kernel operands."""
+    """This rank's kernel operands; the workspace is allocated (or reused) when the
+    program is lowered, for the devices it is lowered on."""
     interpreting = interpreter_ready()
-    mesh_axes, groups, group = _groups(op, axis_name)
-    platform = "cpu" if interpreting else "cuda"
-    ws = workspace.get(workspace.axis_key(mesh_axes, axis_name), size, groups, nbytes, platform)
-    table = jnp.asarray(ws.table())  # [groups, P, 2], baked into the program
-    table = (table[group] if groups > 1 else table[0]).reshape(-1)
+    _, groups, group = _groups(op, axis_name)
+    # [groups, P, 2] resolved at lowering and baked into the program; this rank's group's row.
+    table = LoweredConstant(workspace.TableRequest(op, axis_name, size, groups, nbytes), group)
     ctx = jnp.stack([lax.axis_index(axis_name),
                      jnp.int32(config.spin_limit(interpreting))]).astype(jnp.int32)
     if interpreting:

@@ -1,66 +1,116 @@
 """The symmetric workspace: per-rank memory whose address every rank of a mesh axis knows.
 
 The fused kernels exchange data and signals through it instead of through
-XLA's buffers (XLA may free or reuse those). One workspace serves every fused
-call over one mesh axis: it is allocated when the first such call is traced,
-reused by later calls, and grows when a larger call is traced. A grown-out
-workspace is retired, never freed, because programs compiled earlier hold
-its addresses; ``info()`` lists live and retired ones, so a user hitting OOM
-can see what they hold.
+XLA's buffers (XLA may free or reuse those). Its addresses are fixed when a
+program is lowered, for the concrete devices of the enclosing ``shard_map``
+(``TableRequest`` is the ``custom_calls.LoweredConstant`` resolver), so each
+rank's buffer lives on that rank's device whatever the mesh's device order.
+
+One workspace serves every fused call over one mesh axis of one mesh: it is
+allocated when the first such call is lowered, reused by later calls, and
+grows when a larger call is lowered. A grown-out workspace is retired, never
+freed, because programs compiled earlier hold its addresses; ``info()`` lists
+live and retired ones, so a user hitting OOM can see what they hold.
 
 Ranks along the axis form a group; a mesh with other (manual) axes has one
 group per combination of their indices, each with its own buffers. Each
 rank's buffer starts with its control words and signals (see
 ``custom_calls.signals``), zero when allocated: epochs start at 0.
 
-Where the memory lives:
+Where the memory lives (``location`` in ``info()``):
 
-* CPU emulation (Triton's interpreter): host memory, one buffer per emulated
-  device, shared by all of them in this process.
-* CUDA: not built yet (issue 3 names it: per-device allocations with peer
-  access, and CUDA IPC handles through jax.distributed for one process per
-  GPU); requesting it raises NotImplementedError.
+* ``host``: CPU devices (Triton's interpreter), one process: host memory.
+* ``host-shared``: CPU devices, one process per device group
+  (``jax.distributed``): POSIX shared memory, each segment created by the
+  process that owns the rank, its name exchanged through jax.distributed's
+  key-value store, mapped by every process with a rank in the same group.
+* ``cuda``: GPUs, one process: ``cuMemAlloc`` on each rank's device and peer
+  access between the devices of a group (``jax_flux._cuda_workspace``).
+* ``cuda-ipc``: GPUs, one process per GPU: ``cuMemAlloc`` by the owner, CUDA
+  IPC handles exchanged through the key-value store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import mmap
+import os
 import threading
-from typing import Hashable
+from typing import Any, Hashable
 
+import jax
 import numpy as np
 
 _ALIGN = 256
 _MIN_BYTES = 1 << 16
+# How long lowering waits for the other processes' workspace handles.
+EXCHANGE_TIMEOUT_S = float(os.environ.get("JAX_FLUX_WORKSPACE_EXCHANGE_TIMEOUT_S", "300"))
+
+
+@dataclasses.dataclass
+class Buffer:
+    """One rank's memory as this process sees it: ``ptr`` valid in this process."""
+
+    ptr: int
+    nbytes: int
+    owned: bool  # allocated by this process (it zeroes it on reset)
+    keep: Any = None  # what keeps the memory mapped (numpy array, mmap, driver handle)
 
 
 @dataclasses.dataclass
 class Workspace:
-    """One axis's symmetric memory: ``buffers[group][rank]``, ``nbytes`` each."""
+    """One axis's symmetric memory: ``buffers[group][rank]`` (None: not mapped here)."""
 
     key: tuple
     world: int
     groups: int
     nbytes: int
     location: str
-    buffers: list[list[np.ndarray]]
+    buffers: list[list[Buffer | None]]
 
     def table(self) -> np.ndarray:
-        """uint32 [groups, world, 2]: (lo, hi) of every rank's base address."""
-        addr = np.array([[b.ctypes.data for b in group] for group in self.buffers], np.uint64)
+        """uint32 [groups, world, 2]: (lo, hi) of every rank's base address (0: unmapped)."""
+        addr = np.array([[b.ptr if b is not None else 0 for b in group]
+                         for group in self.buffers], np.uint64)
         return np.stack([addr & 0xFFFFFFFF, addr >> 32], axis=-1).astype(np.uint32)
 
     def reset(self) -> None:
-        """Zeroes every buffer (epochs, signals, data). Only while no kernel runs."""
-        for group in self.buffers:
-            for b in group:
-                b.fill(0)
+        """Zeroes the buffers this process owns. Only while no kernel runs."""
+        for b in itertools.chain.from_iterable(self.buffers):
+            if b is not None and b.owned:
+                _backend(self.location).zero(b)
 
     def describe(self) -> dict:
+        mapped = sum(b is not None for b in itertools.chain.from_iterable(self.buffers))
+        owned = sum(b is not None and b.owned for b in itertools.chain.from_iterable(self.buffers))
         return {"key": self.key, "world": self.world, "groups": self.groups,
                 "bytes_per_rank": self.nbytes,
                 "total_bytes": self.nbytes * self.world * self.groups,
+                "owned_bytes": self.nbytes * owned, "mapped_ranks": mapped,
                 "location": self.location}
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRequest:
+    """Resolves, when a program is lowered, the address table of one fused call.
+
+    Called with the concrete mesh and platform; returns uint32 [groups, world,
+    2], every rank's base address, after allocating (or reusing) the workspace.
+    """
+
+    op: str
+    axis_name: Hashable
+    world: int
+    groups: int
+    nbytes: int
+
+    def __call__(self, mesh, platform: str) -> np.ndarray:
+        slots = _slots(self, mesh, platform)
+        location = _location(platform, slots)
+        key = ("axis", self.axis_name, _mesh_signature(mesh), location)
+        return _get(key, slots, self.nbytes, location).table()
 
 
 _lock = threading.Lock()
@@ -68,31 +118,185 @@ _live: dict[tuple, Workspace] = {}
 _retired: list[Workspace] = []
 
 
-def _host_buffer(nbytes: int) -> np.ndarray:
-    raw = np.zeros(nbytes + _ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
-    return raw[start:start + nbytes]  # a view keeps `raw` alive
+def _mesh_signature(mesh) -> tuple:
+    if mesh is None or getattr(mesh, "empty", False):
+        return ()
+    return (tuple(zip(mesh.axis_names, mesh.devices.shape)),
+            tuple(int(d.id) for d in mesh.devices.flat))
 
 
-def get(key: tuple, world: int, groups: int, nbytes: int, platform: str) -> Workspace:
-    """The workspace for ``key``, with at least ``nbytes`` per rank."""
-    if platform != "cpu":
-        raise NotImplementedError(
-            f"jax_flux's symmetric workspace on {platform} is not built yet (issue 3: per-device "
-            f"CUDA allocations with peer access, CUDA IPC for one process per GPU); "
-            f"impl='fused' runs on CPU devices through Triton's interpreter only, for now")
+def _slots(req: TableRequest, mesh, platform: str) -> list[list[Any]]:
+    """The device of every (group, rank), in the group order of ``_fused._groups``."""
+    if mesh is None or getattr(mesh, "empty", False) or req.axis_name not in mesh.axis_names:
+        if platform != "cpu" or jax.process_count() > 1:
+            raise ValueError(
+                f"{req.op}(impl='fused') could not see the devices of the shard_map it runs "
+                f"in when the program was lowered; call it inside jax.shard_map over a "
+                f"jax.sharding.Mesh with axis {req.axis_name!r}")
+        return [[None] * req.world for _ in range(req.groups)]
+    names = list(mesh.axis_names)
+    devices = np.moveaxis(mesh.devices, names.index(req.axis_name), -1)
+    slots = devices.reshape(-1, devices.shape[-1])  # other axes row-major, as _groups numbers them
+    if slots.shape != (req.groups, req.world):
+        raise ValueError(f"{req.op}(impl='fused'): mesh {dict(zip(names, mesh.devices.shape))} "
+                         f"does not give {req.groups} groups of {req.world} ranks on axis "
+                         f"{req.axis_name!r}")
+    return [list(row) for row in slots]
+
+
+def _location(platform: str, slots) -> str:
+    multi = jax.process_count() > 1 and any(
+        d is not None and d.process_index != jax.process_index()
+        for d in itertools.chain.from_iterable(slots))
+    if platform == "cpu":
+        return "host-shared" if multi else "host"
+    return "cuda-ipc" if multi else "cuda"
+
+
+def _get(key: tuple, slots, nbytes: int, location: str) -> Workspace:
     with _lock:
         ws = _live.get(key)
-        if ws is not None and ws.nbytes >= nbytes and (ws.world, ws.groups) == (world, groups):
+        if ws is not None and ws.nbytes >= nbytes:
             return ws
         size = max(nbytes, _MIN_BYTES, 2 * ws.nbytes if ws is not None else 0)
         size = -(-size // _ALIGN) * _ALIGN
+        buffers = _allocate(key, slots, size, location)
         if ws is not None:
             _retired.append(ws)
-        ws = Workspace(key=key, world=world, groups=groups, nbytes=size, location="host",
-                       buffers=[[_host_buffer(size) for _ in range(world)] for _ in range(groups)])
+        ws = Workspace(key=key, world=len(slots[0]), groups=len(slots), nbytes=size,
+                       location=location, buffers=buffers)
         _live[key] = ws
         return ws
+
+
+def _allocate(key: tuple, slots, size: int, location: str) -> list[list[Buffer | None]]:
+    backend = _backend(location)
+    if location in ("host", "cuda"):
+        buffers = [[backend.allocate(d, size) for d in group] for group in slots]
+        for group in slots:
+            backend.connect(group)
+        return buffers
+    # One process per device group: allocate our ranks, publish their handles,
+    # map the peers of every group we have a rank in.
+    me = jax.process_index()
+    client = _kv_client()
+    prefix = "jax_flux/workspace/" + hashlib.sha1(repr((key, size)).encode()).hexdigest()
+    buffers: list[list[Buffer | None]] = [[None] * len(g) for g in slots]
+    for g, group in enumerate(slots):
+        for r, d in enumerate(group):
+            if d.process_index == me:
+                buffers[g][r] = backend.allocate(d, size)
+                client.key_value_set_bytes(f"{prefix}/{g}/{r}", backend.export(buffers[g][r]))
+    for g, group in enumerate(slots):
+        local = [d for d in group if d.process_index == me]
+        if not local:
+            continue
+        for r, d in enumerate(group):
+            if buffers[g][r] is None:
+                try:
+                    handle = client.blocking_key_value_get_bytes(
+                        f"{prefix}/{g}/{r}", int(EXCHANGE_TIMEOUT_S * 1000))
+                except Exception as e:
+                    raise RuntimeError(
+                        f"jax_flux workspace: process {d.process_index} (owner of rank {r} of "
+                        f"group {g}, device {d}) did not publish its buffer within "
+                        f"{EXCHANGE_TIMEOUT_S:g} s; every process must lower the same fused "
+                        f"calls ({e})") from e
+                buffers[g][r] = backend.open(handle, local, size)
+    return buffers
+
+
+def _kv_client():
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax_flux's workspace across processes needs jax.distributed."
+                           "initialize() (its key-value store carries the buffer handles)")
+    return client
+
+
+# ------------------------------------------------------------------ backends
+
+
+class _Host:
+    """Host memory of this process (CPU devices, one process)."""
+
+    def allocate(self, device, nbytes: int) -> Buffer:
+        raw = np.zeros(nbytes + _ALIGN, np.uint8)
+        start = (-raw.ctypes.data) % _ALIGN
+        return Buffer(ptr=raw.ctypes.data + start, nbytes=nbytes, owned=True, keep=raw)
+
+    def connect(self, devices) -> None:
+        pass
+
+    def zero(self, b: Buffer) -> None:
+        (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * b.nbytes).from_address(b.ptr))
+         .fill(0))
+
+
+class _SharedHost(_Host):
+    """POSIX shared memory (CPU devices, one process per device group, one host)."""
+
+    _counter = itertools.count()
+
+    def allocate(self, device, nbytes: int) -> Buffer:
+        name = f"jax_flux-{os.getpid()}-{next(self._counter)}"
+        path = f"/dev/shm/{name}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)  # zero-filled
+            mem = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        _unlink_at_exit(path)
+        return self._buffer(mem, nbytes, owned=True, name=name)
+
+    def export(self, b: Buffer) -> bytes:
+        return b.keep[1].encode()
+
+    def open(self, handle: bytes, local_devices, nbytes: int) -> Buffer:
+        path = f"/dev/shm/{handle.decode()}"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError as e:
+            raise RuntimeError(
+                f"jax_flux workspace: {path} (a peer's buffer) is not on this host; ranks of a "
+                f"fused axis across processes must share one host") from e
+        try:
+            mem = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        return self._buffer(mem, nbytes, owned=False, name=handle.decode())
+
+    @staticmethod
+    def _buffer(mem: mmap.mmap, nbytes: int, *, owned: bool, name: str) -> Buffer:
+        view = np.frombuffer(mem, np.uint8)
+        return Buffer(ptr=view.ctypes.data, nbytes=nbytes, owned=owned, keep=(mem, name, view))
+
+
+_to_unlink: list[str] = []
+
+
+def _unlink_at_exit(path: str) -> None:
+    import atexit
+
+    if not _to_unlink:
+        atexit.register(lambda: [os.path.exists(p) and os.unlink(p) for p in _to_unlink])
+    _to_unlink.append(path)
+
+
+def _backend(location: str):
+    if location == "host":
+        return _Host()
+    if location == "host-shared":
+        return _SharedHost()
+    from jax_flux import _cuda_workspace
+
+    return _cuda_workspace.Cuda() if location == "cuda" else _cuda_workspace.CudaIpc()
+
+
+# -------------------------------------------------------------- public view
 
 
 def info() -> list[dict]:
@@ -103,14 +307,8 @@ def info() -> list[dict]:
 
 
 def reset() -> None:
-    """Zeroes every workspace, e.g. after a peer timeout left them out of step.
-
-    Call it only while no fused kernel is running.
-    """
+    """Zeroes every workspace this process owns, e.g. after a peer timeout left them
+    out of step. Call it in every process, only while no fused kernel is running."""
     with _lock:
         for ws in list(_live.values()) + _retired:
             ws.reset()
-
-
-def axis_key(mesh_axes: tuple[tuple[Hashable, int], ...], axis_name: Hashable) -> tuple:
-    return ("axis", axis_name, mesh_axes)

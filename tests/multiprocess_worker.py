@@ -1,0 +1,144 @@
+"""One process of the multi-process fused-op check (driven by test_multiprocess.py).
+
+    python -m tests.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES
+
+Every process runs the same program (jax.distributed over CPU devices, Gloo
+for XLA's own collectives). Ranks alternate between processes, so every
+fused call moves data between processes through the ``host-shared``
+workspace; each process checks its own shards against float64 on the host
+and the lax collective, then prints one "OK" line.
+"""
+
+import os
+import sys
+
+
+def _setup(process_id: int, num_processes: int, port: int, local_devices: int):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=120)
+    return jax
+
+
+def _global(jax, sharding, host):
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _check(name, out, ref_out, ref64, tol):
+    import numpy as np
+
+    from jax_flux import testing
+
+    for shard, ref_shard in zip(out.addressable_shards, ref_out.addressable_shards):
+        err = testing.relative_error(shard.data, ref64[shard.index])
+        err_lax = testing.relative_error(shard.data, np.asarray(ref_shard.data, np.float64))
+        if not (err < tol and err_lax < tol):
+            raise AssertionError(f"{name}: shard {shard.index} on {shard.device}: error "
+                                 f"{err:.2e} vs float64, {err_lax:.2e} vs lax (tolerance {tol})")
+
+
+def _peer_never_arrives(jax, mesh, process_id: int) -> None:
+    """Process 1 skips a fused call: process 0's ranks must fail within their timeout
+    (not hang); after workspace.reset() everywhere, both processes run it again."""
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+    from jax.sharding import NamedSharding
+
+    from jax_flux import AllGatherMatmulConfig, testing, workspace
+    from jax_flux.workspace import _kv_client
+
+    op = "all_gather_matmul"
+    (sx, sw), _ = testing._SPECS[op]
+    world = mesh.devices.size
+    x, w, x64, w64 = testing.random_operands(world * 2, 8, 2 * world, jnp.float32, seed=11)
+    xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
+    ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
+    quick = testing.sharded(op, mesh, "fused", AllGatherMatmulConfig(timeout_s=2.0))
+    quick.lower(xs, ws).compile()  # both processes: the workspace exchange happens here
+    client = _kv_client()
+    if process_id == 0:
+        with pytest.raises(Exception, match="gave up after about 2 s waiting for"):
+            jax.block_until_ready(quick(xs, ws))
+        client.key_value_set("jax_flux_test/timeout_seen", "1")
+    else:
+        client.blocking_key_value_get("jax_flux_test/timeout_seen", 120_000)
+    workspace.reset()
+    client.wait_at_barrier("jax_flux_test/reset", 120_000)
+    out = quick(xs, ws)
+    for shard in out.addressable_shards:
+        err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
+        assert err < 1e-5, f"after reset: shard {shard.index}: error {err:.2e}"
+
+
+def main(process_id: int, num_processes: int, port: int, local_devices: int) -> None:
+    jax = _setup(process_id, num_processes, port, local_devices)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_flux
+    from jax_flux import testing, workspace
+    from tests.helpers import cotangent, lax_reference
+
+    world = num_processes * local_devices
+    devices = jax.devices()  # process 0's, then process 1's, ...
+    # Rank r on process r % num_processes: neighbours are always in other processes.
+    ranks = [devices[(r % num_processes) * local_devices + r // num_processes]
+             for r in range(world)]
+    mesh = testing.mesh(ranks)
+    for op in ("all_gather_matmul", "matmul_reduce_scatter"):
+        (sx, sw), _ = testing._SPECS[op]
+        fused, ref = testing.sharded(op, mesh, "fused"), lax_reference(op, mesh)
+        for call in range(5):  # fresh data each call: a stale buffer shows
+            m = world * (3 + call)
+            x, w, x64, w64 = testing.random_operands(m, 24, 8 * world, jnp.float32, seed=call)
+            xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
+            ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
+            _check(f"{op} call {call}", fused(xs, ws), ref(xs, ws), x64 @ w64, 1e-5)
+
+    # Gradient of the AG-GEMM: its backward is a fused GEMM-RS across processes too.
+    op = "all_gather_matmul"
+    (sx, sw), so = testing._SPECS[op]
+    x, w, x64, w64 = testing.random_operands(world * 4, 16, 4 * world, jnp.float32, seed=7)
+    g, g64 = cotangent((world * 4, 4 * world), jnp.float32)
+    args = (_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
+            _global(jax, NamedSharding(mesh, sw), np.asarray(w)),
+            _global(jax, NamedSharding(mesh, so), np.asarray(g)))
+    got = testing.sharded(op, mesh, "fused", grad=True)(*args)
+    want = lax_reference(op, mesh, grad=True)(*args)
+    for name, a, b, r64 in zip(("out", "dx", "dw"), got, want, (x64 @ w64, g64 @ w64.T,
+                                                                x64.T @ g64)):
+        _check(f"{op} grad {name}", a, b, r64, 1e-5)
+
+    # A 2-D mesh: one tp group per dp row, each group spanning every process.
+    if world % 2 == 0 and world >= 4:
+        mesh2 = Mesh(np.asarray(ranks).reshape(2, world // 2), ("dp", "tp"))
+        f = jax.jit(jax.shard_map(
+            lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", impl="fused"), mesh=mesh2,
+            in_specs=(P(("dp", "tp")), P(None, "tp")), out_specs=P("dp", "tp")))
+        x, w, x64, w64 = testing.random_operands(world * 3, 12, world * 2, jnp.float32, seed=9)
+        xs = _global(jax, NamedSharding(mesh2, P(("dp", "tp"))), np.asarray(x))
+        ws = _global(jax, NamedSharding(mesh2, P(None, "tp")), np.asarray(w))
+        out = f(xs, ws)
+        ref64 = x64 @ w64
+        for shard in out.addressable_shards:
+            err = testing.relative_error(shard.data, ref64[shard.index])
+            assert err < 1e-5, f"2-D mesh shard {shard.index}: error {err:.2e}"
+
+    _peer_never_arrives(jax, mesh, process_id)
+
+    locations = sorted({ws["location"] for ws in workspace.info()})
+    assert locations == ["host-shared"], locations
+    print(f"OK process {process_id}: {len(workspace.info())} workspaces, {locations}", flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:5]))

@@ -66,7 +66,8 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, 
         chunk = item % chunks
         signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr)
         peer_ws = signals.peer_base(table_ptr, peer)
-        dst = signals.as_ptr(peer_ws, DATA_OFF, dtype) + rank.to(tl.int64) * M_LOCAL * K
+        dst = (signals.rebase(x_ptr, signals.data_ptr(peer_ws, DATA_OFF, dtype)) +
+               rank.to(tl.int64) * M_LOCAL * K)
         row0 = chunk * CHUNK_ROWS
         _copy_rows(x_ptr, dst, row0, tl.minimum(row0 + CHUNK_ROWS, M_LOCAL), K,
                    COPY_ROWS, COPY_COLS, "")
@@ -84,7 +85,7 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin
                 INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
                 ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
-    gather = signals.as_ptr(base, DATA_OFF, dtype)
+    gather = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
     tiles_m = tl.cdiv(M_LOCAL, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -121,8 +122,8 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin
 
 
 @triton.jit
-def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_LOCAL, N, K,
-                   y_ptr, status_ptr, xg_ptr,
+def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
+                   M_LOCAL: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                    CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -174,10 +175,11 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         jax.ShapeDtypeStruct((world * m, k) if return_gathered else (1,), x.dtype),
     ]
     return triton_call(
-        x, w, ctx, table, m, n, k, kernel=ag_gemm_kernel, out_shape=out_shape,
+        x, w, ctx, table, kernel=ag_gemm_kernel, out_shape=out_shape,
         grid=(comm_programs + gemm_programs,), num_warps=num_warps, num_stages=num_stages,
         zeroed_outputs=(1,), status_output=1, on_status=on_timeout,
-        WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off, CHUNK_ROWS=chunk_rows,
+        M_LOCAL=m, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
+        CHUNK_ROWS=chunk_rows,
         COMM_PROGRAMS=comm_programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
         UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,

@@ -215,6 +215,21 @@ def _poison(a: np.ndarray) -> None:
         a.fill(np.nan)
 
 
+_ALIGN = 16
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+    """``a`` at a 16-byte aligned address (copied if it is not): kernels rely on
+    operand alignment as on a GPU (jax-triton assumes it of XLA's buffers)."""
+    if a.ctypes.data % _ALIGN == 0:
+        return a
+    raw = np.empty(a.nbytes + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    np.copyto(out, a)
+    return out
+
+
 def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars: tuple,
                     out_shapes: Sequence[jax.ShapeDtypeStruct], input_output_aliases: tuple,
                     zeroed_outputs: tuple, metaparams: tuple) -> list[np.ndarray]:
@@ -225,8 +240,8 @@ def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars
             "triton was imported in compiled mode before jax_flux. Set TRITON_INTERPRET=1 "
             "before anything imports triton, or import jax_flux first.")
     _interpreter_shim.install()
-    inputs = [np.ascontiguousarray(a) for a in arrays]
-    outputs = [np.empty(s.shape, s.dtype) for s in out_shapes]
+    inputs = [aligned(np.ascontiguousarray(a)) for a in arrays]
+    outputs = [aligned(np.empty(s.shape, s.dtype)) for s in out_shapes]
     for o in outputs:
         _poison(o)
     for i in zeroed_outputs:

@@ -62,7 +62,7 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def matmul_kernel(a_ptr, b_ptr, M, N, K, c_ptr,
+def matmul_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -93,8 +93,8 @@ def matmul(a: jax.Array, b: jax.Array, *, block_m: int = 64, block_n: int = 64,
     out_dtype = a.dtype if out_dtype is None else out_dtype
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     return triton_call(
-        a, b, m, n, k, kernel=matmul_kernel,
+        a, b, kernel=matmul_kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=grid,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, M=m, N=n, K=k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         UPCAST=upcast_operands(a.dtype), INPUT_PRECISION=input_precision)

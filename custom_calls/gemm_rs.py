@@ -54,7 +54,8 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_
                         BLOCK_K, UPCAST, INPUT_PRECISION, "")
         signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr)
         owner_ws = signals.peer_base(table_ptr, owner)
-        slot = signals.as_ptr(owner_ws, DATA_OFF, dtype) + rank.to(tl.int64) * M_OWN * N
+        slot = (signals.rebase(x_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
+                rank.to(tl.int64) * M_OWN * N)
         tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
                  mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
         sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
@@ -67,7 +68,7 @@ def _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N, pi
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   REMOTE_CACHE: tl.constexpr):
     dtype = z_ptr.dtype.element_ty
-    partials = signals.as_ptr(base, DATA_OFF, dtype)
+    partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_owner = tl.cdiv(M_OWN, BLOCK_M) * tiles_n
@@ -87,8 +88,8 @@ def _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N, pi
 
 
 @triton.jit
-def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, M_OWN, N, K,
-                   z_ptr, status_ptr,
+def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
+                   M_OWN: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                    REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
@@ -129,9 +130,10 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
     out_shape = [jax.ShapeDtypeStruct((m_own, n), x.dtype),
                  jax.ShapeDtypeStruct((signals.STATUS_WORDS,), "int32")]
     return triton_call(
-        x, w, ctx, table, m_own, n, k, kernel=gemm_rs_kernel, out_shape=out_shape,
+        x, w, ctx, table, kernel=gemm_rs_kernel, out_shape=out_shape,
         grid=(gemm_programs + reduce_programs,), num_warps=num_warps, num_stages=num_stages,
         status_output=1, on_status=on_timeout,
-        WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off, REDUCE_PROGRAMS=reduce_programs,
+        M_OWN=m_own, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
+        REDUCE_PROGRAMS=reduce_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast,
         INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache, ROTATE=rotate)

@@ -49,6 +49,30 @@ def as_ptr(address, offset_bytes, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def data_ptr(address, DATA_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """The data region of a workspace as a pointer to DTYPE (256-byte aligned:
+    workspace bases are, and DATA_OFF is a multiple of 256)."""
+    tl.static_assert(DATA_OFF % 256 == 0, "DATA_OFF must keep the data region 256-byte aligned")
+    return as_ptr(address, DATA_OFF, DTYPE)
+
+
+@triton.jit
+def rebase(arg_ptr, ptr):
+    """``ptr`` rebuilt as ``arg_ptr`` + an offset Triton can see is 16 bytes.
+
+    Triton's alignment analysis knows kernel arguments are 16-byte aligned but
+    knows nothing of a pointer cast from an integer (a workspace address), so
+    loads through it are neither vectorized nor pipelined (no cp.async). Both
+    pointers are 16-byte aligned (XLA's buffers, as jax-triton assumes; the
+    workspace's data regions), so the offset is a whole number of 16-byte
+    units and this changes no address.
+    """
+    ITEM: tl.constexpr = arg_ptr.dtype.element_ty.primitive_bitwidth // 8
+    diff = ptr.to(tl.int64, bitcast=True) - arg_ptr.to(tl.int64, bitcast=True)
+    return arg_ptr + (diff // 16) * (16 // ITEM)
+
+
+@triton.jit
 def load_acquire(ptr):
     return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
 

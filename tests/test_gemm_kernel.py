@@ -59,9 +59,9 @@ def test_gemm_inside_shard_map_on_8_devices():
 def test_unwritten_tiles_show_as_poison():
     # Launch half the programs the output needs: the other tiles must read NaN.
     a, b, _, _ = testing.random_operands(64, 16, 32, jnp.float32)
-    c = triton_call(a, b, 64, 32, 16, kernel=matmul_kernel,
+    c = triton_call(a, b, kernel=matmul_kernel,
                     out_shape=jax.ShapeDtypeStruct((64, 32), jnp.float32), grid=(2,),
-                    BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, UPCAST=False,
+                    M=64, N=32, K=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, UPCAST=False,
                     INPUT_PRECISION="ieee")
     c = np.asarray(c)
     assert np.isfinite(c[:32]).all() and np.isnan(c[32:]).all()

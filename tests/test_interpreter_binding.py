@@ -12,7 +12,7 @@ import triton.language as tl
 
 from custom_calls import _mode, interpreter_ready
 from custom_calls._host_tensor import HostTensor
-from custom_calls.binding import run_interpreted
+from custom_calls.binding import aligned, run_interpreted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_kernels_in_threads_spin_wait_on_each_other():
     # Needs the interpreter shim: kernels in 4 threads at once, each waiting for
     # the others' atomics. Without concurrency this would time out at 1 arrival.
     ranks = 4
-    counter = np.zeros(1, np.int32)
+    counter = aligned(np.zeros(1, np.int32))  # shared by the threads: launches must not copy it
     results, errors = [None] * ranks, []
 
     def rank(r):

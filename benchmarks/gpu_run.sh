@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_run.sh
 #
 # Installs the carried jax-triton wheel (the machine has no network), checks that every kernel
-# compiles, runs the GPU tests, then the GEMM, op and model benchmarks. Each step's output is
+# compiles, runs the GPU tests (world size 1 through jax-triton; 8 ranks emulated on the one GPU),
+# then the signalling-cost (emulated 8 ranks), GEMM, op and model benchmarks. Each step's output is
 # kept even when a step fails; the exit status is that of the first failing step.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
@@ -19,6 +20,8 @@ fi
 # Lazy module loading can deadlock spin-waiting kernels: load every module up front.
 export CUDA_MODULE_LOADING=EAGER
 export TRITON_DEFAULT_FP_FUSION=1
+# jax_flux's workspace and the rank emulation allocate outside XLA's pool: leave room.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
 status=0
 step() {  # step NAME COMMAND...: run, tee to $OUT/NAME.txt, remember the first failure
   local name=$1; shift
@@ -30,9 +33,10 @@ step() {  # step NAME COMMAND...: run, tee to $OUT/NAME.txt, remember the first 
 }
 step env bash -c "nvidia-smi; python -c 'import jax, triton; print(jax.__version__, triton.__version__, jax.devices())'"
 step compile python -m tests.compile_for_gpu 90
-step pytest_gpu env JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu tests/test_gpu.py
+step pytest_gpu env JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_fused.py
+step emulated python -m benchmarks.emulated --out "$OUT"
 step gemm_gpt3 python -m benchmarks.gemm --sweep gpt3-175b --out "$OUT"
 step gemm_llama70b python -m benchmarks.gemm --sweep llama2-70b --out "$OUT"
 step ops_gpt3 python -m benchmarks.ops --sweep gpt3-175b --out "$OUT"
-step model_7b python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,ring --out "$OUT"
+step model_7b python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,ring,fused --out "$OUT"
 exit $status

@@ -104,3 +104,17 @@ def test_two_dimensional_mesh_has_one_workspace_group_per_row():
     assert testing.relative_error(out, x64 @ w64) < 1e-5
     groups = [ws for ws in workspace.info() if not ws["retired"] and ws["groups"] == 2]
     assert groups and groups[0]["world"] == 4
+
+
+def test_workspace_follows_the_concrete_mesh_axis_order_and_device_order():
+    # tp is the first mesh axis and the devices are shuffled: each rank's buffer
+    # must still be found by (group, rank) as the kernel computes them.
+    devices = np.asarray(jax.devices())[[5, 2, 7, 0, 3, 6, 1, 4]].reshape(4, 2)
+    mesh = jax.sharding.Mesh(devices, ("tp", "dp"))
+    x, w, x64, w64 = testing.random_operands(2 * 4 * 3, 12, 8, jnp.float32, seed=4)
+    f = jax.jit(jax.shard_map(
+        lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", impl="fused"), mesh=mesh,
+        in_specs=(P(("dp", "tp")), P(None, "tp")), out_specs=P("dp", "tp")))
+    assert testing.relative_error(f(x, w), x64 @ w64) < 1e-5
+    keys = [ws["key"] for ws in workspace.info() if not ws["retired"]]
+    assert any(k[2] and k[2][1] == tuple(int(d.id) for d in devices.flat) for k in keys)

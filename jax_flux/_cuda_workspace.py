@@ -1,0 +1,49 @@
+"""The workspace's GPU locations: ``cuda`` (one process, all its GPUs) and ``cuda-ipc``
+(one process per GPU), over ``custom_calls.cuda_driver``.
+
+Buffers are ``cuMemAlloc``ed in each rank's device's primary context (the one
+XLA uses), so the addresses are valid in XLA's kernels; with unified virtual
+addressing a peer's address is valid on every device once peer access is on.
+Unverified on a GPU so far: ``tests/test_gpu_fused.py`` exercises both.
+"""
+
+from __future__ import annotations
+
+from custom_calls import cuda_driver
+from jax_flux.workspace import Buffer
+
+
+def ordinal_of(device) -> int:
+    """The CUDA ordinal of a jax device in this process (or an int ordinal)."""
+    return device if isinstance(device, int) else int(device.local_hardware_id)
+
+
+class Cuda:
+    """One process drives every GPU of a group: per-device memory plus peer access."""
+
+    def allocate(self, device, nbytes: int) -> Buffer:
+        ordinal = ordinal_of(device)
+        return Buffer(ptr=cuda_driver.allocate(ordinal, nbytes), nbytes=nbytes, owned=True,
+                      keep=ordinal)
+
+    def connect(self, devices) -> None:
+        cuda_driver.enable_peer_access(ordinal_of(d) for d in devices)
+
+    def zero(self, b: Buffer) -> None:
+        cuda_driver.fill(b.keep, b.ptr, b.nbytes, 0)
+
+
+class CudaIpc(Cuda):
+    """One process per GPU: the owner allocates, peers open its CUDA IPC handle."""
+
+    def export(self, b: Buffer) -> bytes:
+        return cuda_driver.export_handle(b.keep, b.ptr)
+
+    def open(self, handle: bytes, local_devices, nbytes: int) -> Buffer:
+        if len(local_devices) != 1:
+            raise NotImplementedError(
+                f"jax_flux's GPU workspace across processes supports one GPU per process on a "
+                f"fused axis; this process has {len(local_devices)} GPUs in one group")
+        ordinal = ordinal_of(local_devices[0])
+        return Buffer(ptr=cuda_driver.open_handle(ordinal, handle), nbytes=nbytes, owned=False,
+                      keep=ordinal)

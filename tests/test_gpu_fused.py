@@ -1,0 +1,163 @@
+"""GPU tests of the fused kernels (marked ``gpu``; skipped without a CUDA GPU and jax-triton).
+
+Two ways to run them on one GPU:
+
+* through JAX and jax-triton, world size 1: the op as a user calls it, its
+  workspace in ``cuda`` memory from ``custom_calls.cuda_driver``;
+* 8 ranks emulated on the one GPU (``custom_calls.rank_emulation``): the real
+  compiled kernels, each rank's launch on its own stream with co-resident
+  grids, 200 repetitions with fresh data, against float64/float32 on the host.
+
+Run on a GPU host: ``JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu``.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, testing, workspace
+
+pytestmark = pytest.mark.gpu
+
+_DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
+# Through JAX, f32 operands go through tf32 tensor cores (the configs' default,
+# like XLA's default precision): 10-bit mantissas give ~4e-4 relative error on
+# random data. The emulation below runs f32 as "ieee": exact float32 products.
+_TOL = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 2e-2}
+_TOL_EMULATED = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
+
+
+def _tol(dtype) -> float:
+    return _TOL[jnp.dtype(dtype).name]
+
+
+# ------------------------------------------------------- world size 1, JAX
+
+
+@pytest.mark.parametrize("dtype", _DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("op", list(testing.OPS))
+def test_fused_world_size_1_through_jax_triton(op, dtype):
+    mesh = testing.mesh(jax.devices()[:1])
+    f = testing.sharded(op, mesh, "fused")
+    for call in range(20):  # fresh data each call: a stale workspace shows
+        x, w, x64, w64 = testing.random_operands(333, 200, 129, dtype, seed=call)
+        out = f(*testing.place(op, mesh, x, w))
+        assert testing.relative_error(out, x64 @ w64) < _tol(dtype), call
+    assert any(ws["location"] == "cuda" for ws in workspace.info())
+    text = f.lower(*testing.place(op, mesh, x, w)).as_text()
+    assert "all-gather" not in text and "reduce-scatter" not in text
+
+
+def test_fused_gathered_x_and_grad_world_size_1():
+    mesh = testing.mesh(jax.devices()[:1])
+    x, w, x64, w64 = testing.random_operands(256, 512, 384, jnp.bfloat16)
+    g = jnp.asarray(np.random.default_rng(3).standard_normal((256, 384)), jnp.bfloat16)
+    g64 = np.asarray(g, np.float64)
+    out, dx, dw = testing.sharded("all_gather_matmul", mesh, "fused", grad=True)(
+        *testing.place("all_gather_matmul", mesh, x, w), g)
+    assert testing.relative_error(out, x64 @ w64) < 2e-2
+    assert testing.relative_error(dx, g64 @ w64.T) < 2e-2
+    assert testing.relative_error(dw, x64.T @ g64) < 2e-2
+
+
+def test_fused_large_world_size_1_with_explicit_configs():
+    mesh = testing.mesh(jax.devices()[:1])
+    for op, cfg in (("all_gather_matmul", AllGatherMatmulConfig(
+                        block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3,
+                        chunk_rows=256, comm_programs=2)),
+                    ("matmul_reduce_scatter", MatmulReduceScatterConfig(
+                        block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3))):
+        x, w, x64, w64 = testing.random_operands(4096, 2048, 3072, jnp.bfloat16, seed=5)
+        out = testing.sharded(op, mesh, "fused", cfg)(*testing.place(op, mesh, x, w))
+        assert testing.relative_error(out, x64 @ w64) < 2e-2, op
+
+
+# --------------------------------------------- 8 ranks emulated on one GPU
+
+
+_WORLD = 8
+
+
+@pytest.fixture(scope="module")
+def world():
+    from custom_calls.rank_emulation import OneGpuWorld
+
+    return OneGpuWorld(_WORLD)
+
+
+def _host(rng, shape, dtype, scale=1.0):
+    a = rng.standard_normal(shape) * scale
+    return a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+
+
+def _ag_cfg(m):
+    return dict(block_m=64 if m < 128 else 128, block_n=128, block_k=64, chunk_rows=64,
+                comm_programs=2, copy_rows=32, copy_cols=128, num_warps=4, num_stages=3)
+
+
+_SPIN = 10_000_000  # about 10 s of polls at ~1e6 polls/s
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shape", [(128, 512, 256), (100, 200, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_ag_gemm_8_ranks_on_one_gpu(world, shape, dtype):
+    m, k, n = shape
+    reps = 200 if shape == (128, 512, 256) and dtype == "bfloat16" else 20
+    rng = np.random.default_rng(0)
+    for rep in range(reps):
+        xs = [_host(rng, (m, k), dtype) for _ in range(_WORLD)]
+        ws = [_host(rng, (k, n), dtype, k ** -0.5) for _ in range(_WORLD)]
+        ys, xgs, _ = world.ag_gemm(xs, ws, cfg=_ag_cfg(m), grid=world.programs_per_rank,
+                                   spin_limit=_SPIN, return_gathered=rep % 2 == 0,
+                                   precision="ieee")
+        xg = np.concatenate([x.astype(np.float32) for x in xs])
+        for r in range(_WORLD):
+            ref = xg.astype(np.float64) @ ws[r].astype(np.float64)
+            err = testing.relative_error(ys[r].astype(np.float32), ref)
+            assert err < _TOL_EMULATED[dtype], (rep, r, err)
+            if xgs is not None:
+                assert np.array_equal(xgs[r].view(np.uint8), np.concatenate(xs).view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shape", [(1024, 512, 256), (8 * 50, 200, 300), (64, 1024, 512)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gemm_rs_8_ranks_on_one_gpu(world, shape, dtype):
+    m_total, k, n = shape
+    cfg = dict(block_m=64, block_n=128, block_k=64, reduce_programs=4, num_warps=4,
+               num_stages=3)
+    reps = 200 if shape == (1024, 512, 256) and dtype == "bfloat16" else 20
+    rng = np.random.default_rng(1)
+    precision = "ieee"
+    for rep in range(reps):
+        xs = [_host(rng, (m_total, k), dtype) for _ in range(_WORLD)]
+        ws = [_host(rng, (k, n), dtype, k ** -0.5) for _ in range(_WORLD)]
+        zs, _ = world.gemm_rs(xs, ws, cfg=cfg, grid=world.programs_per_rank, spin_limit=_SPIN,
+                              precision=precision)
+        total = sum(x.astype(np.float64) @ w.astype(np.float64) for x, w in zip(xs, ws))
+        rows = m_total // _WORLD
+        for r in range(_WORLD):
+            err = testing.relative_error(zs[r].astype(np.float32),
+                                         total[r * rows:(r + 1) * rows])
+            assert err < _TOL_EMULATED[dtype], (rep, r, err)
+        if rep < 3:  # bitwise repeatable: the same inputs give the same bits
+            again, _ = world.gemm_rs(xs, ws, cfg=cfg, grid=world.programs_per_rank,
+                                     spin_limit=_SPIN, precision=precision)
+            for r in range(_WORLD):
+                assert np.array_equal(zs[r].view(np.uint8), again[r].view(np.uint8))
+
+
+def test_a_rank_that_never_launches_is_a_timeout_not_a_hang(world):
+    from custom_calls.rank_emulation import OneGpuWorld
+
+    partial = OneGpuWorld(_WORLD, programs_per_rank=world.programs_per_rank, skip_ranks={3})
+    rng = np.random.default_rng(2)
+    xs = [_host(rng, (64, 128), "bfloat16") for _ in range(_WORLD)]
+    ws = [_host(rng, (128, 128), "bfloat16") for _ in range(_WORLD)]
+    with pytest.raises(RuntimeError, match="timed out"):
+        partial.ag_gemm(xs, ws, cfg=_ag_cfg(64), grid=partial.programs_per_rank,
+                        spin_limit=200_000, precision="ieee")
+

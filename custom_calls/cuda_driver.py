@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 
 PEER_ACCESS_ALREADY_ENABLED = 704
 _IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
@@ -38,11 +39,12 @@ class IpcMemHandle(ctypes.Structure):
 
 @functools.cache
 def lib() -> ctypes.CDLL:
-    """libcuda with argument types set, after ``cuInit``."""
+    """libcuda (or ``$JAX_FLUX_LIBCUDA``) with argument types set, after ``cuInit``."""
+    path = os.environ.get("JAX_FLUX_LIBCUDA", "libcuda.so.1")
     try:
-        cuda = ctypes.CDLL("libcuda.so.1")
+        cuda = ctypes.CDLL(path)
     except OSError as e:
-        raise CudaError(f"jax_flux needs the CUDA driver (libcuda.so.1) here: {e}") from e
+        raise CudaError(f"jax_flux needs the CUDA driver ({path}) here: {e}") from e
     p, u64, i32, u32, size = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint,
                               ctypes.c_size_t)
     ptr = ctypes.POINTER

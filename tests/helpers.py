@@ -65,3 +65,27 @@ def expect_timeout_then_recover(f, x, w, op_name: str, mesh, match: str):
     out = t.sharded(op_name, mesh, "fused")(xs, ws)
     ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     assert t.relative_error(out, ref) < 1e-5
+
+
+def build_fake_libcuda(out_dir) -> str:
+    """Compiles tests/fake_cuda/fake_libcuda.c against the real cuda.h; skips the
+    calling test when there is no C compiler or no cuda.h on this host."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda",
+             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/usr"]
+    include = next((os.path.join(r, "include") for r in roots
+                    if r and os.path.exists(os.path.join(r, "include", "cuda.h"))), None)
+    if gcc is None or include is None:
+        pytest.skip("the fake CUDA driver needs a C compiler and cuda.h")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cuda", "fake_libcuda.c")
+    out = os.path.join(str(out_dir), "libcuda_fake.so")
+    subprocess.run([gcc, "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I", include,
+                    src, "-o", out], check=True, capture_output=True, text=True)
+    return out

@@ -1,12 +1,16 @@
 """One process of the multi-process fused-op check (driven by test_multiprocess.py).
 
-    python -m tests.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES
+    python -m tests.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES [fake-cuda]
 
 Every process runs the same program (jax.distributed over CPU devices, Gloo
 for XLA's own collectives). Ranks alternate between processes, so every
 fused call moves data between processes through the ``host-shared``
 workspace; each process checks its own shards against float64 on the host
 and the lax collective, then prints one "OK" line.
+
+With ``fake-cuda`` (and ``JAX_FLUX_LIBCUDA`` naming tests/fake_cuda's
+library), the workspace takes its GPU path instead: ``cuda-ipc`` through
+``custom_calls.cuda_driver``, handles through the key-value store.
 """
 
 import os
@@ -76,8 +80,20 @@ def _peer_never_arrives(jax, mesh, process_id: int) -> None:
         assert err < 1e-5, f"after reset: shard {shard.index}: error {err:.2e}"
 
 
-def main(process_id: int, num_processes: int, port: int, local_devices: int) -> None:
+def _use_gpu_workspace_path() -> str:
+    """Routes the workspace through its CUDA backends (over the fake driver)."""
+    from jax_flux import workspace
+
+    host_location = workspace._location
+    gpu = {"host": "cuda", "host-shared": "cuda-ipc"}
+    workspace._location = lambda platform, slots: gpu[host_location(platform, slots)]
+    return "cuda-ipc"
+
+
+def main(process_id: int, num_processes: int, port: int, local_devices: int,
+         mode: str = "") -> None:
     jax = _setup(process_id, num_processes, port, local_devices)
+    expected_location = _use_gpu_workspace_path() if mode == "fake-cuda" else "host-shared"
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
@@ -135,10 +151,10 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int) -> 
     _peer_never_arrives(jax, mesh, process_id)
 
     locations = sorted({ws["location"] for ws in workspace.info()})
-    assert locations == ["host-shared"], locations
+    assert locations == [expected_location], locations
     print(f"OK process {process_id}: {len(workspace.info())} workspaces, {locations}", flush=True)
     jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:5]))
+    main(*(int(a) for a in sys.argv[1:5]), *sys.argv[5:6])

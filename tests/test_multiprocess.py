@@ -23,15 +23,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX shared memory in /dev/shm")
-def test_fused_ops_across_two_processes():
-    port, nproc = _free_port(), 2
+def _run_workers(nproc: int, local_devices: int, *extra: str, env_extra=None) -> list:
+    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(i),
-                               str(nproc), str(port), "2"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               str(nproc), str(port), str(local_devices), *extra], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(nproc)]
     logs = []
     try:
@@ -46,6 +46,29 @@ def test_fused_ops_across_two_processes():
     assert all(p.returncode == 0 for p in procs), tails
     for i, log in enumerate(logs):
         assert f"OK process {i}" in log, tails
-    leaked = [n for n in os.listdir("/dev/shm") if n.startswith(f"jax_flux-{procs[0].pid}-")]
+    leaked = [n for n in os.listdir("/dev/shm")
+              if any(n.startswith(f"{prefix}-{p.pid}-") for p in procs
+                     for prefix in ("jax_flux", "fake_cuda"))]
     assert not leaked, leaked
-    print(f"two processes: {time.monotonic() - start:.1f} s")
+    print(f"{nproc} processes: {time.monotonic() - start:.1f} s")
+    return logs
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="POSIX shared memory in /dev/shm")
+
+
+@linux_only
+def test_fused_ops_across_two_processes():
+    _run_workers(2, 2)
+
+
+@linux_only
+def test_fused_ops_across_processes_through_the_cuda_ipc_workspace_path(tmp_path):
+    # One "GPU" per process, the workspace's cuda-ipc backend over the fake
+    # driver: cuMemAlloc by the owner, 64-byte IPC handles through the
+    # key-value store, cuIpcOpenMemHandle (handle by value) in the peer.
+    from tests.helpers import build_fake_libcuda
+
+    lib = build_fake_libcuda(tmp_path)
+    _run_workers(2, 1, "fake-cuda", env_extra={"JAX_FLUX_LIBCUDA": lib})

@@ -1,0 +1,287 @@
+/* A stand-in for libcuda.so.1 that keeps "device" memory in host shared memory.
+ *
+ * Test-only. It lets the CPU test suite drive jax_flux's GPU workspace code
+ * (custom_calls/cuda_driver.py through ctypes, jax_flux/_cuda_workspace.py) with
+ * the Triton interpreter reading and writing the "device" buffers, so the
+ * driver calls' marshalling (argument order, out-pointers, the 64-byte IPC
+ * handle passed by value), context handling and the IPC exchange are checked
+ * without a GPU. It is compiled against the real cuda.h, so every function
+ * here has the real prototype and the real exported name (cuMemAlloc is
+ * cuMemAlloc_v2, and so on).
+ *
+ * Memory: every allocation is a file in /dev/shm mapped into this process;
+ * its IPC handle carries the file name, so another process can map it.
+ * Modules, launches, streams and events are not emulated (they return
+ * CUDA_ERROR_NOT_SUPPORTED, or succeed trivially where the workspace needs no
+ * more).
+ */
+#define _GNU_SOURCE
+#include <cuda.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define MAX_ALLOCS 4096
+#define MAX_STACK 64
+
+static int g_initialized = 0;
+static int g_devices = 8;
+static struct { uintptr_t ptr; size_t size; char name[64]; int device; int owned; } g_allocs[MAX_ALLOCS];
+static int g_nallocs = 0;
+static int g_counter = 0;
+static unsigned char g_peer[64][64];
+static __thread CUcontext t_stack[MAX_STACK];
+static __thread int t_depth = 0;
+
+static CUcontext ctx_of(int dev) { return (CUcontext)(uintptr_t)(0x1000 + dev); }
+static int dev_of(CUcontext ctx) { return (int)((uintptr_t)ctx - 0x1000); }
+static int valid_dev(int dev) { return dev >= 0 && dev < g_devices; }
+static int current_dev(void) { return t_depth ? dev_of(t_stack[t_depth - 1]) : -1; }
+
+static int find(uintptr_t ptr) {
+  for (int i = 0; i < g_nallocs; i++)
+    if (ptr >= g_allocs[i].ptr && ptr < g_allocs[i].ptr + g_allocs[i].size) return i;
+  return -1;
+}
+
+CUresult CUDAAPI cuInit(unsigned int Flags) {
+  if (Flags != 0) return CUDA_ERROR_INVALID_VALUE;
+  const char *n = getenv("FAKE_CUDA_DEVICES");
+  if (n) g_devices = atoi(n);
+  g_initialized = 1;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuGetErrorName(CUresult error, const char **pStr) {
+  switch (error) {
+    case CUDA_SUCCESS: *pStr = "CUDA_SUCCESS"; break;
+    case CUDA_ERROR_INVALID_VALUE: *pStr = "CUDA_ERROR_INVALID_VALUE"; break;
+    case CUDA_ERROR_OUT_OF_MEMORY: *pStr = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case CUDA_ERROR_NOT_INITIALIZED: *pStr = "CUDA_ERROR_NOT_INITIALIZED"; break;
+    case CUDA_ERROR_INVALID_DEVICE: *pStr = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case CUDA_ERROR_INVALID_CONTEXT: *pStr = "CUDA_ERROR_INVALID_CONTEXT"; break;
+    case CUDA_ERROR_INVALID_HANDLE: *pStr = "CUDA_ERROR_INVALID_HANDLE"; break;
+    case CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED: *pStr = "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED"; break;
+    case CUDA_ERROR_NOT_SUPPORTED: *pStr = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    default: *pStr = NULL; return CUDA_ERROR_INVALID_VALUE;
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDeviceGet(CUdevice *device, int ordinal) {
+  if (!g_initialized) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!valid_dev(ordinal)) return CUDA_ERROR_INVALID_DEVICE;
+  *device = ordinal;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev) {
+  if (!valid_dev(dev)) return CUDA_ERROR_INVALID_DEVICE;
+  switch (attrib) {
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *pi = 132; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *pi = 9; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *pi = 0; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *pi = 232448; break;
+    default: return CUDA_ERROR_NOT_SUPPORTED;
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDeviceCanAccessPeer(int *canAccessPeer, CUdevice dev, CUdevice peerDev) {
+  if (!valid_dev(dev) || !valid_dev(peerDev)) return CUDA_ERROR_INVALID_DEVICE;
+  *canAccessPeer = dev != peerDev;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
+  if (!valid_dev(dev)) return CUDA_ERROR_INVALID_DEVICE;
+  *pctx = ctx_of(dev);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuCtxPushCurrent(CUcontext ctx) {
+  if (!valid_dev(dev_of(ctx)) || t_depth == MAX_STACK) return CUDA_ERROR_INVALID_CONTEXT;
+  t_stack[t_depth++] = ctx;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuCtxPopCurrent(CUcontext *pctx) {
+  if (!t_depth) return CUDA_ERROR_INVALID_CONTEXT;
+  *pctx = t_stack[--t_depth];
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuCtxSynchronize(void) {
+  return t_depth ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
+}
+
+CUresult CUDAAPI cuCtxEnablePeerAccess(CUcontext peerContext, unsigned int Flags) {
+  int me = current_dev(), peer = dev_of(peerContext);
+  if (me < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (Flags != 0 || !valid_dev(peer) || peer == me) return CUDA_ERROR_INVALID_VALUE;
+  if (g_peer[me][peer]) return CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED;
+  g_peer[me][peer] = 1;
+  return CUDA_SUCCESS;
+}
+
+static CUresult map_file(const char *name, size_t size, uintptr_t *out) {
+  char path[96];
+  snprintf(path, sizeof path, "/dev/shm/%s", name);
+  int fd = open(path, O_RDWR);
+  if (fd < 0) return CUDA_ERROR_INVALID_HANDLE;
+  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  *out = (uintptr_t)p;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuMemAlloc(CUdeviceptr *dptr, size_t bytesize) {
+  int dev = current_dev();
+  if (dev < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
+  if (g_nallocs == MAX_ALLOCS) return CUDA_ERROR_OUT_OF_MEMORY;
+  char name[64];
+  snprintf(name, sizeof name, "fake_cuda-%d-%d", (int)getpid(), g_counter++);
+  /* The file stays until this process exits (see unlink_owned): peers open it by name. */
+  char path[96];
+  snprintf(path, sizeof path, "/dev/shm/%s", name);
+  int fd = open(path, O_CREAT | O_EXCL | O_RDWR, 0600);
+  if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  if (ftruncate(fd, (off_t)bytesize) != 0) { close(fd); return CUDA_ERROR_OUT_OF_MEMORY; }
+  void *p = mmap(NULL, bytesize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  memset(p, 0xA5, bytesize);  /* like real device memory: not zero until someone zeroes it */
+  g_allocs[g_nallocs].ptr = (uintptr_t)p;
+  g_allocs[g_nallocs].size = bytesize;
+  g_allocs[g_nallocs].device = dev;
+  g_allocs[g_nallocs].owned = 1;
+  strncpy(g_allocs[g_nallocs].name, name, sizeof g_allocs[0].name - 1);
+  g_nallocs++;
+  *dptr = (CUdeviceptr)(uintptr_t)p;
+  return CUDA_SUCCESS;
+}
+
+static CUresult check_range(CUdeviceptr p, size_t n) {
+  int i = find((uintptr_t)p);
+  if (i < 0 || (uintptr_t)p + n > g_allocs[i].ptr + g_allocs[i].size) return CUDA_ERROR_INVALID_VALUE;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuMemsetD8(CUdeviceptr dstDevice, unsigned char uc, size_t N) {
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  CUresult r = check_range(dstDevice, N);
+  if (r) return r;
+  memset((void *)(uintptr_t)dstDevice, uc, N);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuMemsetD8Async(CUdeviceptr dstDevice, unsigned char uc, size_t N, CUstream hStream) {
+  (void)hStream;
+  return cuMemsetD8(dstDevice, uc, N);
+}
+
+CUresult CUDAAPI cuMemcpyHtoD(CUdeviceptr dstDevice, const void *srcHost, size_t ByteCount) {
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  CUresult r = check_range(dstDevice, ByteCount);
+  if (r) return r;
+  memcpy((void *)(uintptr_t)dstDevice, srcHost, ByteCount);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuMemcpyDtoH(void *dstHost, CUdeviceptr srcDevice, size_t ByteCount) {
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  CUresult r = check_range(srcDevice, ByteCount);
+  if (r) return r;
+  memcpy(dstHost, (const void *)(uintptr_t)srcDevice, ByteCount);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuIpcGetMemHandle(CUipcMemHandle *pHandle, CUdeviceptr dptr) {
+  int i = find((uintptr_t)dptr);
+  if (i < 0 || !g_allocs[i].owned || g_allocs[i].ptr != (uintptr_t)dptr) return CUDA_ERROR_INVALID_VALUE;
+  memset(pHandle->reserved, 0, CU_IPC_HANDLE_SIZE);
+  /* name, NUL, then the size: a handle holds NUL bytes, as real ones do */
+  size_t len = strlen(g_allocs[i].name);
+  memcpy(pHandle->reserved, g_allocs[i].name, len);
+  uint64_t size = g_allocs[i].size;
+  memcpy(pHandle->reserved + CU_IPC_HANDLE_SIZE - 8, &size, 8);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuIpcOpenMemHandle(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int Flags) {
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (Flags != CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS) return CUDA_ERROR_INVALID_VALUE;
+  char name[64];
+  memcpy(name, handle.reserved, CU_IPC_HANDLE_SIZE - 8);
+  name[CU_IPC_HANDLE_SIZE - 9] = 0;
+  uint64_t size;
+  memcpy(&size, handle.reserved + CU_IPC_HANDLE_SIZE - 8, 8);
+  for (int i = 0; i < g_nallocs; i++)  /* a process cannot open its own handle */
+    if (g_allocs[i].owned && strcmp(g_allocs[i].name, name) == 0) return CUDA_ERROR_INVALID_CONTEXT;
+  uintptr_t p;
+  CUresult r = map_file(name, size, &p);
+  if (r) return r;
+  if (g_nallocs == MAX_ALLOCS) return CUDA_ERROR_OUT_OF_MEMORY;
+  g_allocs[g_nallocs].ptr = p;
+  g_allocs[g_nallocs].size = size;
+  g_allocs[g_nallocs].device = current_dev();
+  g_allocs[g_nallocs].owned = 0;
+  strncpy(g_allocs[g_nallocs].name, name, sizeof g_allocs[0].name - 1);
+  g_nallocs++;
+  *pdptr = (CUdeviceptr)p;
+  return CUDA_SUCCESS;
+}
+
+__attribute__((destructor)) static void unlink_owned(void) {
+  char path[96];
+  for (int i = 0; i < g_nallocs; i++) {
+    if (!g_allocs[i].owned) continue;
+    snprintf(path, sizeof path, "/dev/shm/%s", g_allocs[i].name);
+    unlink(path);
+  }
+}
+
+/* Not emulated: kernels do not run here. */
+CUresult CUDAAPI cuModuleLoadData(CUmodule *module, const void *image) {
+  (void)module; (void)image; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name) {
+  (void)hfunc; (void)hmod; (void)name; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuFuncGetAttribute(int *pi, CUfunction_attribute attrib, CUfunction hfunc) {
+  (void)pi; (void)attrib; (void)hfunc; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuFuncSetAttribute(CUfunction hfunc, CUfunction_attribute attrib, int value) {
+  (void)hfunc; (void)attrib; (void)value; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
+                                unsigned int gridDimZ, unsigned int blockDimX, unsigned int blockDimY,
+                                unsigned int blockDimZ, unsigned int sharedMemBytes, CUstream hStream,
+                                void **kernelParams, void **extra) {
+  (void)f; (void)gridDimX; (void)gridDimY; (void)gridDimZ; (void)blockDimX; (void)blockDimY;
+  (void)blockDimZ; (void)sharedMemBytes; (void)hStream; (void)kernelParams; (void)extra;
+  return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuStreamCreate(CUstream *phStream, unsigned int Flags) {
+  (void)phStream; (void)Flags; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuStreamSynchronize(CUstream hStream) { (void)hStream; return CUDA_ERROR_NOT_SUPPORTED; }
+CUresult CUDAAPI cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
+  (void)hStream; (void)hEvent; (void)Flags; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuEventCreate(CUevent *phEvent, unsigned int Flags) {
+  (void)phEvent; (void)Flags; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuEventRecord(CUevent hEvent, CUstream hStream) {
+  (void)hEvent; (void)hStream; return CUDA_ERROR_NOT_SUPPORTED;
+}
+CUresult CUDAAPI cuEventSynchronize(CUevent hEvent) { (void)hEvent; return CUDA_ERROR_NOT_SUPPORTED; }
+CUresult CUDAAPI cuEventElapsedTime(float *pMilliseconds, CUevent hStart, CUevent hEnd) {
+  (void)pMilliseconds; (void)hStart; (void)hEnd; return CUDA_ERROR_NOT_SUPPORTED;
+}

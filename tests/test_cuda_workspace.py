@@ -1,0 +1,101 @@
+"""The GPU workspace code path on CPU: custom_calls.cuda_driver over a fake libcuda.
+
+``tests/fake_cuda/fake_libcuda.c`` is compiled against the real cuda.h (so
+its functions have the real prototypes and exported names) and keeps
+"device" memory in host shared memory. That checks what can be checked
+without a GPU: the ctypes marshalling of every workspace call, context
+push/pop, zeroing (the fake hands out non-zero memory), peer access, error
+names; and the fused ops running with their workspace in ``cuda`` memory,
+read and written by the interpreted kernels. (The IPC exchange across
+processes is in test_multiprocess.py.) What it cannot check: real device
+memory, real peer access, kernels on a GPU: tests/test_gpu_fused.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from custom_calls import cuda_driver
+from jax_flux import testing, workspace
+from tests.helpers import build_fake_libcuda, fused_fn, mesh_of
+
+
+@pytest.fixture(scope="module")
+def fake_driver(tmp_path_factory):
+    lib = build_fake_libcuda(tmp_path_factory.mktemp("fake_cuda"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JAX_FLUX_LIBCUDA", lib)
+    cuda_driver.lib.cache_clear()
+    cuda_driver.context.cache_clear()
+    yield lib
+    mp.undo()
+    cuda_driver.lib.cache_clear()
+    cuda_driver.context.cache_clear()
+    # Forget the workspaces in fake memory: later workspace.reset() calls
+    # must not reach for a driver that is gone.
+    with workspace._lock:
+        for key in [k for k, ws in workspace._live.items() if ws.location.startswith("cuda")]:
+            del workspace._live[key]
+        workspace._retired[:] = [ws for ws in workspace._retired
+                                 if not ws.location.startswith("cuda")]
+
+
+def test_driver_memory_calls(fake_driver):
+    ptr = cuda_driver.allocate(3, 4096)
+    host = np.empty(4096, np.uint8)
+    cuda_driver.to_host(3, ptr, host)
+    assert not host.any(), "allocate must hand out zeroed memory"
+    data = np.arange(1024, dtype=np.float32)
+    cuda_driver.to_device(3, ptr, data)
+    back = np.empty_like(data)
+    cuda_driver.to_host(3, ptr, back)
+    assert np.array_equal(back, data)
+    cuda_driver.fill(3, ptr, 16, 0xFF)
+    cuda_driver.to_host(3, ptr, back)
+    assert np.isnan(back[:4]).all() and np.array_equal(back[4:], data[4:])
+    assert cuda_driver.multiprocessor_count(0) == 132
+
+
+def test_driver_peer_access_and_errors(fake_driver):
+    cuda_driver.enable_peer_access([0, 1, 2])
+    cuda_driver.enable_peer_access([2, 1, 0])  # already enabled: not an error
+    with pytest.raises(cuda_driver.CudaError, match="cuDeviceGet\\(99\\) failed: "
+                                                    "CUDA_ERROR_INVALID_DEVICE"):
+        cuda_driver.allocate(99, 256)
+    ptr = cuda_driver.allocate(0, 256)
+    handle = cuda_driver.export_handle(0, ptr)
+    assert len(handle) == 64 and b"\0" in handle
+    with pytest.raises(cuda_driver.CudaError, match="cuIpcOpenMemHandle"):
+        cuda_driver.open_handle(1, handle)  # a process cannot open its own handle
+
+
+def test_missing_driver_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("JAX_FLUX_LIBCUDA", "/nonexistent/libcuda.so.1")
+    cuda_driver.lib.cache_clear()
+    try:
+        with pytest.raises(cuda_driver.CudaError, match="needs the CUDA driver"):
+            cuda_driver.allocate(0, 256)
+    finally:
+        cuda_driver.lib.cache_clear()
+
+
+@pytest.mark.parametrize("op", list(testing.OPS))
+def test_fused_ops_with_the_workspace_in_cuda_memory(fake_driver, op, monkeypatch):
+    host_location = workspace._location
+    monkeypatch.setattr(workspace, "_location",
+                        lambda platform, slots: {"host": "cuda"}[host_location(platform, slots)])
+    mesh = mesh_of(8)
+    f = fused_fn(op, mesh)  # a fresh program: lowered (and its workspace resolved) here
+    for call in range(3):
+        x, w, x64, w64 = testing.random_operands(8 * 5, 24, 16, jnp.float32, seed=call)
+        out = f(*testing.place(op, mesh, x, w))
+        assert testing.relative_error(out, x64 @ w64) < 1e-5
+    live = [ws for ws in workspace.info() if ws["location"] == "cuda" and not ws["retired"]]
+    assert live and live[0]["world"] == 8 and live[0]["owned_bytes"] == 8 * live[0]["bytes_per_rank"]
+    workspace.reset()  # cuMemsetD8 on every owned buffer
+    x, w, x64, w64 = testing.random_operands(8 * 5, 24, 16, jnp.float32, seed=9)
+    out = f(*testing.place(op, mesh, x, w))
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+    del f
+    jax.clear_caches()  # programs compiled here hold fake-driver addresses

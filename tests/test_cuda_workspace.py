@@ -6,9 +6,11 @@ its functions have the real prototypes and exported names) and keeps
 without a GPU: the ctypes marshalling of every workspace call, context
 push/pop, zeroing (the fake hands out non-zero memory), peer access, error
 names; and the fused ops running with their workspace in ``cuda`` memory,
-read and written by the interpreted kernels. (The IPC exchange across
-processes is in test_multiprocess.py.) What it cannot check: real device
-memory, real peer access, kernels on a GPU: tests/test_gpu_fused.py.
+read and written by the interpreted kernels; the one-GPU rank emulation's
+compiles, loads and launches (recorded by the fake, parameter by parameter).
+The IPC exchange across processes is in test_multiprocess.py. What it cannot
+check: real device memory, real peer access, kernels on a GPU
+(tests/test_gpu_fused.py).
 """
 
 import jax
@@ -99,3 +101,21 @@ def test_fused_ops_with_the_workspace_in_cuda_memory(fake_driver, op, monkeypatc
     assert testing.relative_error(out, x64 @ w64) < 1e-5
     del f
     jax.clear_caches()  # programs compiled here hold fake-driver addresses
+
+
+def test_rank_emulation_launches_over_the_fake_driver(tmp_path):
+    # The 8-ranks-on-one-GPU harness, up to the launch: real sm_90 compiles
+    # (Triton in compiled mode, so a subprocess), loads and launches recorded
+    # by the fake and checked parameter by parameter.
+    import os
+    import subprocess
+    import sys
+
+    lib = build_fake_libcuda(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(JAX_FLUX_LIBCUDA=lib, TRITON_INTERPRET="0", PYTHONPATH=root,
+               TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    r = subprocess.run([sys.executable, "-m", "tests.fake_cuda.emulation_check"], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]

@@ -11,9 +11,8 @@
  *
  * Memory: every allocation is a file in /dev/shm mapped into this process;
  * its IPC handle carries the file name, so another process can map it.
- * Modules, launches, streams and events are not emulated (they return
- * CUDA_ERROR_NOT_SUPPORTED, or succeed trivially where the workspace needs no
- * more).
+ * Modules, streams, events and launches are recorded but nothing runs: the
+ * rank emulation's launch marshalling is checked, not kernels.
  */
 #define _GNU_SOURCE
 #include <cuda.h>
@@ -247,41 +246,97 @@ __attribute__((destructor)) static void unlink_owned(void) {
   }
 }
 
-/* Not emulated: kernels do not run here. */
+/* Modules, streams, events and launches: recorded, not run (kernels do not
+ * execute here). A test reads the launches back through fakeCudaLaunchCount /
+ * fakeCudaLaunch after telling the fake how many 8-byte parameters a launch
+ * carries (fakeCudaSetParamCount): the real driver learns that from the
+ * kernel's image. */
+#define MAX_LAUNCHES 256
+#define MAX_PARAMS 32
+static int g_param_count = 0;
+static int g_nlaunches = 0;
+static struct {
+  uintptr_t function, stream;
+  unsigned grid, block, shared;
+  uint64_t params[MAX_PARAMS];
+} g_launches[MAX_LAUNCHES];
+static uintptr_t g_handles = 0x100000;
+
+void fakeCudaSetParamCount(int n) { g_param_count = n < MAX_PARAMS ? n : MAX_PARAMS; }
+int fakeCudaLaunchCount(void) { return g_nlaunches; }
+int fakeCudaLaunch(int i, uint64_t *out) {  /* function, stream, grid, block, shared, params... */
+  if (i < 0 || i >= g_nlaunches) return -1;
+  out[0] = g_launches[i].function; out[1] = g_launches[i].stream; out[2] = g_launches[i].grid;
+  out[3] = g_launches[i].block; out[4] = g_launches[i].shared;
+  memcpy(out + 5, g_launches[i].params, sizeof(uint64_t) * (size_t)g_param_count);
+  return g_param_count;
+}
+
 CUresult CUDAAPI cuModuleLoadData(CUmodule *module, const void *image) {
-  (void)module; (void)image; return CUDA_ERROR_NOT_SUPPORTED;
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (!image) return CUDA_ERROR_INVALID_VALUE;
+  *module = (CUmodule)(g_handles++);
+  return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name) {
-  (void)hfunc; (void)hmod; (void)name; return CUDA_ERROR_NOT_SUPPORTED;
+  if (!hmod || !name || !*name) return CUDA_ERROR_INVALID_VALUE;
+  *hfunc = (CUfunction)(g_handles++);
+  return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuFuncGetAttribute(int *pi, CUfunction_attribute attrib, CUfunction hfunc) {
-  (void)pi; (void)attrib; (void)hfunc; return CUDA_ERROR_NOT_SUPPORTED;
+  if (!hfunc || attrib != CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES) return CUDA_ERROR_INVALID_VALUE;
+  *pi = 0;
+  return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuFuncSetAttribute(CUfunction hfunc, CUfunction_attribute attrib, int value) {
-  (void)hfunc; (void)attrib; (void)value; return CUDA_ERROR_NOT_SUPPORTED;
+  if (!hfunc || attrib != CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES || value > 232448)
+    return CUDA_ERROR_INVALID_VALUE;
+  return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
                                 unsigned int gridDimZ, unsigned int blockDimX, unsigned int blockDimY,
                                 unsigned int blockDimZ, unsigned int sharedMemBytes, CUstream hStream,
                                 void **kernelParams, void **extra) {
-  (void)f; (void)gridDimX; (void)gridDimY; (void)gridDimZ; (void)blockDimX; (void)blockDimY;
-  (void)blockDimZ; (void)sharedMemBytes; (void)hStream; (void)kernelParams; (void)extra;
-  return CUDA_ERROR_NOT_SUPPORTED;
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (!f || !kernelParams || extra || gridDimY != 1 || gridDimZ != 1 || blockDimY != 1 ||
+      blockDimZ != 1 || g_nlaunches == MAX_LAUNCHES)
+    return CUDA_ERROR_INVALID_VALUE;
+  g_launches[g_nlaunches].function = (uintptr_t)f;
+  g_launches[g_nlaunches].stream = (uintptr_t)hStream;
+  g_launches[g_nlaunches].grid = gridDimX;
+  g_launches[g_nlaunches].block = blockDimX;
+  g_launches[g_nlaunches].shared = sharedMemBytes;
+  for (int i = 0; i < g_param_count; i++)
+    memcpy(&g_launches[g_nlaunches].params[i], kernelParams[i], sizeof(uint64_t));
+  g_nlaunches++;
+  return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuStreamCreate(CUstream *phStream, unsigned int Flags) {
-  (void)phStream; (void)Flags; return CUDA_ERROR_NOT_SUPPORTED;
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (Flags != CU_STREAM_NON_BLOCKING) return CUDA_ERROR_INVALID_VALUE;
+  *phStream = (CUstream)(g_handles++);
+  return CUDA_SUCCESS;
 }
-CUresult CUDAAPI cuStreamSynchronize(CUstream hStream) { (void)hStream; return CUDA_ERROR_NOT_SUPPORTED; }
+CUresult CUDAAPI cuStreamSynchronize(CUstream hStream) {
+  return hStream ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
 CUresult CUDAAPI cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
-  (void)hStream; (void)hEvent; (void)Flags; return CUDA_ERROR_NOT_SUPPORTED;
+  return hStream && hEvent && !Flags ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 CUresult CUDAAPI cuEventCreate(CUevent *phEvent, unsigned int Flags) {
-  (void)phEvent; (void)Flags; return CUDA_ERROR_NOT_SUPPORTED;
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  (void)Flags;
+  *phEvent = (CUevent)(g_handles++);
+  return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuEventRecord(CUevent hEvent, CUstream hStream) {
-  (void)hEvent; (void)hStream; return CUDA_ERROR_NOT_SUPPORTED;
+  return hEvent && hStream ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
-CUresult CUDAAPI cuEventSynchronize(CUevent hEvent) { (void)hEvent; return CUDA_ERROR_NOT_SUPPORTED; }
+CUresult CUDAAPI cuEventSynchronize(CUevent hEvent) {
+  return hEvent ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
 CUresult CUDAAPI cuEventElapsedTime(float *pMilliseconds, CUevent hStart, CUevent hEnd) {
-  (void)pMilliseconds; (void)hStart; (void)hEnd; return CUDA_ERROR_NOT_SUPPORTED;
+  if (!hStart || !hEnd) return CUDA_ERROR_INVALID_HANDLE;
+  *pMilliseconds = 1.0f;
+  return CUDA_SUCCESS;
 }

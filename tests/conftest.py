@@ -52,3 +52,28 @@ def pytest_collection_modifyitems(config, items):
 def _eight_devices():
     if not ON_GPU:
         assert len(jax.devices()) == 8, "jax was imported before tests/conftest.py set XLA_FLAGS"
+
+
+@pytest.fixture(scope="module")
+def fake_driver(tmp_path_factory):
+    """custom_calls.cuda_driver over tests/fake_cuda's libcuda for one module's tests."""
+    from custom_calls import cuda_driver
+    from jax_flux import workspace
+    from tests.helpers import build_fake_libcuda
+
+    lib = build_fake_libcuda(tmp_path_factory.mktemp("fake_cuda"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JAX_FLUX_LIBCUDA", lib)
+    cuda_driver.lib.cache_clear()
+    cuda_driver.context.cache_clear()
+    yield lib
+    mp.undo()
+    cuda_driver.lib.cache_clear()
+    cuda_driver.context.cache_clear()
+    # Forget the workspaces in fake memory: later workspace.reset() calls
+    # must not reach for a driver that is gone.
+    with workspace._lock:
+        for key in [k for k, ws in workspace._live.items() if ws.location.startswith("cuda")]:
+            del workspace._live[key]
+        workspace._retired[:] = [ws for ws in workspace._retired
+                                 if not ws.location.startswith("cuda")]

@@ -23,26 +23,6 @@ from jax_flux import testing, workspace
 from tests.helpers import build_fake_libcuda, fused_fn, mesh_of
 
 
-@pytest.fixture(scope="module")
-def fake_driver(tmp_path_factory):
-    lib = build_fake_libcuda(tmp_path_factory.mktemp("fake_cuda"))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("JAX_FLUX_LIBCUDA", lib)
-    cuda_driver.lib.cache_clear()
-    cuda_driver.context.cache_clear()
-    yield lib
-    mp.undo()
-    cuda_driver.lib.cache_clear()
-    cuda_driver.context.cache_clear()
-    # Forget the workspaces in fake memory: later workspace.reset() calls
-    # must not reach for a driver that is gone.
-    with workspace._lock:
-        for key in [k for k, ws in workspace._live.items() if ws.location.startswith("cuda")]:
-            del workspace._live[key]
-        workspace._retired[:] = [ws for ws in workspace._retired
-                                 if not ws.location.startswith("cuda")]
-
-
 def test_driver_memory_calls(fake_driver):
     ptr = cuda_driver.allocate(3, 4096)
     host = np.empty(4096, np.uint8)

@@ -1,0 +1,73 @@
+"""The fused ops lowered for CUDA on this CPU host: what reaches jax-triton.
+
+jax-triton does not import without a CUDA jaxlib, so a stand-in module
+records each ``jax_triton.triton_call`` and returns zeros; the workspace
+comes from the fake driver (tests/fake_cuda), resolved for the mesh's devices
+at lowering. The status check's host callback cannot be lowered for CUDA
+from a CPU backend, so it is replaced by a recorder too. Checked: one
+jax-triton call per fused op, its operands (arrays, then the output
+pointers), grid, constexprs and zeroed status output, the address table baked
+as a constant, and no XLA collective in the program.
+"""
+
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from custom_calls import binding
+from jax_flux import testing
+from tests.helpers import mesh_of
+
+
+@pytest.fixture
+def fake_jax_triton(monkeypatch, fake_driver):
+    calls, status_checks = [], []
+    module = types.ModuleType("jax_triton")
+
+    def triton_call(*args, kernel, out_shape, grid, **kw):
+        calls.append(dict(args=args, kernel=kernel, out_shape=out_shape, grid=grid, kw=kw))
+        return [jnp.zeros(s.shape, s.dtype) for s in out_shape]
+
+    module.triton_call = triton_call
+    monkeypatch.setitem(sys.modules, "jax_triton", module)
+    binding._jax_triton.cache_clear()
+    monkeypatch.setattr(binding, "io_callback",
+                        lambda fn, result, *args, **kw: status_checks.append(fn))
+    yield calls, status_checks
+    binding._jax_triton.cache_clear()
+
+
+@pytest.mark.parametrize("op,kernel,metaparams", [
+    ("all_gather_matmul", "ag_gemm_kernel", {"M_LOCAL": 6, "N": 16, "K": 24, "WORLD": 4}),
+    ("matmul_reduce_scatter", "gemm_rs_kernel", {"M_OWN": 6, "N": 16, "K": 24, "WORLD": 4}),
+])
+def test_fused_op_lowers_for_cuda_to_one_jax_triton_call(fake_jax_triton, op, kernel,
+                                                         metaparams):
+    calls, status_checks = fake_jax_triton
+    mesh = mesh_of(4)
+    # Global X [24, 24 * (1 or 4)], W chosen so each rank's problem is m=6, K=24, n=16.
+    if op == "all_gather_matmul":
+        x, w, _, _ = testing.random_operands(24, 24, 64, jnp.bfloat16)
+    else:
+        x, w, _, _ = testing.random_operands(24, 96, 16, jnp.bfloat16)
+    xs, ws = testing.place(op, mesh, x, w)
+    f = jax.jit(jax.shard_map(
+        lambda x, w: testing.OPS[op](x, w, "tp", impl="fused"), mesh=mesh,
+        in_specs=testing._SPECS[op][0], out_specs=testing._SPECS[op][1]))
+    lowered = f.trace(xs, ws).lower(lowering_platforms=("cuda",))
+    assert len(calls) == 1, calls
+    call = calls[0]
+    assert call["kernel"].__name__ == kernel
+    assert len(call["args"]) == 4  # x, w, ctx, this rank's row of the address table
+    assert len(call["grid"]) == 1 and 2 <= call["grid"][0] <= 132
+    assert {k: call["kw"][k] for k in metaparams} == metaparams
+    assert call["kw"]["zeroed_outputs"] == (1,) and call["kw"]["input_output_aliases"] == {}
+    assert call["out_shape"][1].shape == (5,)  # the status words
+    assert len(status_checks) == 1
+    text = lowered.as_text()
+    assert "all-gather" not in text and "reduce-scatter" not in text
+    assert "all_gather" not in text and "reduce_scatter" not in text
+    assert "tensor<1x4x2xui32>" in text  # [groups, ranks, (lo, hi)] baked at lowering

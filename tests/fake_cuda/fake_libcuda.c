@@ -145,7 +145,9 @@ CUresult CUDAAPI cuMemAlloc(CUdeviceptr *dptr, size_t bytesize) {
   if (bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
   if (g_nallocs == MAX_ALLOCS) return CUDA_ERROR_OUT_OF_MEMORY;
   char name[64];
-  snprintf(name, sizeof name, "fake_cuda-%d-%d", (int)getpid(), g_counter++);
+  /* unique per process and per loaded copy of this library */
+  snprintf(name, sizeof name, "fake_cuda-%d-%lx-%d", (int)getpid(), (unsigned long)(uintptr_t)&g_counter,
+           g_counter++);
   /* The file stays until this process exits (see unlink_owned): peers open it by name. */
   char path[96];
   snprintf(path, sizeof path, "/dev/shm/%s", name);

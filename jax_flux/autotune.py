@@ -131,9 +131,11 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
          reps: int = 10, max_configs: int | None = None, log=print):
     """Verifies and times candidate configs on ``mesh`` (axis "tp"); records the best.
 
-    Returns (best config or None, rows of {config, status, median_ms}).
+    Returns (best config or None, rows of {config, status, median_ms}). A
+    candidate that fails (compiler, device, a timed-out wait) is reported and
+    the workspace reset: run it while no other fused call is in flight.
     """
-    from jax_flux import testing
+    from jax_flux import testing, workspace
     from jax_flux._fused import interpreter_ready
 
     world = mesh.devices.size
@@ -154,19 +156,21 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
         fn = testing.sharded(op, mesh, "fused", cfg)
         try:
             err = testing.relative_error(fn(xs, ws), ref)
-        except Exception as e:  # a config the compiler or device rejects, or a timeout
+            if not err < tol:
+                rows.append({"config": cfg, "status": f"wrong (rel err {err:.2e})"})
+                continue
+            jax.block_until_ready(fn(xs, ws))
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(xs, ws))
+                samples.append((time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # the compiler or device rejects it, or a wait timed out
             last = [line for line in str(e).splitlines() if line.strip()][-1:] or [""]
             rows.append({"config": cfg, "status": f"failed: {type(e).__name__}: {last[0]}"[:300]})
+            # A timed-out call leaves the workspace out of step (see PeerTimeoutError).
+            workspace.reset()
             continue
-        if not err < tol:
-            rows.append({"config": cfg, "status": f"wrong (rel err {err:.2e})"})
-            continue
-        jax.block_until_ready(fn(xs, ws))
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(xs, ws))
-            samples.append((time.perf_counter() - t0) * 1e3)
         ms = statistics.median(samples)
         rows.append({"config": cfg, "status": "ok", "median_ms": ms})
         log(f"{ms:10.3f} ms  {cfg}")

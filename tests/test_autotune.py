@@ -53,14 +53,35 @@ def test_tune_verifies_times_records_and_the_op_uses_it(cache):
     assert testing.relative_error(out, x64 @ w64) < 1e-5
 
 
-def test_a_config_that_fails_is_reported_not_kept(cache):
+@pytest.mark.parametrize("fails_on_call", [0, 1], ids=["verifying", "timing"])
+def test_a_config_that_fails_is_reported_not_kept(cache, monkeypatch, fails_on_call):
+    from custom_calls.binding import PeerTimeoutError
+    from jax_flux import testing
+
     mesh = mesh_of(8)
-    bad = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=4,
-                                timeout_s=1e-6)  # too short to wait for any peer
+    # A config whose call fails deterministically, while it is checked or while
+    # it is timed, as a too-short timeout does when a peer is late (a real one
+    # fails only sometimes).
+    bad = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=8)
     good = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=4)
+    real = testing.sharded
+
+    def sharded(op, mesh_, impl="auto", config=None, grad=False):
+        fn = real(op, mesh_, impl, config, grad)
+        if config != bad:
+            return fn
+        calls = []
+
+        def flaky(*args):
+            calls.append(1)
+            if len(calls) > fails_on_call:
+                raise PeerTimeoutError("all_gather_matmul(impl='fused'): rank 1 of axis 'tp' "
+                                       "gave up after about 1e-06 s waiting for row chunk 0")
+            return fn(*args)
+        return flaky
+
+    monkeypatch.setattr(testing, "sharded", sharded)
     best, rows = autotune.tune("all_gather_matmul", mesh, 4, 16, 8, jnp.float32,
                                configs=[bad, good], reps=1, log=lambda s: None)
-    from jax_flux import workspace
-    workspace.reset()
     assert rows[0]["status"].startswith("failed") and "gave up" in rows[0]["status"], rows[0]
     assert rows[1]["status"] == "ok" and best == good

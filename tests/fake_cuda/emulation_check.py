@@ -115,6 +115,13 @@ def main() -> int:
         assert "exceeds 16 programs per rank" in str(e), e
     else:
         raise AssertionError("grid 17 with 16 programs per rank was launched")
+    # benchmarks.emulated's per-point driver, on tiny shapes (numbers meaningless here).
+    from benchmarks import emulated
+
+    lib.fakeCudaSetParamCount(0)  # mixed kernels: record no parameters
+    for op in ("all_gather_matmul", "matmul_reduce_scatter"):
+        row = emulated.run(op, WORLD * 8, 64, 64, 1, world)
+        assert set(row) == set(emulated.COLUMNS) and row["fused_ms"] == 1.0, row
     print("OK")
     return 0
 

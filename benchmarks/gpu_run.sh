@@ -35,6 +35,7 @@ step env bash -c "nvidia-smi; python -c 'import jax, triton; print(jax.__version
 step compile python -m tests.compile_for_gpu 90
 step pytest_gpu env JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_fused.py
 step emulated python -m benchmarks.emulated --out "$OUT"
+step status_check python -m benchmarks.status_check --out "$OUT"
 step gemm_gpt3 python -m benchmarks.gemm --sweep gpt3-175b --out "$OUT"
 step gemm_llama70b python -m benchmarks.gemm --sweep llama2-70b --out "$OUT"
 step ops_gpt3 python -m benchmarks.ops --sweep gpt3-175b --out "$OUT"

@@ -40,3 +40,12 @@ def test_model_quick(tmp_path, impls):
     assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "model_tiny_L2_cpu8.csv")
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+
+
+def test_status_check_quick(tmp_path):
+    from benchmarks import status_check
+
+    assert status_check.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "status_check.csv")
+    assert rows and {"calls", "plain_ms", "checked_ms", "per_check_us"} <= set(rows[0])
+    assert "smoke run" in (tmp_path / "status_check.md").read_text()

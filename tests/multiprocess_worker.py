@@ -74,7 +74,8 @@ def _peer_never_arrives(jax, mesh, process_id: int) -> None:
         client.blocking_key_value_get("jax_flux_test/timeout_seen", 120_000)
     workspace.reset()
     client.wait_at_barrier("jax_flux_test/reset", 120_000)
-    out = quick(xs, ws)
+    # Recovery with the default (60 s) timeout: a loaded CI host may be slow.
+    out = testing.sharded(op, mesh, "fused")(xs, ws)
     for shard in out.addressable_shards:
         err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
         assert err < 1e-5, f"after reset: shard {shard.index}: error {err:.2e}"

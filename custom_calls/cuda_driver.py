@@ -159,9 +159,15 @@ def fill(ordinal: int, ptr: int, nbytes: int, byte: int = 0, stream: int | None 
 
 
 def to_device(ordinal: int, ptr: int, host) -> None:
-    """Copies a C-contiguous numpy array to device memory at ``ptr``."""
+    """Copies a C-contiguous numpy array to device memory at ``ptr``, completely.
+
+    From pageable memory cuMemcpyHtoD may return before its DMA lands, and
+    non-blocking streams do not wait for the legacy stream: synchronise, so a
+    kernel launched next on any stream sees the data.
+    """
     with current(ordinal) as cuda:
         check(cuda.cuMemcpyHtoD_v2(ptr, host.ctypes.data, host.nbytes), "cuMemcpyHtoD")
+        check(cuda.cuCtxSynchronize(), "cuCtxSynchronize")
 
 
 def to_host(ordinal: int, ptr: int, host) -> None:

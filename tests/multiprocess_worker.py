@@ -91,9 +91,38 @@ def _use_gpu_workspace_path() -> str:
     return "cuda-ipc"
 
 
+def _peer_never_lowers(jax, process_id: int) -> None:
+    """Only process 0 lowers a fused program: it must fail within the exchange
+    timeout, naming the process whose buffer never came, not hang."""
+    import numpy as np
+    import pytest
+    from jax.sharding import NamedSharding
+
+    from jax_flux import testing
+    from jax_flux.workspace import _kv_client
+
+    op = "all_gather_matmul"
+    (sx, sw), _ = testing._SPECS[op]
+    mesh = testing.mesh(jax.devices())
+    client = _kv_client()
+    if process_id == 0:
+        x, w, _, _ = testing.random_operands(8, 8, 8, np.float32)
+        xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
+        ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
+        with pytest.raises(RuntimeError, match="process 1 .* did not publish its buffer within 3 s"):
+            testing.sharded(op, mesh, "fused").lower(xs, ws)
+        client.key_value_set("jax_flux_test/lowering_failed", "1")
+    else:
+        client.blocking_key_value_get("jax_flux_test/lowering_failed", 120_000)
+    print(f"OK process {process_id}: exchange timeout reported", flush=True)
+    jax.distributed.shutdown()
+
+
 def main(process_id: int, num_processes: int, port: int, local_devices: int,
          mode: str = "") -> None:
     jax = _setup(process_id, num_processes, port, local_devices)
+    if mode == "exchange-timeout":
+        return _peer_never_lowers(jax, process_id)
     expected_location = _use_gpu_workspace_path() if mode == "fake-cuda" else "host-shared"
     import jax.numpy as jnp
     import numpy as np

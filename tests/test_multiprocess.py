@@ -72,3 +72,9 @@ def test_fused_ops_across_processes_through_the_cuda_ipc_workspace_path(tmp_path
 
     lib = build_fake_libcuda(tmp_path)
     _run_workers(2, 1, "fake-cuda", env_extra={"JAX_FLUX_LIBCUDA": lib})
+
+
+@linux_only
+def test_a_process_that_never_lowers_is_an_error_not_a_hang():
+    _run_workers(2, 1, "exchange-timeout",
+                 env_extra={"JAX_FLUX_WORKSPACE_EXCHANGE_TIMEOUT_S": "3"})

@@ -78,7 +78,8 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     if interpreting:
         max_programs = _INTERPRETER_PROGRAMS
     else:
-        max_programs = getattr(jax.devices()[0], "core_count", None) or 132
+        sms = getattr(jax.devices()[0], "core_count", None) or 132
+        max_programs = sms * config.programs_per_sm
     return Launch(
         ctx=ctx, table=table, interpreting=interpreting, max_programs=max_programs,
         upcast=upcast_operands(dtype), remote_cache="" if interpreting else ".cg",

@@ -96,7 +96,7 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     Pruned: tiles more than twice the (padded) problem in any dim, operand
     staging beyond shared memory, more than 128 accumulator elements per
     thread, chunks larger than a rank's rows, more communication programs
-    than peers.
+    than peers, two programs an SM where two do not fit.
     """
     itemsize = jnp.dtype(dtype).itemsize
     if interpreting:  # the interpreter has no shared memory or warps: few, small choices
@@ -104,6 +104,7 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     else:  # small row tiles are for decode-sized M
         rows_blocks, blocks, k_blocks = (16, 32, 64, 128, 256), (64, 128, 256), (32, 64, 128)
         warps, stages = (4, 8), (3, 4)
+    per_sm = (1,) if interpreting else (1, 2)
     rows = m_local
     out = []
     for bm, bn, bk, nw, ns in itertools.product(rows_blocks, blocks, k_blocks, warps, stages):
@@ -112,19 +113,31 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
         if not interpreting and (_smem_bytes(bm, bn, bk, ns, itemsize) > smem_bytes or
                                  bm * bn > 128 * 32 * nw):
             continue
-        common = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-        for rotate in (True, False):
-            if op == AG:
-                for chunk, comm in itertools.product(sorted({bm, max(bm, rows)}), (1, 2, 4)):
-                    if chunk > max(rows, 1) * 2 or comm > max(1, world - 1):
-                        continue
-                    out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
-                                                     rotate=rotate, **common))
-            else:
-                for reduce in ((1, 2) if interpreting else (4, 8, 16)):
-                    out.append(MatmulReduceScatterConfig(reduce_programs=reduce, rotate=rotate,
-                                                         **common))
+        for pps in per_sm:
+            # Two programs an SM only where two fit: shared memory and 64 warps.
+            if pps > 1 and (2 * _smem_bytes(bm, bn, bk, ns, itemsize) > smem_bytes or nw > 8):
+                continue
+            out.extend(_op_candidates(op, rows, world, interpreting, dict(
+                block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
+                programs_per_sm=pps)))
     return list(dict.fromkeys(out))
+
+
+def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: dict) -> list:
+    """The op-specific dimensions (rotation, chunks, communication or reduction programs)."""
+    out, bm = [], common["block_m"]
+    for rotate in (True, False):
+        if op == AG:
+            for chunk, comm in itertools.product(sorted({bm, max(bm, rows)}), (1, 2, 4)):
+                if chunk > max(rows, 1) * 2 or comm > max(1, world - 1):
+                    continue
+                out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
+                                                 rotate=rotate, **common))
+        else:
+            for reduce in ((1, 2) if interpreting else (4, 8, 16)):
+                out.append(MatmulReduceScatterConfig(reduce_programs=reduce, rotate=rotate,
+                                                     **common))
+    return out
 
 
 def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterable | None = None,

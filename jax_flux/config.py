@@ -41,9 +41,13 @@ class _Common:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    # Total persistent grid; None: one program per output tile, capped at the
-    # number of SMs (GPU) or 8 (interpreter).
+    # Total persistent grid; None: one program per output tile, capped at
+    # programs_per_sm x the number of SMs (GPU) or 4 (interpreter).
     num_programs: int | None = None
+    # Programs resident per SM the default grid assumes (2 fits two 3-stage
+    # 128x128x64 bf16 tiles in Hopper's shared memory). Waits only ever target
+    # lower program ids, so a grid larger than what co-resides still progresses.
+    programs_per_sm: int = 1
     timeout_s: float = 60.0
     # tl.dot input precision for float32 operands on a GPU ("tf32" is what
     # XLA's default precision uses on Hopper; "ieee" is exact float32).
@@ -59,6 +63,8 @@ class _Common:
         _positive("num_stages", self.num_stages)
         if self.num_programs is not None:
             _positive("num_programs", self.num_programs, 2)
+        if self.programs_per_sm not in (1, 2, 3, 4):
+            raise ValueError(f"programs_per_sm must be 1 to 4, got {self.programs_per_sm!r}")
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be a bool, got {self.rotate!r}")
         if self.f32_precision not in ("tf32", "tf32x3", "ieee"):
@@ -85,6 +91,7 @@ class AllGatherMatmulConfig(_Common):
       comm_programs: programs that push this rank's shard to its peers.
       copy_rows, copy_cols: tile of the communication copy loop.
       num_programs: total persistent grid, communication programs included.
+      programs_per_sm: programs per SM the default grid assumes (GPU).
       timeout_s: how long a wait may spin before the call fails.
     """
 
@@ -125,6 +132,7 @@ class MatmulReduceScatterConfig(_Common):
       reduce_programs: programs that sum the P partials of this rank's rows.
       num_warps, num_stages: Triton compile options (GPU).
       num_programs: total persistent grid, reduction programs included.
+      programs_per_sm: programs per SM the default grid assumes (GPU).
       timeout_s: how long a wait may spin before the call fails.
     """
 

@@ -23,6 +23,11 @@ def test_gpu_space_is_pruned_to_what_fits():
         assert smem <= autotune.DEFAULT_SMEM_BYTES
         assert c.block_m * c.block_n <= 128 * 32 * c.num_warps
     assert {c.rotate for c in space} == {True, False}
+    assert {c.programs_per_sm for c in space} == {1, 2}
+    for c in space:
+        if c.programs_per_sm == 2:  # two must fit an SM together
+            smem = (c.block_m * c.block_k + c.block_k * c.block_n) * 2 * c.num_stages
+            assert 2 * smem <= autotune.DEFAULT_SMEM_BYTES and c.num_warps <= 8
     small = autotune.candidates("matmul_reduce_scatter", 8, 1536, 12288, jnp.bfloat16, 8)
     assert small and all(c.block_m <= 64 for c in small)  # decode: no 128/256-row tiles
 

@@ -46,7 +46,8 @@ class _Common:
     num_programs: int | None = None
     # Programs resident per SM the default grid assumes (2 fits two 3-stage
     # 128x128x64 bf16 tiles in Hopper's shared memory). Waits only ever target
-    # lower program ids, so a grid larger than what co-resides still progresses.
+    # lower program ids, so a grid larger than what co-resides still progresses
+    # as long as blocks start in id order (what GPUs do; CUDA does not promise it).
     programs_per_sm: int = 1
     timeout_s: float = 60.0
     # tl.dot input precision for float32 operands on a GPU ("tf32" is what

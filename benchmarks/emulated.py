@@ -65,8 +65,11 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
                                  block_k=64, num_warps=4, num_stages=3, precision="ieee")
 
         ys, _, _ = fused()
-        ref = xg[:, :].astype(np.float32) @ ws[0].astype(np.float32)
-        err = _rel(ys[0], ref.astype(np.float64))
+        # Rank 0's output on a sample of rows from every source (a full host
+        # reference at M = 8192 would take minutes).
+        sample = np.concatenate([np.arange(r * m, r * m + min(m, 32)) for r in range(WORLD)])
+        ref = xg[sample].astype(np.float32) @ ws[0].astype(np.float32)
+        err = _rel(ys[0][sample], ref.astype(np.float64))
     else:
         xs = [rng.standard_normal((m_total, k)).astype(bf16) for _ in range(WORLD)]
         ws = [(rng.standard_normal((k, n)) / np.sqrt(k)).astype(bf16) for _ in range(WORLD)]
@@ -82,9 +85,9 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
                                  num_warps=4, num_stages=3, precision="ieee")
 
         zs, _ = fused()
-        rows = m_total // WORLD
+        rows = min(m_total // WORLD, 32)  # rank 0's first rows, summed over every source
         ref = sum(x[:rows].astype(np.float32) @ w.astype(np.float32) for x, w in zip(xs, ws))
-        err = _rel(zs[0], ref.astype(np.float64))
+        err = _rel(zs[0][:rows], ref.astype(np.float64))
     fused_ms = statistics.median(fused()[-1] for _ in range(reps))
     gemm_ms = statistics.median(plain()[-1] for _ in range(reps))
     flops = 2 * m_total * k * n * WORLD  # every rank's GEMM

@@ -152,13 +152,8 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
 def workspace_bytes(world: int, m_local: int, k: int, itemsize: int, chunk_rows: int):
     """(signal offset, data offset, total bytes) of one rank's workspace for this call."""
     chunks = -(-m_local // chunk_rows)
-    sig_off = signals.CONTROL_BYTES
-    data_off = _align(sig_off + 4 * world * chunks, 256)
+    sig_off, data_off = signals.layout("all_gather_matmul", world * chunks)
     return sig_off, data_off, data_off + world * m_local * k * itemsize
-
-
-def _align(n: int, a: int) -> int:
-    return -(-n // a) * a
 
 
 def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_rows: int,

@@ -114,8 +114,7 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
 def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int, block_n: int):
     """(signal offset, data offset, total bytes) of one rank's workspace for this call."""
     tiles = -(-m_own // block_m) * -(-n // block_n)
-    sig_off = signals.CONTROL_BYTES
-    data_off = -(-(sig_off + 4 * world * tiles) // 256) * 256
+    sig_off, data_off = signals.layout("matmul_reduce_scatter", world * tiles)
     return sig_off, data_off, data_off + world * m_own * n * itemsize
 
 

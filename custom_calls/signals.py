@@ -2,7 +2,9 @@
 
 The symmetric workspace of one rank is one allocation laid out as
 
-    [control: CONTROL_BYTES][signals: int32 ...][data ...]
+    [control: CONTROL_BYTES][signals: int32, up to DATA_OFF][data from DATA_OFF ...]
+
+the same split for every call (see ``DATA_OFF``), so data never lands in signal words.
 
 control holds two int32 counters of this rank:
 
@@ -23,6 +25,22 @@ import triton
 import triton.language as tl
 
 CONTROL_BYTES = 128
+# Every call on a workspace uses the same split: its signals in
+# [CONTROL_BYTES, DATA_OFF), its data from DATA_OFF. An offset computed per call
+# would let one call's data (any bytes) land in the signal words of a later call
+# with another layout, where a garbage value >= the epoch lets a wait pass before
+# its data arrives (seen: an AG-GEMM followed by a GEMM-RS on one axis).
+DATA_OFF = 1 << 20
+MAX_SIGNALS = (DATA_OFF - CONTROL_BYTES) // 4
+
+
+def layout(op: str, n_signals: int) -> tuple[int, int]:
+    """(signal offset, data offset) of a call that uses ``n_signals`` signal words."""
+    if n_signals > MAX_SIGNALS:
+        raise ValueError(f"{op}(impl='fused') needs {n_signals} signals, more than the "
+                         f"workspace's {MAX_SIGNALS}: use larger tiles (block_m/block_n) or "
+                         f"communication chunks (chunk_rows)")
+    return CONTROL_BYTES, DATA_OFF
 # Globals a kernel reads must be tl.constexpr; the host reads them with .value.
 EPOCH = tl.constexpr(0)
 EXIT = tl.constexpr(1)

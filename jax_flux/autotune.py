@@ -70,6 +70,11 @@ def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world
     return None
 
 
+def cached_entry(entry_key: str) -> dict | None:
+    """The user cache's entry for ``entry_key``, as ``record`` stored it."""
+    return _read(cache_path()).get(entry_key)
+
+
 def record(op: str, entry_key: str, config, median_ms: float) -> None:
     """Stores ``config`` under ``entry_key`` in the user cache (atomic file replace)."""
     path = cache_path()

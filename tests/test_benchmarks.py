@@ -49,3 +49,22 @@ def test_status_check_quick(tmp_path):
     rows = _rows(tmp_path / "status_check.csv")
     assert rows and {"calls", "plain_ms", "checked_ms", "per_check_us"} <= set(rows[0])
     assert "smoke run" in (tmp_path / "status_check.md").read_text()
+
+
+def test_tune_quick_records_and_ships(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import tune
+    from jax_flux import autotune
+
+    monkeypatch.setenv("JAX_FLUX_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))
+    shipped = tmp_path / "shipped.json"
+    assert tune.main(["--quick", "--ship", "--shipped-path", str(shipped),
+                      "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "tune_quick_bfloat16_cpu8.csv")
+    assert rows and all(r["config"] != "none passed" for r in rows), rows
+    entries = json.loads(shipped.read_text())
+    assert len(entries) == len(rows)
+    for entry_key, entry in entries.items():
+        assert "|P=8" in entry_key and entry["config"] and entry["median_ms"] > 0
+        assert autotune.cached_entry(entry_key) == entry

@@ -1,0 +1,111 @@
+"""Autotunes the fused kernels on a sweep's shapes; optionally ships the winners.
+
+    python -m benchmarks.tune --sweep gpt3-175b --dtype bfloat16          # on the GPUs here
+    python -m benchmarks.tune --sweep gpt3-175b --ship                    # ... and ship them
+    python -m benchmarks.tune --quick                                     # CPU smoke run
+
+For every shape of the sweep (the same ones ``benchmarks.ops`` times), over
+all devices of the default backend as one "tp" axis, ``jax_flux.autotune.tune``
+verifies and times the pruned config space and records the fastest in the
+user cache (``$JAX_FLUX_AUTOTUNE_CACHE`` or ~/.cache/jax_flux/autotune.json).
+``--ship`` also merges those entries into ``jax_flux/tuned_defaults.json``,
+the defaults every install uses for this device kind, shapes and axis size.
+A CSV/markdown report lists the winner and how many candidates failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import harness
+from benchmarks.ops import AG, sweep_shapes
+from jax_flux import autotune, testing
+
+COLUMNS = ["op", "name", "M", "K", "N", "P", "dtype", "best_ms", "candidates", "failed", "config",
+           "first_failure"]
+
+
+def per_rank(shape, world: int) -> tuple[int, int, int]:
+    """(m_local, k, n) as ``autotune.tune`` takes them, for ``world`` ranks."""
+    m, k, n = shape.global_operands(world)
+    if shape.op == AG:
+        return m // world, k, n // world
+    return m // world, k // world, n
+
+
+def ship(entries: dict, path: str = autotune.SHIPPED) -> None:
+    """Merges cache entries into the shipped defaults (sorted, stable diffs)."""
+    try:
+        with open(path) as f:
+            shipped = json.load(f)
+    except FileNotFoundError:
+        shipped = {}
+    shipped.update(entries)
+    with open(path, "w") as f:
+        json.dump(shipped, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sweep", default="gpt3-175b", choices=["gpt3-175b", "llama2-70b", "quick"])
+    p.add_argument("--quick", action="store_true",
+                   help="one tiny shape per op, one config (CPU smoke run)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-configs", type=int, default=None)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--ship", action="store_true", help="merge the winners into tuned_defaults.json")
+    p.add_argument("--shipped-path", default=autotune.SHIPPED, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = p.parse_args(argv)
+    sweep = "quick" if a.quick else a.sweep
+    max_configs = 1 if a.quick else a.max_configs
+    reps = 1 if a.quick else a.reps
+    devices = jax.devices()
+    world = len(devices)
+    mesh = testing.mesh(devices)
+    dtype = jnp.dtype(a.dtype)
+    device_kind = devices[0].device_kind
+    rows, winners = [], {}
+    shapes = sweep_shapes(sweep)
+    if a.quick:
+        shapes = [next(s for s in shapes if s.op == op) for op in dict.fromkeys(s.op for s in shapes)]
+    for shape in shapes:
+        m_local, k, n = per_rank(shape, world)
+        if m_local < 1:
+            continue
+        best, results = autotune.tune(shape.op, mesh, m_local, k, n, dtype,
+                                      max_configs=max_configs, reps=reps, log=lambda s: None)
+        ok = [r for r in results if r["status"] == "ok"]
+        M, K, N = shape.global_operands(world)
+        row = {"op": shape.op, "name": shape.name, "M": M, "K": K, "N": N, "P": world,
+               "dtype": dtype.name, "candidates": len(results),
+               "failed": sum(r["status"].startswith(("failed", "wrong")) for r in results),
+               "best_ms": round(min(r["median_ms"] for r in ok), 4) if ok else None,
+               "config": repr(best) if best else "none passed",
+               "first_failure": next((r["status"] for r in results if r["status"] != "ok"), "")}
+        rows.append(row)
+        print(harness.format_row(row, COLUMNS), flush=True)
+        if best is not None:
+            entry_key = autotune.key(shape.op, device_kind, m_local, k, n, dtype, world)
+            winners[entry_key] = autotune.cached_entry(entry_key)
+    if a.ship and winners:
+        ship(winners, a.shipped_path)
+        print(f"shipped {len(winners)} entries to {a.shipped_path}")
+    on_gpu = devices[0].platform == "gpu"
+    harness.write_report(
+        os.path.join(a.out, f"tune_{sweep}_{dtype.name}_{devices[0].platform}{world}"),
+        f"Autotuned fused kernels ({sweep})", harness.environment(devices), rows, COLUMNS,
+        [f"jax_flux.autotune.tune per shape over {world} device(s), median of {reps} timed "
+         f"runs per verified candidate."], on_gpu=on_gpu)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,4 +40,8 @@ step gemm_gpt3 python -m benchmarks.gemm --sweep gpt3-175b --out "$OUT"
 step gemm_llama70b python -m benchmarks.gemm --sweep llama2-70b --out "$OUT"
 step ops_gpt3 python -m benchmarks.ops --sweep gpt3-175b --out "$OUT"
 step model_7b python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,ring,fused --out "$OUT"
+# Optional (GPU time): autotune the GPT-3 sweep at this world size; add --ship to keep the winners.
+if [ "${TUNE:-0}" = "1" ]; then
+  step tune python -m benchmarks.tune --sweep gpt3-175b --max-configs "${TUNE_MAX_CONFIGS:-16}" --out "$OUT"
+fi
 exit $status

@@ -44,8 +44,8 @@ class PeerTimeoutError(RuntimeError):
     """A fused kernel waited past its timeout for a peer that never arrived."""
 
 
-def _raise_on_status(status: np.ndarray, status_output, on_status) -> None:
-    if status_output is not None and int(status[0]) != 0:
+def _raise_on_status(status: np.ndarray, on_status) -> None:
+    if int(status[0]) != 0:
         raise PeerTimeoutError(on_status(np.asarray(status)))
 
 
@@ -264,7 +264,7 @@ def _cpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_wa
             input_output_aliases=input_output_aliases, zeroed_outputs=zeroed_outputs,
             metaparams=metaparams)
         if status_output is not None:
-            _raise_on_status(outputs[status_output], status_output, on_status)
+            _raise_on_status(outputs[status_output], on_status)
         return outputs
 
     def callback(*arrays):
@@ -301,9 +301,8 @@ def check_status(status, on_status) -> None:
     (``benchmarks/status_check.py`` measures it).
     """
     jax.lax.cond(status[0] != 0,
-                 lambda s: io_callback(functools.partial(
-                     _raise_on_status, status_output=0, on_status=on_status), None, s,
-                     ordered=False),
+                 lambda s: io_callback(functools.partial(_raise_on_status, on_status=on_status),
+                                       None, s, ordered=False),
                  lambda s: None, status)
 
 

@@ -34,7 +34,7 @@ class Launch:
 
 
 def _groups(op: str, axis_name: Hashable):
-    """(mesh axes, number of groups, this rank's group index) for the workspace."""
+    """(number of groups, this rank's group index) for the workspace."""
     mesh = jax.sharding.get_abstract_mesh()
     names, sizes = tuple(mesh.axis_names), tuple(mesh.axis_sizes)
     if axis_name not in names:
@@ -50,7 +50,7 @@ def _groups(op: str, axis_name: Hashable):
                              f"axis of size > 1; {name!r} (size {size}) is not")
         group = group * size + lax.axis_index(name)
         groups *= size
-    return tuple(zip(names, sizes)), groups, group
+    return groups, group
 
 
 def _describe_timeout(status: np.ndarray, *, op: str, axis_name: Hashable, timeout_s: float) -> str:
@@ -70,7 +70,7 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     """This rank's kernel operands; the workspace is allocated (or reused) when the
     program is lowered, for the devices it is lowered on."""
     interpreting = interpreter_ready()
-    _, groups, group = _groups(op, axis_name)
+    groups, group = _groups(op, axis_name)
     # [groups, P, 2] resolved at lowering and baked into the program; this rank's group's row.
     table = LoweredConstant(workspace.TableRequest(op, axis_name, size, groups, nbytes), group)
     ctx = jnp.stack([lax.axis_index(axis_name),

@@ -74,6 +74,13 @@ class _Common:
         if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
             raise ValueError(f"timeout_s must be in (0, 3600] seconds, got {self.timeout_s!r}")
 
+    def _check_helpers(self, name: str, count: int) -> None:
+        """``count`` helper programs (``name``) leave at least one GEMM program."""
+        _positive(name, count)
+        if self.num_programs is not None and self.num_programs <= count:
+            raise ValueError(f"num_programs ({self.num_programs}) must exceed {name} "
+                             f"({count}): GEMM programs are the rest")
+
     def spin_limit(self, interpreting: bool) -> int:
         """Polls a wait may spend before it reports a timeout."""
         rate = POLLS_PER_SECOND_INTERPRETER if interpreting else POLLS_PER_SECOND_GPU
@@ -104,12 +111,9 @@ class AllGatherMatmulConfig(_Common):
     def __post_init__(self):
         self._check_common()
         _positive("chunk_rows", self.chunk_rows)
-        _positive("comm_programs", self.comm_programs)
+        self._check_helpers("comm_programs", self.comm_programs)
         _pow2("copy_rows", self.copy_rows, 1, 1024)
         _pow2("copy_cols", self.copy_cols, 1, 4096)
-        if self.num_programs is not None and self.num_programs <= self.comm_programs:
-            raise ValueError(f"num_programs ({self.num_programs}) must exceed comm_programs "
-                             f"({self.comm_programs}): GEMM programs are the rest")
 
     @classmethod
     def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool):
@@ -141,10 +145,7 @@ class MatmulReduceScatterConfig(_Common):
 
     def __post_init__(self):
         self._check_common()
-        _positive("reduce_programs", self.reduce_programs)
-        if self.num_programs is not None and self.num_programs <= self.reduce_programs:
-            raise ValueError(f"num_programs ({self.num_programs}) must exceed reduce_programs "
-                             f"({self.reduce_programs}): GEMM programs are the rest")
+        self._check_helpers("reduce_programs", self.reduce_programs)
 
     @classmethod
     def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool):

@@ -110,8 +110,10 @@ class _ParallelLinear(nnx.Module):
     """Shared construction and dispatch of the two layers."""
 
     def __init__(self, in_features: Shape, out_features: Shape, *, mesh: Mesh,
-                 axis_name: Hashable, use_bias: bool, impl: str, config, sequence_parallel: bool,
-                 batch_axis, dtype, param_dtype, kernel_init, bias_init, rngs: nnx.Rngs):
+                 axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
+                 config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
+                 param_dtype=jnp.float32, kernel_init=default_kernel_init,
+                 bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
         self.in_shape = _as_shape(in_features)
         self.out_shape = _as_shape(out_features)
         self.mesh = mesh
@@ -189,16 +191,6 @@ class ColumnParallelLinear(_ParallelLinear):
         by the axis size.
     """
 
-    def __init__(self, in_features: int, out_features: Shape, *, mesh: Mesh,
-                 axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
-                 config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
-                 param_dtype=jnp.float32, kernel_init=default_kernel_init,
-                 bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
-        super().__init__(in_features, out_features, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
-                         impl=impl, config=config, sequence_parallel=sequence_parallel,
-                         batch_axis=batch_axis, dtype=dtype, param_dtype=param_dtype,
-                         kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
-
     def _split_features(self):
         return "output", self.out_shape
 
@@ -247,16 +239,6 @@ class RowParallelLinear(_ParallelLinear):
       ValueError: at construction, when ``in_features[0]`` is not divisible
         by the axis size.
     """
-
-    def __init__(self, in_features: Shape, out_features: int, *, mesh: Mesh,
-                 axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
-                 config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
-                 param_dtype=jnp.float32, kernel_init=default_kernel_init,
-                 bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
-        super().__init__(in_features, out_features, mesh=mesh, axis_name=axis_name, use_bias=use_bias,
-                         impl=impl, config=config, sequence_parallel=sequence_parallel,
-                         batch_axis=batch_axis, dtype=dtype, param_dtype=param_dtype,
-                         kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
     def _split_features(self):
         return "input", self.in_shape

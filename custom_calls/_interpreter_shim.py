@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 
 # Versions whose interpreter internals this shim was read against and tested on.
-CHECKED_TRITON = ("3.9",)
+CHECKED_TRITON = ("3.6", "3.9")
 
 # GIL switch interval while kernels are interpreted (Python's default: 5 ms).
 SWITCH_INTERVAL_S = 1e-3
@@ -107,6 +107,9 @@ def install() -> None:
             with patch_lock:
                 if not patched:
                     original_patch_lang(both_modules)
+                    # Triton 3.6 converts a scalar to an index with int() of a
+                    # shape-(1,) array, an error from NumPy 2.5 on (3.9 squeezes).
+                    tl.tensor.__index__ = lambda self: int(self.handle.data.squeeze())
                     patched.add(1)
             return _NoRestoreScope()
 

@@ -1,0 +1,104 @@
+"""Lowers the fused ops for CUDA through the real jax-triton, on a host without a GPU.
+
+    python -m tests.lower_with_jax_triton        # exit 0: ok, 77: jax-triton not importable
+
+Needs jax-triton and a CUDA plugin of jaxlib installed (the plugin only has
+to import; no GPU, no cuDNN). jax-triton compiles each kernel with Triton for
+an H100 (compute capability 90, given here since there is no device to ask)
+and emits the custom call XLA would launch; this prints, per op and dtype,
+what that call carries: the kernel, its PTX target, whether the GEMM operands
+are pipelined (cp.async) and the MMAs are Hopper's (wgmma), and checks that the
+program holds no XLA collective and, in ``async`` mode, no status check.
+The workspace comes from tests/fake_cuda (needs gcc and cuda.h).
+
+Run in a process of its own: Triton must be in compiled mode.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import zlib
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["TRITON_INTERPRET"] = "0"
+# The sync check's host callback cannot be lowered for CUDA from a CPU backend.
+os.environ["JAX_FLUX_STATUS_CHECK"] = "async"
+os.environ["JAX_FLUX_ON_PEER_TIMEOUT"] = "log"
+
+SKIP = 77
+
+
+def _backend_config(text: str) -> bytes:
+    """The decompressed backend_config of the program's one triton_kernel_call."""
+    calls = re.findall(r'@triton_kernel_call\(.*?backend_config = "((?:[^"\\]|\\.)*)"', text)
+    assert len(calls) == 1, f"{len(calls)} triton_kernel_calls"
+    escaped, raw, i = calls[0], bytearray(), 0
+    while i < len(escaped):  # MLIR string escapes: \\, \", \XX (hex)
+        if escaped[i] == "\\":
+            if escaped[i + 1] in '\\"':
+                raw.append(ord(escaped[i + 1]))
+                i += 2
+            else:
+                raw.append(int(escaped[i + 1:i + 3], 16))
+                i += 3
+        else:
+            raw.append(ord(escaped[i]))
+            i += 1
+    return zlib.decompress(bytes(raw))
+
+
+def main() -> int:
+    try:
+        import jax_triton  # noqa: F401
+        from jax_triton import triton_lib
+    except Exception as e:  # not installed, or no CUDA plugin of jaxlib
+        print(f"jax-triton not importable here: {e}")
+        return SKIP
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from tests.helpers import build_fake_libcuda
+
+    os.environ["JAX_FLUX_LIBCUDA"] = build_fake_libcuda(pathlib.Path(tempfile.mkdtemp()))
+    # No device to ask: compile for an H100.
+    triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: 90
+
+    import jax
+    import jax.numpy as jnp
+
+    from jax_flux import errors, testing
+    from tests.helpers import mesh_of
+
+    mesh = mesh_of(4)
+    cases = [("all_gather_matmul", jnp.bfloat16, (512, 256, 1024)),
+             ("matmul_reduce_scatter", jnp.bfloat16, (512, 1024, 256)),
+             ("all_gather_matmul", jnp.float32, (512, 256, 1024)),
+             ("matmul_reduce_scatter", jnp.float16, (512, 1024, 256))]
+    for op, dtype, (m, k, n) in cases:
+        x, w, _, _ = testing.random_operands(m, k, n, dtype)
+        xs, ws = testing.place(op, mesh, x, w)
+        in_specs, out_spec = testing._SPECS[op]
+        f = jax.jit(jax.shard_map(lambda x, w: testing.OPS[op](x, w, "tp", impl="fused"),
+                                  mesh=mesh, in_specs=in_specs, out_specs=out_spec))
+        text = f.trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
+        for name in ("all-gather", "all_gather", "reduce-scatter", "reduce_scatter"):
+            assert f"stablehlo.{name}" not in text, (op, name)
+        assert "stablehlo.case" not in text and "callback" not in text, op  # async: no check
+        config = _backend_config(text).decode("latin1")
+        ptx = config[config.index(".version"):]
+        entry = re.findall(r"\.entry (\w+)", ptx)
+        target = re.findall(r"\.target (\S+)", ptx)
+        cp_async = len(re.findall(r"cp\.async\.c[ag]", ptx))
+        wgmma = ptx.count("wgmma.mma_async")
+        print(f"{op:22s} {jnp.dtype(dtype).name:9s} kernel={entry[0]} target={target[0]} "
+              f"cp.async={cp_async} wgmma={wgmma}")
+        assert target == ["sm_90a"] and cp_async > 0 and wgmma > 0, (op, dtype)
+    errors.watchdog.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,9 @@ r+1, r+2, ... (so at step d every rank sends to rank + d and receives from
 rank - d) in chunks of CHUNK_ROWS rows, each chunk followed by a release store
 of its signal ``sig[r * chunks + j] = epoch`` in the peer's workspace. Before
 the first write into a peer they wait until that peer has finished its
-previous call (start barrier). They never wait on anything of this call.
+previous call (start barrier; a peer that fails it gets nothing, so it fails
+itself rather than compute on stale rows). They never wait on anything of
+this call.
 
 The other programs are the GEMM: output tiles in rank-rotated order (own rows
 first, read straight from x, then rows of rank r-1, r-2, ..., the order they
@@ -50,7 +52,8 @@ def _copy_rows(src_ptr, dst_ptr, row0, row1, K,
 
 
 @triton.jit
-def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K, chunks, pid,
+def _push_shard(x_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_LOCAL, K,
+                chunks, pid,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                 COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr):
@@ -64,19 +67,20 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, 
         else:
             peer = d + (d >= rank).to(tl.int32)
         chunk = item % chunks
-        signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr)
-        peer_ws = signals.peer_base(table_ptr, peer)
-        dst = (signals.rebase(x_ptr, signals.data_ptr(peer_ws, DATA_OFF, dtype)) +
-               rank.to(tl.int64) * M_LOCAL * K)
-        row0 = chunk * CHUNK_ROWS
-        _copy_rows(x_ptr, dst, row0, tl.minimum(row0 + CHUNK_ROWS, M_LOCAL), K,
-                   COPY_ROWS, COPY_COLS, "")
-        sig = signals.as_ptr(peer_ws, SIG_OFF, tl.int32) + rank * chunks + chunk
-        signals.store_release(sig, epoch)
+        if signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr, record,
+                                  signals.AG_PEER_IDLE):
+            peer_ws = signals.peer_base(table_ptr, peer)
+            dst = (signals.rebase(x_ptr, signals.data_ptr(peer_ws, DATA_OFF, dtype)) +
+                   rank.to(tl.int64) * M_LOCAL * K)
+            row0 = chunk * CHUNK_ROWS
+            _copy_rows(x_ptr, dst, row0, tl.minimum(row0 + CHUNK_ROWS, M_LOCAL), K,
+                       COPY_ROWS, COPY_COLS, "")
+            sig = signals.as_ptr(peer_ws, SIG_OFF, tl.int32) + rank * chunks + chunk
+            signals.store_release(sig, epoch)
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin_limit,
+def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, record, base, rank, epoch, spin_limit,
                 M_LOCAL, N, K, chunks, gemm_pid, gemm_programs,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -102,16 +106,19 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin
         row1 = tl.minimum(row0 + BLOCK_M, M_LOCAL)
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        arrived = src == src
         if src == rank:
             a_ptr = x_ptr
         else:
             # Wait only for the chunks this tile's rows lie in.
             for c in range(row0 // CHUNK_ROWS, (row1 - 1) // CHUNK_ROWS + 1):
-                signals.wait_at_least(my_signals + src * chunks + c, epoch, spin_limit,
-                                      status_ptr, signals.WAIT_ROWS, rank, src, c)
+                arrived &= signals.wait_epoch(my_signals + src * chunks + c, epoch, spin_limit,
+                                              status_ptr, record, signals.WAIT_ROWS, rank, src, c)
             a_ptr = gather + tl.cast(src, tl.int64) * M_LOCAL * K
         acc = gemm_tile(a_ptr, w_ptr, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
                         INPUT_PRECISION, REMOTE_CACHE)
+        # Rows that never arrived give NaN, not a plausible product of stale data.
+        acc = tl.where(arrived, acc, float("nan"))
         out_rows = tl.cast(src, tl.int64) * M_LOCAL + rows
         tl.store(y_ptr + out_rows[:, None] * N + cols[None, :], acc.to(dtype),
                  mask=(rows[:, None] < M_LOCAL) & (cols[None, :] < N))
@@ -133,15 +140,15 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    ROTATE: tl.constexpr):
     rank = tl.load(ctx_ptr)
     spin_limit = tl.load(ctx_ptr + 1)
-    base, epoch = signals.begin_call(table_ptr, rank)
+    base, epoch, record = signals.begin_call(table_ptr, rank, status_ptr, WORLD)
     chunks = tl.cdiv(M_LOCAL, CHUNK_ROWS)
     pid = tl.program_id(0)
     if pid < COMM_PROGRAMS:
-        _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K, chunks,
-                    pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS, COPY_COLS,
-                    ROTATE)
+        _push_shard(x_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_LOCAL, K,
+                    chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS,
+                    COPY_COLS, ROTATE)
     else:
-        _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, base, rank, epoch, spin_limit,
+        _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, record, base, rank, epoch, spin_limit,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, COPY_ROWS, COPY_COLS, RETURN_GATHERED, UPCAST,
@@ -160,7 +167,7 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             comm_programs: int, gemm_programs: int, block_m: int, block_n: int, block_k: int,
             copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
-            rotate: bool, on_timeout):
+            rotate: bool, on_timeout, status_check: str = "sync"):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n], status [5] int32, xg or a dummy [1])."""
     m, k = x.shape
     n = w.shape[1]
@@ -172,7 +179,7 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
     return triton_call(
         x, w, ctx, table, kernel=ag_gemm_kernel, out_shape=out_shape,
         grid=(comm_programs + gemm_programs,), num_warps=num_warps, num_stages=num_stages,
-        zeroed_outputs=(1,), status_output=1, on_status=on_timeout,
+        zeroed_outputs=(1,), status_output=1, on_status=on_timeout, status_check=status_check,
         M_LOCAL=m, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
         CHUNK_ROWS=chunk_rows,
         COMM_PROGRAMS=comm_programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -108,6 +108,7 @@ def triton_call(
     zeroed_outputs: Sequence[int] = (),
     status_output: int | None = None,
     on_status: Callable[[np.ndarray], str] | None = None,
+    status_check: str = "sync",
     **metaparams: Any,
 ) -> Any:
     """Calls a ``@triton.jit`` kernel on JAX arrays, on CUDA or on the CPU.
@@ -125,9 +126,14 @@ def triton_call(
         output starts as a copy of (on CUDA: is) that operand.
       zeroed_outputs: indices of outputs set to zero before the launch.
       status_output: index of a zeroed int32 output the kernel sets nonzero
-        when it gave up waiting for a peer; the call then raises
-        ``PeerTimeoutError`` with the message ``on_status(status)``.
+        when it gave up waiting for a peer; with ``status_check="sync"`` the
+        call then raises ``PeerTimeoutError`` with the message
+        ``on_status(status)``.
       on_status: formats a nonzero status (a host int32 array) as a message.
+      status_check: ``"sync"`` (check the status in the program: on CUDA one
+        device-to-host read and host synchronisation per call) or
+        ``"async"`` (no check here; the kernel's error record reports it,
+        see ``jax_flux.errors``).
       **metaparams: ``tl.constexpr`` parameters of the kernel.
 
     Returns:
@@ -140,6 +146,8 @@ def triton_call(
     if not 1 <= len(grid) <= 3 or min(grid) < 1:
         raise ValueError(f"grid must be 1 to 3 positive ints, got {grid}")
 
+    if status_check not in ("sync", "async"):
+        raise ValueError(f"status_check must be 'sync' or 'async', got {status_check!r}")
     if status_output is not None:
         if on_status is None:
             raise ValueError("status_output needs on_status to describe a failure")
@@ -167,6 +175,7 @@ def triton_call(
         zeroed_outputs=tuple(zeroed_outputs),
         status_output=status_output,
         on_status=on_status,
+        status_check=status_check,
         metaparams=tuple(sorted(metaparams.items())),
     )
     return outs[0] if single else list(outs)
@@ -254,7 +263,8 @@ def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars
 
 
 def _cpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
-                  input_output_aliases, zeroed_outputs, status_output, on_status, metaparams):
+                  input_output_aliases, zeroed_outputs, status_output, on_status, status_check,
+                  metaparams):
     del num_warps, num_stages  # the interpreter has neither
     substitute = _with_lowered_constants(ctx, lowered, "cpu")
 
@@ -263,7 +273,7 @@ def _cpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_wa
             kernel, grid, arrays, scalars=scalars, out_shapes=out_shapes,
             input_output_aliases=input_output_aliases, zeroed_outputs=zeroed_outputs,
             metaparams=metaparams)
-        if status_output is not None:
+        if status_output is not None and status_check == "sync":
             _raise_on_status(outputs[status_output], on_status)
         return outputs
 
@@ -307,7 +317,8 @@ def check_status(status, on_status) -> None:
 
 
 def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
-                  input_output_aliases, zeroed_outputs, status_output, on_status, metaparams):
+                  input_output_aliases, zeroed_outputs, status_output, on_status, status_check,
+                  metaparams):
     jt = _jax_triton()
     substitute = _with_lowered_constants(ctx, lowered, "cuda")
 
@@ -318,7 +329,7 @@ def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_wa
             num_warps=num_warps, num_stages=num_stages,
             input_output_aliases=dict(input_output_aliases),
             zeroed_outputs=zeroed_outputs, **dict(metaparams))
-        if status_output is not None:
+        if status_output is not None and status_check == "sync":
             check_status(outs[status_output], on_status)
         return outs
 

@@ -27,6 +27,8 @@ _FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
 _FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 _DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+_MEMHOSTALLOC_PORTABLE = 0x01
+_MEMHOSTALLOC_DEVICEMAP = 0x02
 
 
 class CudaError(RuntimeError):
@@ -60,6 +62,8 @@ def lib() -> ctypes.CDLL:
         "cuCtxSynchronize": [],
         "cuCtxEnablePeerAccess": [p, u32],
         "cuMemAlloc_v2": [ptr(u64), size],
+        "cuMemHostAlloc": [ptr(p), size, u32],
+        "cuMemHostGetDevicePointer_v2": [ptr(u64), p, u32],
         "cuMemsetD8_v2": [u64, ctypes.c_ubyte, size],
         "cuMemsetD8Async": [u64, ctypes.c_ubyte, size, p],
         "cuMemcpyHtoD_v2": [u64, p, size],
@@ -146,6 +150,24 @@ def allocate(ordinal: int, nbytes: int) -> int:
         check(cuda.cuMemsetD8_v2(ptr.value, 0, nbytes), "cuMemsetD8")
         check(cuda.cuCtxSynchronize(), "cuCtxSynchronize")
     return ptr.value
+
+
+def host_mapped(ordinal: int, nbytes: int) -> tuple[int, int]:
+    """``nbytes`` of zeroed pinned host memory that device ``ordinal`` can write.
+
+    Returns (host address, device address on ``ordinal``). Portable and mapped:
+    the host reads it with plain loads, without a CUDA call and without
+    waiting for the device (``jax_flux.errors`` polls error records there).
+    """
+    host, dev = ctypes.c_void_p(), ctypes.c_uint64()
+    with current(ordinal) as cuda:
+        check(cuda.cuMemHostAlloc(ctypes.byref(host), nbytes,
+                                  _MEMHOSTALLOC_PORTABLE | _MEMHOSTALLOC_DEVICEMAP),
+              f"cuMemHostAlloc of {nbytes} bytes")
+        ctypes.memset(host.value, 0, nbytes)
+        check(cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(dev), host.value, 0),
+              "cuMemHostGetDevicePointer")
+    return host.value, dev.value
 
 
 def fill(ordinal: int, ptr: int, nbytes: int, byte: int = 0, stream: int | None = None) -> None:

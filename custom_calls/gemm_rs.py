@@ -11,7 +11,8 @@ not all write to the same peer at once. Each finished tile is stored straight
 into its owner's reduce buffer, in slot r (no atomics: deterministic), then
 its signal ``sig[r * tiles + t] = epoch`` is release-stored. Before the first
 write into an owner they wait until it has finished its previous call (start
-barrier). They never wait on anything of this call.
+barrier; an owner that fails it gets nothing). They never wait on anything of
+this call.
 
 Programs [GEMM, GEMM + REDUCE_PROGRAMS) reduce this rank's tiles in the order
 they are completed: acquire-wait for the tile's P signals, sum the P
@@ -34,7 +35,7 @@ from custom_calls.gemm import gemm_tile
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
+def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_OWN, N, K,
                 pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                 DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -52,18 +53,19 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_
         cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
                         BLOCK_K, UPCAST, INPUT_PRECISION, "")
-        signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr)
-        owner_ws = signals.peer_base(table_ptr, owner)
-        slot = (signals.rebase(x_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
-                rank.to(tl.int64) * M_OWN * N)
-        tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
-                 mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
-        sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
-        signals.store_release(sig, epoch)
+        if signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr, record,
+                                  signals.RS_PEER_IDLE):
+            owner_ws = signals.peer_base(table_ptr, owner)
+            slot = (signals.rebase(x_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
+                    rank.to(tl.int64) * M_OWN * N)
+            tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
+                     mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
+            sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
+            signals.store_release(sig, epoch)
 
 
 @triton.jit
-def _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N, pid,
+def _reduce_tiles(z_ptr, status_ptr, record, base, rank, epoch, spin_limit, M_OWN, N, pid,
                   REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   REMOTE_CACHE: tl.constexpr):
@@ -78,12 +80,16 @@ def _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N, pi
         mask = (rows[:, None] < M_OWN) & (cols[None, :] < N)
         offs = rows[:, None].to(tl.int64) * N + cols[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        arrived = tile == tile
         for src in range(0, WORLD):  # fixed order: bitwise repeatable sums
-            signals.wait_at_least(my_signals + src * per_owner + tile, epoch, spin_limit,
-                                  status_ptr, signals.WAIT_PARTIAL, rank, src, tile)
+            arrived &= signals.wait_epoch(my_signals + src * per_owner + tile, epoch, spin_limit,
+                                          status_ptr, record, signals.WAIT_PARTIAL, rank, src,
+                                          tile)
             part = tl.load(partials + tl.cast(src, tl.int64) * M_OWN * N + offs, mask=mask, other=0.0,
                            cache_modifier=REMOTE_CACHE)
             acc += part.to(tl.float32)
+        # A sum missing a partial gives NaN, not a plausible wrong value.
+        acc = tl.where(arrived, acc, float("nan"))
         tl.store(z_ptr + offs, acc.to(dtype), mask=mask)
 
 
@@ -97,15 +103,15 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
                    ROTATE: tl.constexpr):
     rank = tl.load(ctx_ptr)
     spin_limit = tl.load(ctx_ptr + 1)
-    base, epoch = signals.begin_call(table_ptr, rank)
+    base, epoch, record = signals.begin_call(table_ptr, rank, status_ptr, WORLD)
     pid = tl.program_id(0)
     gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
     if pid < gemm_programs:
-        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
-                    pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
+        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_OWN,
+                    N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
                     UPCAST, INPUT_PRECISION, ROTATE)
     else:
-        _reduce_tiles(z_ptr, status_ptr, base, rank, epoch, spin_limit, M_OWN, N,
+        _reduce_tiles(z_ptr, status_ptr, record, base, rank, epoch, spin_limit, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
                       BLOCK_N, REMOTE_CACHE)
     signals.end_call(base, epoch)
@@ -121,7 +127,7 @@ def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int,
 def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_programs: int,
             reduce_programs: int, block_m: int, block_n: int, block_k: int, num_warps: int,
             num_stages: int, upcast: bool, input_precision: str, remote_cache: str, rotate: bool,
-            on_timeout):
+            on_timeout, status_check: str = "sync"):
     """Launches ``gemm_rs_kernel``; returns (z [M/P, N], status [5] int32)."""
     m_total, k = x.shape
     n = w.shape[1]
@@ -131,7 +137,7 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
     return triton_call(
         x, w, ctx, table, kernel=gemm_rs_kernel, out_shape=out_shape,
         grid=(gemm_programs + reduce_programs,), num_warps=num_warps, num_stages=num_stages,
-        status_output=1, on_status=on_timeout,
+        status_output=1, on_status=on_timeout, status_check=status_check,
         M_OWN=m_own, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
         REDUCE_PROGRAMS=reduce_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast,

@@ -149,11 +149,17 @@ class OneGpuWorld:
         return out
 
     def workspace(self, nbytes: int) -> int:
-        """The pointer table (uint32 lo, hi per rank) of buffers of at least ``nbytes``."""
+        """The pointer table (uint32 lo, hi) of every rank's buffer of at least ``nbytes``,
+        then of every rank's error record (device memory here: ``_check_status`` reads
+        the status outputs instead)."""
         if nbytes > self._ws_bytes:  # new buffers: zero, so epochs restart at 0 on every rank
             self._ws = [cuda_driver.allocate(self.ordinal, nbytes) for _ in range(self.world)]
             self._ws_bytes = nbytes
-        addr = np.array(self._ws, np.uint64)
+            for r in range(self.world):
+                cuda_driver.fill(self.ordinal, self.buffer(r, "record", 4 * signals.RECORD_WORDS),
+                                 4 * signals.RECORD_WORDS, 0)
+        addr = np.array(self._ws + [self.buffer(r, "record", 4 * signals.RECORD_WORDS)
+                                    for r in range(self.world)], np.uint64)
         table = np.stack([addr & 0xFFFFFFFF, addr >> 32], -1).astype(np.uint32)
         return self.upload(0, "table", table)
 

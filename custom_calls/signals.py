@@ -16,9 +16,20 @@ control holds two int32 counters of this rank:
   peer waits for before overwriting this rank's buffers.
 
 Peers' base addresses come in a table of uint32 (lo, hi) pairs (an int64 JAX
-array would be truncated with x64 off). Only ``tl.atomic_*`` with explicit
-``sem``/``scope`` are used, no inline PTX, so one source runs compiled on GPUs
-(Triton 3.6 to 3.9) and in Triton's interpreter.
+array would be truncated with x64 off): entries [0, WORLD) are the ranks'
+workspaces, entry WORLD + r is rank r's error record (below; only a rank's own
+entry is read, so entries of ranks in other processes may be 0).
+
+A rank's error record is RECORD_WORDS int32 words of host-visible memory,
+[code, rank, peer, index, epoch, seen, 0, 0]: the first wait on that rank
+that ever fails fills it, and it stays set until the workspace is reset. A
+host thread can read it without touching the device (``jax_flux.errors``),
+and every later call on the rank fails fast (code EARLIER_FAILURE) instead
+of waiting out its timeout again.
+
+Synchronisation uses ``tl.atomic_*`` with explicit ``sem``/``scope`` (plain
+stores for the single-writer error record), no inline PTX, so one source
+runs compiled on GPUs (Triton 3.6 to 3.9) and in Triton's interpreter.
 """
 
 import triton
@@ -45,11 +56,19 @@ def layout(op: str, n_signals: int) -> tuple[int, int]:
 EPOCH = tl.constexpr(0)
 EXIT = tl.constexpr(1)
 
-# Codes a timed-out wait leaves in the status output: [code, rank, peer, index, epoch].
-WAIT_PEER_IDLE = tl.constexpr(1)  # start barrier: the peer's previous call never finished
+# Codes a failed wait leaves in the status output, [code, rank, peer, index,
+# epoch, seen], and in the error record; ``seen`` is the value the wait last
+# read (below ``epoch``: timed out; above: the ranks are out of step). Each
+# code names its op.
+AG_PEER_IDLE = tl.constexpr(1)  # AG-GEMM start barrier: the peer's previous call never finished
 WAIT_ROWS = tl.constexpr(2)  # AG-GEMM: a chunk of a peer's rows never arrived
 WAIT_PARTIAL = tl.constexpr(3)  # GEMM-RS: a peer's partial tile never arrived
-STATUS_WORDS = 5
+RS_PEER_IDLE = tl.constexpr(4)  # GEMM-RS start barrier
+# Status only: this rank's error record was already set (by an earlier call)
+# when the call began; [5, rank, the record's peer, the record's code, epoch, 0].
+EARLIER_FAILURE = tl.constexpr(5)
+STATUS_WORDS = 6
+RECORD_WORDS = 8
 
 
 @triton.jit
@@ -103,13 +122,24 @@ def store_release(ptr, value):
 
 
 @triton.jit
-def wait_at_least(ptr, target, spin_limit, status_ptr, code, rank, peer, index):
-    """Spins until ``*ptr >= target`` (acquire), at most ``spin_limit`` polls.
+def record_of(table_ptr, rank, WORLD: tl.constexpr):
+    """This rank's error record, as an int32 pointer."""
+    return as_ptr(peer_base(table_ptr, WORLD + rank), 0, tl.int32)
 
-    On timeout the first failing wait of the launch records
-    [code, rank, peer, index, target] in the (zeroed) status output and the
-    program goes on, so the launch ends and the host can report it: never a
-    hang. Once a wait of the launch has failed, later waits poll only once.
+
+@triton.jit
+def wait_epoch(ptr, target, spin_limit, status_ptr, record_ptr, code, rank, peer, index):
+    """Spins until ``*ptr`` (acquire) reaches ``target``, at most ``spin_limit`` polls.
+
+    Returns whether it found exactly ``target``. A value above it cannot come
+    from ranks in step (a peer writes epoch e + 1 into this rank's memory only
+    after this rank finished call e, and finishes call e + 1 only after this
+    rank wrote into it), so it fails at once: the ranks' calls are out of step.
+    On failure the first failing wait of the launch records [code, rank, peer,
+    index, target, seen] in the (zeroed) status output, and the first of this
+    rank ever in its error record, and the program goes on, so the launch ends
+    and the host can report it: never a hang. Once a wait of the launch has
+    failed (or the launch began with the record set), later waits poll once.
     """
     value = load_acquire(ptr)
     spins = 0
@@ -118,29 +148,59 @@ def wait_at_least(ptr, target, spin_limit, status_ptr, code, rank, peer, index):
     while (value < target) & (spins < spin_limit):
         value = load_acquire(ptr)
         spins += 1
-    if value < target:
+    if value != target:
         if tl.atomic_cas(status_ptr, 0, code, sem="relaxed") == 0:
             tl.store(status_ptr + 1, rank)
             tl.store(status_ptr + 2, peer)
             tl.store(status_ptr + 3, index)
             tl.store(status_ptr + 4, target)
+            tl.store(status_ptr + 5, value)
+            # Winning the status means the record was clear when this launch began
+            # (begin_call), so this is its only writer: plain stores, no atomics
+            # on host memory. Fields first, the code last (the host reads the
+            # code, then the fields, and re-reads until two reads agree).
+            tl.store(record_ptr + 1, rank)
+            tl.store(record_ptr + 2, peer)
+            tl.store(record_ptr + 3, index)
+            tl.store(record_ptr + 4, target)
+            tl.store(record_ptr + 5, value)
+            tl.debug_barrier()
+            tl.store(record_ptr, code)
     tl.debug_barrier()
+    return value == target
 
 
 @triton.jit
-def begin_call(table_ptr, rank):
-    """(this rank's workspace base, this call's epoch)."""
+def begin_call(table_ptr, rank, status_ptr, WORLD: tl.constexpr):
+    """(this rank's workspace base, this call's epoch, this rank's error record).
+
+    A record already set means an earlier call on this rank failed and the
+    workspace is out of step until it is reset: the status says so and every
+    wait of this launch polls once (fail fast).
+    """
     base = peer_base(table_ptr, rank)
     epoch = load_acquire(as_ptr(base, EPOCH * 4, tl.int32)) + 1
-    return base, epoch
+    record = record_of(table_ptr, rank, WORLD)
+    earlier = tl.load(record, volatile=True)
+    if earlier != 0:
+        if tl.atomic_cas(status_ptr, 0, EARLIER_FAILURE, sem="relaxed") == 0:
+            tl.store(status_ptr + 1, rank)
+            tl.store(status_ptr + 2, tl.load(record + 2))
+            tl.store(status_ptr + 3, earlier)
+            tl.store(status_ptr + 4, epoch)
+            tl.store(status_ptr + 5, 0)
+    tl.debug_barrier()
+    return base, epoch, record
 
 
 @triton.jit
-def wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr):
+def wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr, record_ptr, code):
     """Start barrier: ``peer`` has finished call ``epoch - 1``, so it no longer
-    reads the buffers this call is about to write into."""
+    reads the buffers this call is about to write into. Returns whether it
+    has; a caller that gets False must not write into ``peer`` (the peer then
+    times out itself rather than compute on data it did not wait for)."""
     ctrl = as_ptr(peer_base(table_ptr, peer), EPOCH * 4, tl.int32)
-    wait_at_least(ctrl, epoch - 1, spin_limit, status_ptr, WAIT_PEER_IDLE, rank, peer, 0)
+    return wait_epoch(ctrl, epoch - 1, spin_limit, status_ptr, record_ptr, code, rank, peer, 0)
 
 
 @triton.jit

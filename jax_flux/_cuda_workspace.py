@@ -10,7 +10,7 @@ Unverified on a GPU so far: ``tests/test_gpu_fused.py`` exercises both.
 from __future__ import annotations
 
 from custom_calls import cuda_driver
-from jax_flux.workspace import Buffer
+from jax_flux.workspace import _RECORD_BYTES, Buffer, Record
 
 
 def ordinal_of(device) -> int:
@@ -31,6 +31,12 @@ class Cuda:
 
     def zero(self, b: Buffer) -> None:
         cuda_driver.fill(b.keep, b.ptr, b.nbytes, 0)
+
+    def record(self, device) -> Record:
+        """Pinned host memory the rank's device writes and the host polls."""
+        ordinal = ordinal_of(device)
+        host, dev = cuda_driver.host_mapped(ordinal, _RECORD_BYTES)
+        return Record(host_ptr=host, device_ptr=dev, keep=ordinal)
 
 
 class CudaIpc(Cuda):

@@ -8,13 +8,12 @@ from typing import Hashable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from custom_calls import interpreter_ready, signals  # noqa: F401 (re-exported)
 from custom_calls.binding import LoweredConstant
 from custom_calls.gemm import upcast_operands
-from jax_flux import workspace
+from jax_flux import errors, workspace
 
 # Persistent grid cap in Triton's interpreter (programs run one after another).
 _INTERPRETER_PROGRAMS = 4
@@ -25,12 +24,13 @@ class Launch:
     """Per-call operands and options shared by the fused kernels."""
 
     ctx: jax.Array  # int32 [2]: this rank's index on the axis, spin limit
-    table: LoweredConstant  # uint32 [P * 2]: (lo, hi) base address of every rank's workspace
+    table: LoweredConstant  # uint32 [2P, 2]: (lo, hi) of every rank's workspace, then error record
     interpreting: bool
     max_programs: int
     upcast: bool
     remote_cache: str
-    on_timeout: functools.partial
+    on_timeout: functools.partial  # formats a nonzero status (jax_flux.errors.describe)
+    status_check: str  # "sync" or "async" (jax_flux.errors)
 
 
 def _groups(op: str, axis_name: Hashable):
@@ -53,19 +53,6 @@ def _groups(op: str, axis_name: Hashable):
     return groups, group
 
 
-def _describe_timeout(status: np.ndarray, *, op: str, axis_name: Hashable, timeout_s: float) -> str:
-    code, rank, peer, index, epoch = (int(v) for v in status[: signals.STATUS_WORDS])
-    what = {
-        signals.WAIT_PEER_IDLE.value: f"rank {peer} to finish its previous fused call",
-        signals.WAIT_ROWS.value: f"row chunk {index} of rank {peer}",
-        signals.WAIT_PARTIAL.value: f"partial tile {index} from rank {peer}",
-    }.get(code, f"signal {index} of rank {peer} (code {code})")
-    return (f"{op}(impl='fused'): rank {rank} of axis {axis_name!r} gave up after about "
-            f"{timeout_s:g} s waiting for {what} (epoch {epoch}). Every rank of the axis must "
-            f"make the same fused calls in the same order. The workspace is now out of step: "
-            f"call jax_flux.workspace.reset() before the next fused call.")
-
-
 def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype) -> Launch:
     """This rank's kernel operands; the workspace is allocated (or reused) when the
     program is lowered, for the devices it is lowered on."""
@@ -80,11 +67,15 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     else:
         sms = getattr(jax.devices()[0], "core_count", None) or 132
         max_programs = sms * config.programs_per_sm
+    status_check = errors.status_check(interpreting)
+    if status_check == "async":
+        errors.watchdog.start()
     return Launch(
         ctx=ctx, table=table, interpreting=interpreting, max_programs=max_programs,
         upcast=upcast_operands(dtype), remote_cache="" if interpreting else ".cg",
-        on_timeout=functools.partial(_describe_timeout, op=op, axis_name=axis_name,
-                                     timeout_s=config.timeout_s))
+        on_timeout=functools.partial(errors.describe, op=op, axis_name=axis_name,
+                                     timeout_s=config.timeout_s),
+        status_check=status_check)
 
 
 def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype):

@@ -89,5 +89,6 @@ def fused(x, w, axis_name: Hashable, size: int,
         block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
         input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
-        rotate=cfg.rotate, on_timeout=launch.on_timeout)
+        rotate=cfg.rotate, on_timeout=launch.on_timeout,
+        status_check=launch.status_check)
     return z

@@ -15,7 +15,10 @@ live and retired ones, so a user hitting OOM can see what they hold.
 Ranks along the axis form a group; a mesh with other (manual) axes has one
 group per combination of their indices, each with its own buffers. Each
 rank's buffer starts with its control words and signals (see
-``custom_calls.signals``), zero when allocated: epochs start at 0.
+``custom_calls.signals``), zero when allocated: epochs start at 0. Each rank
+also has an error record in host memory its device can write (pinned and
+mapped on GPUs): the kernels fill it when a wait times out, and
+``jax_flux.errors`` reads it from the host without touching the device.
 
 Where the memory lives (``location`` in ``info()``):
 
@@ -32,6 +35,7 @@ Where the memory lives (``location`` in ``info()``):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import itertools
@@ -43,7 +47,10 @@ from typing import Any, Hashable
 import jax
 import numpy as np
 
+from custom_calls import signals
+
 _ALIGN = 256
+_RECORD_BYTES = 64
 _MIN_BYTES = 1 << 16
 # How long lowering waits for the other processes' workspace handles.
 EXCHANGE_TIMEOUT_S = float(os.environ.get("JAX_FLUX_WORKSPACE_EXCHANGE_TIMEOUT_S", "300"))
@@ -60,8 +67,24 @@ class Buffer:
 
 
 @dataclasses.dataclass
+class Record:
+    """One rank's error record (``custom_calls.signals``): kernels write it at
+    ``device_ptr``, the host reads it at ``host_ptr`` (the same memory)."""
+
+    host_ptr: int
+    device_ptr: int
+    keep: Any = None
+
+    def words(self) -> np.ndarray:
+        """The record's int32 words, a live view of the memory."""
+        return np.ctypeslib.as_array(
+            (ctypes.c_int32 * signals.RECORD_WORDS).from_address(self.host_ptr))
+
+
+@dataclasses.dataclass
 class Workspace:
-    """One axis's symmetric memory: ``buffers[group][rank]`` (None: not mapped here)."""
+    """One axis's symmetric memory: ``buffers[group][rank]`` (None: not mapped here),
+    and the error records of the ranks this process drives (None for others)."""
 
     key: tuple
     world: int
@@ -69,18 +92,25 @@ class Workspace:
     nbytes: int
     location: str
     buffers: list[list[Buffer | None]]
+    records: list[list[Record | None]]
 
     def table(self) -> np.ndarray:
-        """uint32 [groups, world, 2]: (lo, hi) of every rank's base address (0: unmapped)."""
-        addr = np.array([[b.ptr if b is not None else 0 for b in group]
-                         for group in self.buffers], np.uint64)
+        """uint32 [groups, 2 * world, 2]: (lo, hi) of every rank's base address, then
+        of every rank's error record (0: not mapped in this process)."""
+        addr = np.array([[b.ptr if b is not None else 0 for b in group] +
+                         [r.device_ptr if r is not None else 0 for r in recs]
+                         for group, recs in zip(self.buffers, self.records)], np.uint64)
         return np.stack([addr & 0xFFFFFFFF, addr >> 32], axis=-1).astype(np.uint32)
 
     def reset(self) -> None:
-        """Zeroes the buffers this process owns. Only while no kernel runs."""
+        """Zeroes the buffers this process owns and its error records. Only while
+        no kernel runs."""
         for b in itertools.chain.from_iterable(self.buffers):
             if b is not None and b.owned:
                 _backend(self.location).zero(b)
+        for r in itertools.chain.from_iterable(self.records):
+            if r is not None:
+                r.words()[:] = 0
 
     def describe(self) -> dict:
         mapped = sum(b is not None for b in itertools.chain.from_iterable(self.buffers))
@@ -161,10 +191,11 @@ def _get(key: tuple, slots, nbytes: int, location: str) -> Workspace:
         size = max(nbytes, _MIN_BYTES, 2 * ws.nbytes if ws is not None else 0)
         size = -(-size // _ALIGN) * _ALIGN
         buffers = _allocate(key, slots, size, location)
+        records = _records(slots, location)
         if ws is not None:
             _retired.append(ws)
         ws = Workspace(key=key, world=len(slots[0]), groups=len(slots), nbytes=size,
-                       location=location, buffers=buffers)
+                       location=location, buffers=buffers, records=records)
         _live[key] = ws
         return ws
 
@@ -206,6 +237,13 @@ def _allocate(key: tuple, slots, size: int, location: str) -> list[list[Buffer |
     return buffers
 
 
+def _records(slots, location: str) -> list[list[Record | None]]:
+    """A zeroed error record for every rank this process drives."""
+    backend, me = _backend(location), jax.process_index()
+    return [[backend.record(d) if d is None or d.process_index == me else None for d in group]
+            for group in slots]
+
+
 def _kv_client():
     from jax._src import distributed
 
@@ -229,6 +267,11 @@ class _Host:
 
     def connect(self, devices) -> None:
         pass
+
+    def record(self, device) -> Record:
+        raw = np.zeros(_RECORD_BYTES * 2, np.uint8)
+        ptr = raw.ctypes.data + (-raw.ctypes.data) % _RECORD_BYTES
+        return Record(host_ptr=ptr, device_ptr=ptr, keep=raw)
 
     def zero(self, b: Buffer) -> None:
         (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * b.nbytes).from_address(b.ptr))
@@ -306,9 +349,23 @@ def info() -> list[dict]:
                 [dict(ws.describe(), retired=True) for ws in _retired])
 
 
+def records():
+    """(workspace, error record) for every rank this process drives, live and retired."""
+    with _lock:
+        spaces = list(_live.values()) + list(_retired)
+    for ws in spaces:
+        for record in itertools.chain.from_iterable(ws.records):
+            if record is not None:
+                yield ws, record
+
+
 def reset() -> None:
-    """Zeroes every workspace this process owns, e.g. after a peer timeout left them
-    out of step. Call it in every process, only while no fused kernel is running."""
+    """Zeroes every workspace this process owns and its error records, e.g. after a
+    peer timeout left them out of step. Call it in every process, only while no
+    fused kernel is running."""
+    from jax_flux import errors
+
     with _lock:
         for ws in list(_live.values()) + _retired:
             ws.reset()
+        errors.watchdog.forget()

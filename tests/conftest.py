@@ -16,6 +16,12 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 
+# A fused call that fails raises from the program (the GPU default would only
+# report it through the watchdog), and a watchdog a test starts never ends the
+# test process; tests of the asynchronous mode set these themselves.
+os.environ.setdefault("JAX_FLUX_STATUS_CHECK", "sync")
+os.environ.setdefault("JAX_FLUX_ON_PEER_TIMEOUT", "log")
+
 # Tests never read or write the user's autotuning cache.
 os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="jax_flux_tests_"),
                                                      "autotune.json")

@@ -49,6 +49,11 @@ def test_status_check_quick(tmp_path):
     rows = _rows(tmp_path / "status_check.csv")
     assert rows and {"calls", "plain_ms", "checked_ms", "per_check_us"} <= set(rows[0])
     assert "smoke run" in (tmp_path / "status_check.md").read_text()
+    fused = _rows(tmp_path / "status_check_fused.csv")
+    assert fused and {"calls", "sync_ms", "async_ms", "per_call_us"} <= set(fused[0])
+    from jax_flux import errors
+
+    errors.watchdog.stop()  # the async chain started it
 
 
 def test_tune_quick_records_and_ships(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_flux
 from custom_calls import cuda_driver
 from jax_flux import testing, workspace
 from tests.helpers import build_fake_libcuda, fused_fn, mesh_of
@@ -81,6 +82,39 @@ def test_fused_ops_with_the_workspace_in_cuda_memory(fake_driver, op, monkeypatc
     assert testing.relative_error(out, x64 @ w64) < 1e-5
     del f
     jax.clear_caches()  # programs compiled here hold fake-driver addresses
+
+
+def test_error_records_in_pinned_host_memory(fake_driver, monkeypatch):
+    # On GPUs each rank's error record is cuMemHostAlloc'd (mapped, portable):
+    # the kernels write it through its device address, the watchdog reads it on
+    # the host with no CUDA call. The fake hands out non-zero host memory.
+    import ctypes
+
+    from jax_flux import errors
+    from tests.test_errors import _operands, _skipping
+
+    host_location = workspace._location
+    monkeypatch.setattr(workspace, "_location",
+                        lambda platform, slots: {"host": "cuda"}[host_location(platform, slots)])
+    monkeypatch.setenv("JAX_FLUX_STATUS_CHECK", "async")
+    lib = ctypes.CDLL(fake_driver)
+    mesh = mesh_of(8)
+    _, _, (xs, ws) = _operands("all_gather_matmul", mesh)
+    try:
+        f = _skipping("all_gather_matmul", mesh)
+        jax.block_until_ready(f(xs, ws))  # async: the program itself does not raise
+        cuda_records = [r for w, r in workspace.records() if w.location == "cuda"]
+        assert cuda_records and len(cuda_records) <= lib.fakeCudaHostAllocCount()
+        failed = [r for r in cuda_records if r.words()[0] != 0]
+        assert len(failed) == 7  # every rank but the one that skipped
+        with pytest.raises(jax_flux.PeerTimeoutError, match=r"waiting for row chunk 0 of rank 3"):
+            errors.check()
+    finally:
+        errors.watchdog.stop()
+        workspace.reset()
+        errors.check()
+        del f
+        jax.clear_caches()
 
 
 def test_rank_emulation_launches_over_the_fake_driver(tmp_path):

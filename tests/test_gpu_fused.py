@@ -74,6 +74,74 @@ def test_fused_large_world_size_1_with_explicit_configs():
         assert testing.relative_error(out, x64 @ w64) < 2e-2, op
 
 
+def _fresh_fused(op, mesh):
+    in_specs, out_spec = testing._SPECS[op]
+    return jax.jit(jax.shard_map(lambda x, w: testing.OPS[op](x, w, "tp", impl="fused"),
+                                 mesh=mesh, in_specs=in_specs, out_specs=out_spec))
+
+
+@pytest.mark.parametrize("op", list(testing.OPS))
+def test_async_status_check_world_size_1(op, monkeypatch):
+    # The GPU default: no per-call check in the program (no host synchronisation);
+    # the error records are pinned host memory, clear after good calls.
+    from jax_flux import errors
+
+    monkeypatch.setenv("JAX_FLUX_STATUS_CHECK", "async")
+    monkeypatch.setenv("JAX_FLUX_ON_PEER_TIMEOUT", "log")
+    mesh = testing.mesh(jax.devices()[:1])
+    f = _fresh_fused(op, mesh)
+    try:
+        for call in range(5):
+            x, w, x64, w64 = testing.random_operands(256, 384, 512, jnp.bfloat16, seed=call)
+            out = f(*testing.place(op, mesh, x, w))
+            assert testing.relative_error(out, x64 @ w64) < 2e-2, call
+        text = f.lower(*testing.place(op, mesh, x, w)).as_text()
+        assert "stablehlo.case" not in text and "callback" not in text
+        assert errors.watchdog.running
+        records = [r for ws, r in workspace.records() if ws.location == "cuda"]
+        assert records and not any(np.asarray(r.words()).any() for r in records)
+        errors.check()
+    finally:
+        errors.watchdog.stop()
+
+
+def test_a_failure_on_the_gpu_reaches_the_host_record(monkeypatch):
+    # Corrupt the GEMM-RS signals of the one rank so its reduction finds a value
+    # beyond its epoch: the kernel fails at once and writes the rank's error
+    # record (pinned host memory) from the GPU; check() reads it on the host.
+    # (The GEMM programs overwrite each signal when their tile is done; with a
+    # long K the reducers read the corrupt value first.)
+    from custom_calls import cuda_driver, signals
+    from jax_flux import errors
+
+    monkeypatch.setenv("JAX_FLUX_STATUS_CHECK", "async")
+    monkeypatch.setenv("JAX_FLUX_ON_PEER_TIMEOUT", "log")
+    op = "matmul_reduce_scatter"
+    mesh = testing.mesh(jax.devices()[:1])
+    f = _fresh_fused(op, mesh)
+    x, w, _, _ = testing.random_operands(256, 16384, 512, jnp.bfloat16)
+    xs, ws_ = testing.place(op, mesh, x, w)
+    try:
+        jax.block_until_ready(f(xs, ws_))
+        live = [ws for ws in workspace._live.values() if ws.location == "cuda"]
+        for ws in live:
+            b = ws.buffers[0][0]
+            cuda_driver.fill(b.keep, b.ptr + signals.CONTROL_BYTES,
+                             signals.DATA_OFF - signals.CONTROL_BYTES, 0x7F)
+        out = np.asarray(f(xs, ws_), np.float32)
+        assert np.isnan(out).any()  # sums of partials not seen arrive: NaN, not stale
+        with pytest.raises(Exception, match=r"found epoch 2139062143 from rank 0.*out of step"):
+            errors.check()
+        workspace.reset()
+        errors.check()
+        out = f(xs, ws_)
+        assert testing.relative_error(out, np.asarray(x, np.float64) @ np.asarray(w, np.float64)) \
+            < 2e-2
+    finally:
+        errors.watchdog.stop()
+        workspace.reset()
+
+
 # --------------------------------------------- 8 ranks emulated on one GPU
 
 

@@ -36,8 +36,13 @@ def launches(lib, first: int, nparams: int) -> list[dict]:
 
 
 def check_table(world: OneGpuWorld, table_ptr: int) -> None:
-    table = world.download(table_ptr, (WORLD, 2), np.uint32).astype(np.uint64)
-    assert [int(lo | (hi << 32)) for lo, hi in table] == world._ws, "pointer table"
+    table = world.download(table_ptr, (2 * WORLD, 2), np.uint32).astype(np.uint64)
+    addr = [int(lo | (hi << 32)) for lo, hi in table]
+    assert addr[:WORLD] == world._ws, "pointer table: workspaces"
+    records = addr[WORLD:]
+    assert len(set(records)) == WORLD and not set(records) & set(world._ws), "error records"
+    for r in records:
+        assert not world.download(r, (8,), np.int32).any(), "error records start zeroed"
 
 
 def main() -> int:

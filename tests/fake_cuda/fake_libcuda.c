@@ -239,6 +239,45 @@ CUresult CUDAAPI cuIpcOpenMemHandle(CUdeviceptr *pdptr, CUipcMemHandle handle, u
   return CUDA_SUCCESS;
 }
 
+/* Pinned host memory (cuMemHostAlloc): plain host memory here, with the same
+ * address on the "device" (as under unified addressing). A mapping needs the
+ * DEVICEMAP flag and a current context, as in the real driver. */
+#define MAX_HOST_ALLOCS 1024
+static struct { uintptr_t ptr; size_t size; unsigned int flags; } g_host[MAX_HOST_ALLOCS];
+static int g_nhost = 0;
+
+CUresult CUDAAPI cuMemHostAlloc(void **pp, size_t bytesize, unsigned int Flags) {
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (bytesize == 0 || Flags & ~(unsigned)(CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP |
+                                            CU_MEMHOSTALLOC_WRITECOMBINED))
+    return CUDA_ERROR_INVALID_VALUE;
+  if (g_nhost == MAX_HOST_ALLOCS) return CUDA_ERROR_OUT_OF_MEMORY;
+  void *p = NULL;
+  if (posix_memalign(&p, 4096, bytesize) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  memset(p, 0xA5, bytesize);  /* not zeroed, as in the real driver */
+  g_host[g_nhost].ptr = (uintptr_t)p;
+  g_host[g_nhost].size = bytesize;
+  g_host[g_nhost].flags = Flags;
+  g_nhost++;
+  *pp = p;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuMemHostGetDevicePointer(CUdeviceptr *pdptr, void *p, unsigned int Flags) {
+  if (current_dev() < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  if (Flags != 0) return CUDA_ERROR_INVALID_VALUE;
+  for (int i = 0; i < g_nhost; i++) {
+    if ((uintptr_t)p >= g_host[i].ptr && (uintptr_t)p < g_host[i].ptr + g_host[i].size) {
+      if (!(g_host[i].flags & CU_MEMHOSTALLOC_DEVICEMAP)) return CUDA_ERROR_INVALID_VALUE;
+      *pdptr = (CUdeviceptr)(uintptr_t)p;
+      return CUDA_SUCCESS;
+    }
+  }
+  return CUDA_ERROR_INVALID_VALUE;
+}
+
+int fakeCudaHostAllocCount(void) { return g_nhost; }
+
 __attribute__((destructor)) static void unlink_owned(void) {
   char path[96];
   for (int i = 0; i < g_nallocs; i++) {

@@ -2,12 +2,16 @@
 # Everything a lent GPU should run, in one call; results under $OUT (default benchmarks/results/gpu).
 #
 #   on the device machine, from the repository root, with .whl/ carried:
-#   bash benchmarks/gpu_run.sh
+#   bash benchmarks/gpu_run.sh                  # every step
+#   bash benchmarks/gpu_run.sh pytest_gpu gemm_gpt3   # only these steps, in this order
 #
 # Installs the carried jax-triton wheel (the machine has no network), checks that every kernel
 # compiles, runs the GPU tests (world size 1 through jax-triton; 8 ranks emulated on the one GPU),
-# then the signalling-cost (emulated 8 ranks), GEMM, op and model benchmarks. Each step's output is
-# kept even when a step fails; the exit status is that of the first failing step.
+# then the signalling-cost (emulated 8 ranks), status-check, GEMM, op and model benchmarks. Each
+# step's output is kept even when a step fails; each step is cut after STEP_TIMEOUT_S (default
+# 300 s; the device tool allows 600 s a call, so split a full run over calls by naming steps); the
+# exit status is that of the first failing step. Steps: env compile pytest_gpu emulated
+# status_check gemm_gpt3 gemm_llama70b ops_gpt3 model_7b (tune with TUNE=1).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -23,11 +27,15 @@ export TRITON_DEFAULT_FP_FUSION=1
 # jax_flux's workspace and the rank emulation allocate outside XLA's pool: leave room.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
 status=0
-step() {  # step NAME COMMAND...: run, tee to $OUT/NAME.txt, remember the first failure
+wanted=" $* "
+step() {  # step NAME COMMAND...: run (if wanted), tee to $OUT/NAME.txt, remember the first failure
   local name=$1; shift
+  if [ "$wanted" != "  " ] && [[ "$wanted" != *" $name "* ]]; then return 0; fi
   echo "== $name: $*" | tee "$OUT/$name.txt"
-  "$@" 2>&1 | tee -a "$OUT/$name.txt"
+  local start=$SECONDS
+  timeout -k 10 "${STEP_TIMEOUT_S:-300}" "$@" 2>&1 | tee -a "$OUT/$name.txt"
   local rc=${PIPESTATUS[0]}
+  echo "== $name: rc=$rc in $((SECONDS - start)) s" | tee -a "$OUT/$name.txt"
   [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
   return 0
 }
@@ -41,7 +49,7 @@ step gemm_llama70b python -m benchmarks.gemm --sweep llama2-70b --out "$OUT"
 step ops_gpt3 python -m benchmarks.ops --sweep gpt3-175b --out "$OUT"
 step model_7b python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,ring,fused --out "$OUT"
 # Optional (GPU time): autotune the GPT-3 sweep at this world size; add --ship to keep the winners.
-if [ "${TUNE:-0}" = "1" ]; then
+if [ "${TUNE:-0}" = "1" ] || [[ "$wanted" == *" tune "* ]]; then
   step tune python -m benchmarks.tune --sweep gpt3-175b --max-configs "${TUNE_MAX_CONFIGS:-16}" --out "$OUT"
 fi
 exit $status

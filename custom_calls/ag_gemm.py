@@ -52,7 +52,7 @@ def _copy_rows(src_ptr, dst_ptr, row0, row1, K,
 
 
 @triton.jit
-def _push_shard(x_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_LOCAL, K,
+def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K,
                 chunks, pid,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
@@ -67,8 +67,8 @@ def _push_shard(x_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M
         else:
             peer = d + (d >= rank).to(tl.int32)
         chunk = item % chunks
-        if signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr, record,
-                                  signals.AG_PEER_IDLE):
+        if signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr,
+                                  signals.AG_PEER_IDLE, WORLD):
             peer_ws = signals.peer_base(table_ptr, peer)
             dst = (signals.rebase(x_ptr, signals.data_ptr(peer_ws, DATA_OFF, dtype)) +
                    rank.to(tl.int64) * M_LOCAL * K)
@@ -80,7 +80,7 @@ def _push_shard(x_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, record, base, rank, epoch, spin_limit,
+def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit,
                 M_LOCAL, N, K, chunks, gemm_pid, gemm_programs,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -113,7 +113,8 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, record, base, rank, epo
             # Wait only for the chunks this tile's rows lie in.
             for c in range(row0 // CHUNK_ROWS, (row1 - 1) // CHUNK_ROWS + 1):
                 arrived &= signals.wait_epoch(my_signals + src * chunks + c, epoch, spin_limit,
-                                              status_ptr, record, signals.WAIT_ROWS, rank, src, c)
+                                              status_ptr, table_ptr, signals.WAIT_ROWS, rank, src,
+                                              c, WORLD)
             a_ptr = gather + tl.cast(src, tl.int64) * M_LOCAL * K
         acc = gemm_tile(a_ptr, w_ptr, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
                         INPUT_PRECISION, REMOTE_CACHE)
@@ -140,15 +141,15 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    ROTATE: tl.constexpr):
     rank = tl.load(ctx_ptr)
     spin_limit = tl.load(ctx_ptr + 1)
-    base, epoch, record = signals.begin_call(table_ptr, rank, status_ptr, WORLD)
+    base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
     chunks = tl.cdiv(M_LOCAL, CHUNK_ROWS)
     pid = tl.program_id(0)
     if pid < COMM_PROGRAMS:
-        _push_shard(x_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_LOCAL, K,
+        _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K,
                     chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS,
                     COPY_COLS, ROTATE)
     else:
-        _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, record, base, rank, epoch, spin_limit,
+        _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, COPY_ROWS, COPY_COLS, RETURN_GATHERED, UPCAST,

@@ -35,7 +35,7 @@ from custom_calls.gemm import gemm_tile
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_OWN, N, K,
+def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
                 pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                 DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -53,8 +53,8 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, record, rank, epoch, spin_l
         cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
                         BLOCK_K, UPCAST, INPUT_PRECISION, "")
-        if signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr, record,
-                                  signals.RS_PEER_IDLE):
+        if signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr,
+                                  signals.RS_PEER_IDLE, WORLD):
             owner_ws = signals.peer_base(table_ptr, owner)
             slot = (signals.rebase(x_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
                     rank.to(tl.int64) * M_OWN * N)
@@ -65,7 +65,7 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, record, rank, epoch, spin_l
 
 
 @triton.jit
-def _reduce_tiles(z_ptr, status_ptr, record, base, rank, epoch, spin_limit, M_OWN, N, pid,
+def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit, M_OWN, N, pid,
                   REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   REMOTE_CACHE: tl.constexpr):
@@ -83,8 +83,8 @@ def _reduce_tiles(z_ptr, status_ptr, record, base, rank, epoch, spin_limit, M_OW
         arrived = tile == tile
         for src in range(0, WORLD):  # fixed order: bitwise repeatable sums
             arrived &= signals.wait_epoch(my_signals + src * per_owner + tile, epoch, spin_limit,
-                                          status_ptr, record, signals.WAIT_PARTIAL, rank, src,
-                                          tile)
+                                          status_ptr, table_ptr, signals.WAIT_PARTIAL, rank, src,
+                                          tile, WORLD)
             part = tl.load(partials + tl.cast(src, tl.int64) * M_OWN * N + offs, mask=mask, other=0.0,
                            cache_modifier=REMOTE_CACHE)
             acc += part.to(tl.float32)
@@ -103,15 +103,15 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
                    ROTATE: tl.constexpr):
     rank = tl.load(ctx_ptr)
     spin_limit = tl.load(ctx_ptr + 1)
-    base, epoch, record = signals.begin_call(table_ptr, rank, status_ptr, WORLD)
+    base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
     pid = tl.program_id(0)
     gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
     if pid < gemm_programs:
-        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, record, rank, epoch, spin_limit, M_OWN,
+        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN,
                     N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
                     UPCAST, INPUT_PRECISION, ROTATE)
     else:
-        _reduce_tiles(z_ptr, status_ptr, record, base, rank, epoch, spin_limit, M_OWN, N,
+        _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
                       BLOCK_N, REMOTE_CACHE)
     signals.end_call(base, epoch)

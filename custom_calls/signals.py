@@ -6,14 +6,16 @@ The symmetric workspace of one rank is one allocation laid out as
 
 the same split for every call (see ``DATA_OFF``), so data never lands in signal words.
 
-control holds two int32 counters of this rank:
+control holds int32 words of this rank:
 
 * ``EPOCH``: how many fused calls this rank has completed on this workspace
   (an epoch is never reset; call c writes signal value c, so stale signals of
   earlier calls are always smaller);
 * ``EXIT``: programs of the running launch that have finished; the last one
   resets it and publishes ``EPOCH = c``, which is also the start barrier a
-  peer waits for before overwriting this rank's buffers.
+  peer waits for before overwriting this rank's buffers;
+* ``FAILED``, ``FAILED_PEER``: the code of this rank's first failed wait and
+  the peer it waited for (0 until then, and again after a reset).
 
 Peers' base addresses come in a table of uint32 (lo, hi) pairs (an int64 JAX
 array would be truncated with x64 off): entries [0, WORLD) are the ranks'
@@ -22,10 +24,10 @@ entry is read, so entries of ranks in other processes may be 0).
 
 A rank's error record is RECORD_WORDS int32 words of host-visible memory,
 [code, rank, peer, index, epoch, seen, 0, 0]: the first wait on that rank
-that ever fails fills it, and it stays set until the workspace is reset. A
-host thread can read it without touching the device (``jax_flux.errors``),
-and every later call on the rank fails fast (code EARLIER_FAILURE) instead
-of waiting out its timeout again.
+that ever fails fills it (and the FAILED control words), and it stays set
+until the workspace is reset. A host thread can read it without touching the
+device (``jax_flux.errors``); every later call on the rank sees FAILED and
+fails fast (code EARLIER_FAILURE) instead of waiting out its timeout again.
 
 Synchronisation uses ``tl.atomic_*`` with explicit ``sem``/``scope`` (plain
 stores for the single-writer error record), no inline PTX, so one source
@@ -55,6 +57,8 @@ def layout(op: str, n_signals: int) -> tuple[int, int]:
 # Globals a kernel reads must be tl.constexpr; the host reads them with .value.
 EPOCH = tl.constexpr(0)
 EXIT = tl.constexpr(1)
+FAILED = tl.constexpr(2)
+FAILED_PEER = tl.constexpr(3)
 
 # Codes a failed wait leaves in the status output, [code, rank, peer, index,
 # epoch, seen], and in the error record; ``seen`` is the value the wait last
@@ -64,8 +68,8 @@ AG_PEER_IDLE = tl.constexpr(1)  # AG-GEMM start barrier: the peer's previous cal
 WAIT_ROWS = tl.constexpr(2)  # AG-GEMM: a chunk of a peer's rows never arrived
 WAIT_PARTIAL = tl.constexpr(3)  # GEMM-RS: a peer's partial tile never arrived
 RS_PEER_IDLE = tl.constexpr(4)  # GEMM-RS start barrier
-# Status only: this rank's error record was already set (by an earlier call)
-# when the call began; [5, rank, the record's peer, the record's code, epoch, 0].
+# Status only: this rank's FAILED word was already set (by an earlier call)
+# when the call began; [5, rank, FAILED_PEER, FAILED, epoch, 0].
 EARLIER_FAILURE = tl.constexpr(5)
 STATUS_WORDS = 6
 RECORD_WORDS = 8
@@ -128,7 +132,8 @@ def record_of(table_ptr, rank, WORLD: tl.constexpr):
 
 
 @triton.jit
-def wait_epoch(ptr, target, spin_limit, status_ptr, record_ptr, code, rank, peer, index):
+def wait_epoch(ptr, target, spin_limit, status_ptr, table_ptr, code, rank, peer, index,
+               WORLD: tl.constexpr):
     """Spins until ``*ptr`` (acquire) reaches ``target``, at most ``spin_limit`` polls.
 
     Returns whether it found exactly ``target``. A value above it cannot come
@@ -139,7 +144,7 @@ def wait_epoch(ptr, target, spin_limit, status_ptr, record_ptr, code, rank, peer
     index, target, seen] in the (zeroed) status output, and the first of this
     rank ever in its error record, and the program goes on, so the launch ends
     and the host can report it: never a hang. Once a wait of the launch has
-    failed (or the launch began with the record set), later waits poll once.
+    failed (or the launch began with FAILED set), later waits poll once.
     """
     value = load_acquire(ptr)
     spins = 0
@@ -155,10 +160,15 @@ def wait_epoch(ptr, target, spin_limit, status_ptr, record_ptr, code, rank, peer
             tl.store(status_ptr + 3, index)
             tl.store(status_ptr + 4, target)
             tl.store(status_ptr + 5, value)
-            # Winning the status means the record was clear when this launch began
-            # (begin_call), so this is its only writer: plain stores, no atomics
-            # on host memory. Fields first, the code last (the host reads the
-            # code, then the fields, and re-reads until two reads agree).
+            # Winning the status means this rank had not failed when the launch
+            # began (begin_call), so this is the only writer of its FAILED words
+            # and error record: plain stores, no atomics on host memory. Fields
+            # first, the code last (the host reads the code, then the fields,
+            # and re-reads until two reads agree).
+            ctrl = as_ptr(peer_base(table_ptr, rank), 0, tl.int32)
+            tl.store(ctrl + FAILED_PEER, peer)
+            tl.store(ctrl + FAILED, code)
+            record_ptr = record_of(table_ptr, rank, WORLD)
             tl.store(record_ptr + 1, rank)
             tl.store(record_ptr + 2, peer)
             tl.store(record_ptr + 3, index)
@@ -171,36 +181,39 @@ def wait_epoch(ptr, target, spin_limit, status_ptr, record_ptr, code, rank, peer
 
 
 @triton.jit
-def begin_call(table_ptr, rank, status_ptr, WORLD: tl.constexpr):
-    """(this rank's workspace base, this call's epoch, this rank's error record).
+def begin_call(table_ptr, rank, status_ptr):
+    """(this rank's workspace base, this call's epoch).
 
-    A record already set means an earlier call on this rank failed and the
-    workspace is out of step until it is reset: the status says so and every
-    wait of this launch polls once (fail fast).
+    FAILED set (a control word next to EPOCH, in device memory: no extra trip
+    to the host-side record) means an earlier call on this rank failed and
+    the workspace is out of step until it is reset: the status says so and
+    every wait of this launch polls once (fail fast).
     """
     base = peer_base(table_ptr, rank)
-    epoch = load_acquire(as_ptr(base, EPOCH * 4, tl.int32)) + 1
-    record = record_of(table_ptr, rank, WORLD)
-    earlier = tl.load(record, volatile=True)
+    ctrl = as_ptr(base, 0, tl.int32)
+    epoch = load_acquire(ctrl + EPOCH) + 1
+    earlier = tl.load(ctrl + FAILED, volatile=True)
     if earlier != 0:
         if tl.atomic_cas(status_ptr, 0, EARLIER_FAILURE, sem="relaxed") == 0:
             tl.store(status_ptr + 1, rank)
-            tl.store(status_ptr + 2, tl.load(record + 2))
+            tl.store(status_ptr + 2, tl.load(ctrl + FAILED_PEER, volatile=True))
             tl.store(status_ptr + 3, earlier)
             tl.store(status_ptr + 4, epoch)
             tl.store(status_ptr + 5, 0)
     tl.debug_barrier()
-    return base, epoch, record
+    return base, epoch
 
 
 @triton.jit
-def wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr, record_ptr, code):
+def wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr, code,
+                   WORLD: tl.constexpr):
     """Start barrier: ``peer`` has finished call ``epoch - 1``, so it no longer
     reads the buffers this call is about to write into. Returns whether it
     has; a caller that gets False must not write into ``peer`` (the peer then
     times out itself rather than compute on data it did not wait for)."""
     ctrl = as_ptr(peer_base(table_ptr, peer), EPOCH * 4, tl.int32)
-    return wait_epoch(ctrl, epoch - 1, spin_limit, status_ptr, record_ptr, code, rank, peer, 0)
+    return wait_epoch(ctrl, epoch - 1, spin_limit, status_ptr, table_ptr, code, rank, peer, 0,
+                      WORLD)
 
 
 @triton.jit

@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from jax_flux import errors  # noqa: E402
 from models.config import PRESETS  # noqa: E402
 from models.data import progressions  # noqa: E402
 from models.llama import KVCache  # noqa: E402
@@ -61,6 +62,7 @@ def generate(model, prompt, new_tokens: int, log=print):
     out = jnp.stack(out, axis=1)
     out.block_until_ready()
     t_decode = time.perf_counter() - t0
+    errors.check()  # a fused call gave up on a peer (with JAX_FLUX_ON_PEER_TIMEOUT=log)
     log(f"prefill: {batch * length} tokens in {t_prefill:.3f} s "
         f"({batch * length / t_prefill:.1f} tokens/s, first call includes compilation)")
     if new_tokens > 1:

@@ -23,6 +23,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
+from jax_flux import errors  # noqa: E402
 from models._devices import pick_devices  # noqa: E402
 from models.config import PRESETS  # noqa: E402
 from models.data import progressions  # noqa: E402
@@ -63,6 +64,7 @@ def train(preset="tiny", tp=8, steps=20, impl="auto", batch=4, seq=32, lr=3e-3, 
         t0 = time.perf_counter()
         loss = float(train_step(model, optimizer, tokens))
         dt = time.perf_counter() - t0
+        errors.check()  # a fused call of this step gave up on a peer (JAX_FLUX_ON_PEER_TIMEOUT=log)
         losses.append(loss)
         log(f"step {step:4d}  loss {loss:.4f}  tokens/s {batch * seq / dt:10.1f}")
     if checkpoint_dir:

@@ -14,6 +14,7 @@ library), the workspace takes its GPU path instead: ``cuda-ipc`` through
 """
 
 import os
+import re
 import sys
 
 
@@ -54,7 +55,8 @@ def _peer_never_arrives(jax, mesh, process_id: int) -> None:
     import pytest
     from jax.sharding import NamedSharding
 
-    from jax_flux import AllGatherMatmulConfig, testing, workspace
+    import jax_flux
+    from jax_flux import AllGatherMatmulConfig, errors, testing, workspace
     from jax_flux.workspace import _kv_client
 
     op = "all_gather_matmul"
@@ -70,9 +72,18 @@ def _peer_never_arrives(jax, mesh, process_id: int) -> None:
         with pytest.raises(Exception, match="gave up after about 2 s waiting for"):
             jax.block_until_ready(quick(xs, ws))
         client.key_value_set("jax_flux_test/timeout_seen", "1")
+        # Each process reads the error records of its own ranks (host memory).
+        failed = errors.failures()
+        assert len(failed) == len(jax.local_devices()), failed
+        assert all(re.search(r"rank \d+ of axis 'tp' gave up waiting for row chunk 0 of "
+                             r"rank \d+", m) for m in failed), failed
+        with pytest.raises(jax_flux.PeerTimeoutError):
+            errors.check()
     else:
         client.blocking_key_value_get("jax_flux_test/timeout_seen", 120_000)
+        assert errors.failures() == []  # its ranks never ran the call
     workspace.reset()
+    assert errors.failures() == []
     client.wait_at_barrier("jax_flux_test/reset", 120_000)
     # Recovery with the default (60 s) timeout: a loaded CI host may be slow.
     out = testing.sharded(op, mesh, "fused")(xs, ws)

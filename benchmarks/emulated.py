@@ -37,7 +37,7 @@ COLUMNS = ["op", "M", "K", "N", "dtype", "fused_ms", "gemm_ms", "overhead", "fus
 SHAPES = {"all_gather_matmul": [(m, 12288, 49152 // WORLD) for m in (64, 512, 1024, 4096, 8192)],
           "matmul_reduce_scatter": [(m, 49152 // WORLD, 12288) for m in (64, 512, 1024, 4096,
                                                                           8192)]}
-_SPIN = 20_000_000
+_TIMEOUT_MS = 20_000
 
 
 def _rel(a: np.ndarray, ref: np.ndarray) -> float:
@@ -58,7 +58,7 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
 
         def fused():
             return world_.ag_gemm(xs, ws, cfg=cfg, grid=world_.programs_per_rank,
-                                  spin_limit=_SPIN, precision="ieee")
+                                  timeout_ms=_TIMEOUT_MS, precision="ieee")
 
         def plain():
             return world_.matmul([xg] * WORLD, ws, block_m=cfg["block_m"], block_n=128,
@@ -78,7 +78,7 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
 
         def fused():
             return world_.gemm_rs(xs, ws, cfg=cfg, grid=world_.programs_per_rank,
-                                  spin_limit=_SPIN, precision="ieee")
+                                  timeout_ms=_TIMEOUT_MS, precision="ieee")
 
         def plain():
             return world_.matmul(xs, ws, block_m=cfg["block_m"], block_n=128, block_k=64,

@@ -52,11 +52,12 @@ def _copy_rows(src_ptr, dst_ptr, row0, row1, K,
 
 
 @triton.jit
-def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K,
+def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
                 chunks, pid,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
-                COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr):
+                COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr,
+                TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     for item in range(pid, (WORLD - 1) * chunks, COMM_PROGRAMS):
         # Items in send order: all chunks for peer rank+1, then rank+2, ...
@@ -67,8 +68,8 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, 
         else:
             peer = d + (d >= rank).to(tl.int32)
         chunk = item % chunks
-        if signals.wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr,
-                                  signals.AG_PEER_IDLE, WORLD):
+        if signals.wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr,
+                                  signals.AG_PEER_IDLE, WORLD, TIMED):
             peer_ws = signals.peer_base(table_ptr, peer)
             dst = (signals.rebase(x_ptr, signals.data_ptr(peer_ws, DATA_OFF, dtype)) +
                    rank.to(tl.int64) * M_LOCAL * K)
@@ -80,14 +81,14 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, 
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit,
+def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, patience,
                 M_LOCAL, N, K, chunks, gemm_pid, gemm_programs,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
                 RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                ROTATE: tl.constexpr):
+                ROTATE: tl.constexpr, TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     gather = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
@@ -112,9 +113,9 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
         else:
             # Wait only for the chunks this tile's rows lie in.
             for c in range(row0 // CHUNK_ROWS, (row1 - 1) // CHUNK_ROWS + 1):
-                arrived &= signals.wait_epoch(my_signals + src * chunks + c, epoch, spin_limit,
+                arrived &= signals.wait_epoch(my_signals + src * chunks + c, epoch, patience,
                                               status_ptr, table_ptr, signals.WAIT_ROWS, rank, src,
-                                              c, WORLD)
+                                              c, WORLD, TIMED)
             a_ptr = gather + tl.cast(src, tl.int64) * M_LOCAL * K
         acc = gemm_tile(a_ptr, w_ptr, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
                         INPUT_PRECISION, REMOTE_CACHE)
@@ -138,22 +139,22 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
                    RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                   ROTATE: tl.constexpr):
+                   ROTATE: tl.constexpr, TIMED: tl.constexpr):
     rank = tl.load(ctx_ptr)
-    spin_limit = tl.load(ctx_ptr + 1)
+    patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
     chunks = tl.cdiv(M_LOCAL, CHUNK_ROWS)
     pid = tl.program_id(0)
     if pid < COMM_PROGRAMS:
-        _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_LOCAL, K,
+        _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
                     chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS,
-                    COPY_COLS, ROTATE)
+                    COPY_COLS, ROTATE, TIMED)
     else:
-        _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit,
+        _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, patience,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, COPY_ROWS, COPY_COLS, RETURN_GATHERED, UPCAST,
-                    INPUT_PRECISION, REMOTE_CACHE, ROTATE)
+                    INPUT_PRECISION, REMOTE_CACHE, ROTATE, TIMED)
     signals.end_call(base, epoch)
 
 
@@ -168,7 +169,7 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             comm_programs: int, gemm_programs: int, block_m: int, block_n: int, block_k: int,
             copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
-            rotate: bool, on_timeout, status_check: str = "sync"):
+            rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n], status [5] int32, xg or a dummy [1])."""
     m, k = x.shape
     n = w.shape[1]
@@ -186,4 +187,4 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         COMM_PROGRAMS=comm_programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
         UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,
-        ROTATE=rotate)
+        ROTATE=rotate, TIMED=timed)

@@ -35,11 +35,11 @@ from custom_calls.gemm import gemm_tile
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN, N, K,
+def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OWN, N, K,
                 pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                 DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                ROTATE: tl.constexpr):
+                ROTATE: tl.constexpr, TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_owner = tl.cdiv(M_OWN, BLOCK_M) * tiles_n
@@ -53,8 +53,8 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_
         cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
                         BLOCK_K, UPCAST, INPUT_PRECISION, "")
-        if signals.wait_peer_idle(table_ptr, rank, owner, epoch, spin_limit, status_ptr,
-                                  signals.RS_PEER_IDLE, WORLD):
+        if signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
+                                  signals.RS_PEER_IDLE, WORLD, TIMED):
             owner_ws = signals.peer_base(table_ptr, owner)
             slot = (signals.rebase(x_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
                     rank.to(tl.int64) * M_OWN * N)
@@ -65,10 +65,10 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_
 
 
 @triton.jit
-def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit, M_OWN, N, pid,
+def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N, pid,
                   REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  REMOTE_CACHE: tl.constexpr):
+                  REMOTE_CACHE: tl.constexpr, TIMED: tl.constexpr):
     dtype = z_ptr.dtype.element_ty
     partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
@@ -82,9 +82,9 @@ def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit, M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         arrived = tile == tile
         for src in range(0, WORLD):  # fixed order: bitwise repeatable sums
-            arrived &= signals.wait_epoch(my_signals + src * per_owner + tile, epoch, spin_limit,
+            arrived &= signals.wait_epoch(my_signals + src * per_owner + tile, epoch, patience,
                                           status_ptr, table_ptr, signals.WAIT_PARTIAL, rank, src,
-                                          tile, WORLD)
+                                          tile, WORLD, TIMED)
             part = tl.load(partials + tl.cast(src, tl.int64) * M_OWN * N + offs, mask=mask, other=0.0,
                            cache_modifier=REMOTE_CACHE)
             acc += part.to(tl.float32)
@@ -100,20 +100,20 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
                    REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                   ROTATE: tl.constexpr):
+                   ROTATE: tl.constexpr, TIMED: tl.constexpr):
     rank = tl.load(ctx_ptr)
-    spin_limit = tl.load(ctx_ptr + 1)
+    patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
     pid = tl.program_id(0)
     gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
     if pid < gemm_programs:
-        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, spin_limit, M_OWN,
+        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OWN,
                     N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
-                    UPCAST, INPUT_PRECISION, ROTATE)
+                    UPCAST, INPUT_PRECISION, ROTATE, TIMED)
     else:
-        _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, spin_limit, M_OWN, N,
+        _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
-                      BLOCK_N, REMOTE_CACHE)
+                      BLOCK_N, REMOTE_CACHE, TIMED)
     signals.end_call(base, epoch)
 
 
@@ -127,7 +127,7 @@ def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int,
 def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_programs: int,
             reduce_programs: int, block_m: int, block_n: int, block_k: int, num_warps: int,
             num_stages: int, upcast: bool, input_precision: str, remote_cache: str, rotate: bool,
-            on_timeout, status_check: str = "sync"):
+            on_timeout, status_check: str = "sync", timed: bool = False):
     """Launches ``gemm_rs_kernel``; returns (z [M/P, N], status [5] int32)."""
     m_total, k = x.shape
     n = w.shape[1]
@@ -141,4 +141,4 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
         M_OWN=m_own, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
         REDUCE_PROGRAMS=reduce_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast,
-        INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache, ROTATE=rotate)
+        INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache, ROTATE=rotate, TIMED=timed)

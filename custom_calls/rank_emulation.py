@@ -209,14 +209,15 @@ class OneGpuWorld:
         cuda_driver.fill(self.ordinal, ptr, nbytes, _POISON_BYTE)
         return ptr
 
-    def _ctx(self, rank: int, spin_limit: int) -> int:
-        return self.upload(rank, "ctx", np.array([rank, spin_limit], np.int32))
+    def _ctx(self, rank: int, timeout_ms: int) -> int:
+        return self.upload(rank, "ctx", np.array([rank, timeout_ms], np.int32))
 
     # --------------------------------------------------------------- ops
 
-    def ag_gemm(self, xs, ws, *, cfg: dict, grid: int, spin_limit: int, precision: str,
+    def ag_gemm(self, xs, ws, *, cfg: dict, grid: int, timeout_ms: int, precision: str,
                 return_gathered: bool = False):
-        """Each rank r: all_gather(xs)[P*m, K] @ ws[r]. Returns (ys, xgs or None, ms)."""
+        """Each rank r: all_gather(xs)[P*m, K] @ ws[r]. Returns (ys, xgs or None, ms).
+        A wait gives up after ``timeout_ms`` of the GPU's timer."""
         dtype, (m, k), n = xs[0].dtype, xs[0].shape, ws[0].shape[1]
         t = _TRITON_TYPE[dtype.name]
         sig_off, data_off, nbytes = ag_gemm.workspace_bytes(self.world, m, k, dtype.itemsize,
@@ -226,17 +227,18 @@ class OneGpuWorld:
                     ("table_ptr", "*u32"), ("y_ptr", f"*{t}"), ("status_ptr", "*i32"),
                     ("xg_ptr", f"*{t}"))
         constexprs = dict(M_LOCAL=m, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
-                          DATA_OFF=data_off, CHUNK_ROWS=cfg["chunk_rows"], COMM_PROGRAMS=cfg["comm_programs"],
+                          DATA_OFF=data_off, CHUNK_ROWS=cfg["chunk_rows"],
+                          COMM_PROGRAMS=cfg["comm_programs"],
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
                           COPY_ROWS=cfg["copy_rows"], COPY_COLS=cfg["copy_cols"],
                           RETURN_GATHERED=return_gathered, UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
-                          ROTATE=cfg.get("rotate", True))
+                          ROTATE=cfg.get("rotate", True), TIMED=True)
         loaded = _load(ag_gemm.ag_gemm_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         y_bytes = self.world * m * n * dtype.itemsize
         xg_bytes = self.world * m * k * dtype.itemsize if return_gathered else dtype.itemsize
-        args = [[self.upload(r, "x", xs[r]), self.upload(r, "w", ws[r]), self._ctx(r, spin_limit),
+        args = [[self.upload(r, "x", xs[r]), self.upload(r, "w", ws[r]), self._ctx(r, timeout_ms),
                  table, self._output(r, "y", y_bytes), self._status(r),
                  self._output(r, "xg", xg_bytes)] for r in range(self.world)]
         ms = self.launch_all(loaded, grid, args)
@@ -246,8 +248,9 @@ class OneGpuWorld:
                if return_gathered else None)
         return ys, xgs, ms
 
-    def gemm_rs(self, xs, ws, *, cfg: dict, grid: int, spin_limit: int, precision: str):
-        """Each rank r: its rows of sum over ranks of xs[s] @ ws[s]. Returns (zs, ms)."""
+    def gemm_rs(self, xs, ws, *, cfg: dict, grid: int, timeout_ms: int, precision: str):
+        """Each rank r: its rows of sum over ranks of xs[s] @ ws[s]. Returns (zs, ms).
+        A wait gives up after ``timeout_ms`` of the GPU's timer."""
         dtype, (m_total, k), n = xs[0].dtype, xs[0].shape, ws[0].shape[1]
         m_own = m_total // self.world
         t = _TRITON_TYPE[dtype.name]
@@ -257,14 +260,14 @@ class OneGpuWorld:
         pointers = (("x_ptr", f"*{t}"), ("w_ptr", f"*{t}"), ("ctx_ptr", "*i32"),
                     ("table_ptr", "*u32"), ("z_ptr", f"*{t}"), ("status_ptr", "*i32"))
         constexprs = dict(M_OWN=m_own, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
-                          DATA_OFF=data_off, REDUCE_PROGRAMS=cfg["reduce_programs"], BLOCK_M=cfg["block_m"],
-                          BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], UPCAST=False,
-                          INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
-                          ROTATE=cfg.get("rotate", True))
+                          DATA_OFF=data_off, REDUCE_PROGRAMS=cfg["reduce_programs"],
+                          BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                          UPCAST=False, INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
+                          ROTATE=cfg.get("rotate", True), TIMED=True)
         loaded = _load(gemm_rs.gemm_rs_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         z_bytes = m_own * n * dtype.itemsize
-        args = [[self.upload(r, "x", xs[r]), self.upload(r, "w", ws[r]), self._ctx(r, spin_limit),
+        args = [[self.upload(r, "x", xs[r]), self.upload(r, "w", ws[r]), self._ctx(r, timeout_ms),
                  table, self._output(r, "z", z_bytes), self._status(r)]
                 for r in range(self.world)]
         ms = self.launch_all(loaded, grid, args)

@@ -36,6 +36,7 @@ runs compiled on GPUs (Triton 3.6 to 3.9) and in Triton's interpreter.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import globaltimer
 
 CONTROL_BYTES = 128
 # Every call on a workspace uses the same split: its signals in
@@ -132,9 +133,11 @@ def record_of(table_ptr, rank, WORLD: tl.constexpr):
 
 
 @triton.jit
-def wait_epoch(ptr, target, spin_limit, status_ptr, table_ptr, code, rank, peer, index,
-               WORLD: tl.constexpr):
-    """Spins until ``*ptr`` (acquire) reaches ``target``, at most ``spin_limit`` polls.
+def wait_epoch(ptr, target, patience, status_ptr, table_ptr, code, rank, peer, index,
+               WORLD: tl.constexpr, TIMED: tl.constexpr):
+    """Spins until ``*ptr`` (acquire) reaches ``target``, for at most ``patience``:
+    milliseconds of the GPU's global timer with TIMED, else polls (Triton's
+    interpreter has no clock; its launcher converts seconds to polls).
 
     Returns whether it found exactly ``target``. A value above it cannot come
     from ranks in step (a peer writes epoch e + 1 into this rank's memory only
@@ -147,12 +150,22 @@ def wait_epoch(ptr, target, spin_limit, status_ptr, table_ptr, code, rank, peer,
     failed (or the launch began with FAILED set), later waits poll once.
     """
     value = load_acquire(ptr)
-    spins = 0
-    if tl.atomic_add(status_ptr, 0, sem="relaxed") != 0:
-        spins = spin_limit
-    while (value < target) & (spins < spin_limit):
-        value = load_acquire(ptr)
-        spins += 1
+    failed_before = tl.atomic_add(status_ptr, 0, sem="relaxed") != 0
+    if TIMED:
+        now = globaltimer()
+        deadline = now + patience.to(tl.int64) * 1_000_000
+        if failed_before:
+            deadline = now
+        while (value < target) & (now < deadline):
+            value = load_acquire(ptr)
+            now = globaltimer()
+    else:
+        spins = 0
+        if failed_before:
+            spins = patience
+        while (value < target) & (spins < patience):
+            value = load_acquire(ptr)
+            spins += 1
     if value != target:
         if tl.atomic_cas(status_ptr, 0, code, sem="relaxed") == 0:
             tl.store(status_ptr + 1, rank)
@@ -205,15 +218,15 @@ def begin_call(table_ptr, rank, status_ptr):
 
 
 @triton.jit
-def wait_peer_idle(table_ptr, rank, peer, epoch, spin_limit, status_ptr, code,
-                   WORLD: tl.constexpr):
+def wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr, code,
+                   WORLD: tl.constexpr, TIMED: tl.constexpr):
     """Start barrier: ``peer`` has finished call ``epoch - 1``, so it no longer
     reads the buffers this call is about to write into. Returns whether it
     has; a caller that gets False must not write into ``peer`` (the peer then
     times out itself rather than compute on data it did not wait for)."""
     ctrl = as_ptr(peer_base(table_ptr, peer), EPOCH * 4, tl.int32)
-    return wait_epoch(ctrl, epoch - 1, spin_limit, status_ptr, table_ptr, code, rank, peer, 0,
-                      WORLD)
+    return wait_epoch(ctrl, epoch - 1, patience, status_ptr, table_ptr, code, rank, peer, 0,
+                      WORLD, TIMED)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ _INTERPRETER_PROGRAMS = 4
 class Launch:
     """Per-call operands and options shared by the fused kernels."""
 
-    ctx: jax.Array  # int32 [2]: this rank's index on the axis, spin limit
+    ctx: jax.Array  # int32 [2]: this rank's index on the axis, patience (config.patience)
     table: LoweredConstant  # uint32 [2P, 2]: (lo, hi) of every rank's workspace, then error record
     interpreting: bool
     max_programs: int
@@ -61,7 +61,7 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     # [groups, P, 2] resolved at lowering and baked into the program; this rank's group's row.
     table = LoweredConstant(workspace.TableRequest(op, axis_name, size, groups, nbytes), group)
     ctx = jnp.stack([lax.axis_index(axis_name),
-                     jnp.int32(config.spin_limit(interpreting))]).astype(jnp.int32)
+                     jnp.int32(config.patience(interpreting))]).astype(jnp.int32)
     if interpreting:
         max_programs = _INTERPRETER_PROGRAMS
     else:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-# How many polls of a signal a wait may spend per second of its timeout: about
-# 1 us per system-scope atomic on a GPU; Triton's interpreter polls far slower.
-POLLS_PER_SECOND_GPU = 1_000_000
+# Triton's interpreter has no clock: a wait there may spend this many polls of
+# a signal per second of its timeout (it polls slowly). Compiled kernels read
+# the GPU's global timer instead (milliseconds).
 POLLS_PER_SECOND_INTERPRETER = 20_000
 _INT32_MAX = 2**31 - 1
 
@@ -81,10 +81,11 @@ class _Common:
             raise ValueError(f"num_programs ({self.num_programs}) must exceed {name} "
                              f"({count}): GEMM programs are the rest")
 
-    def spin_limit(self, interpreting: bool) -> int:
-        """Polls a wait may spend before it reports a timeout."""
-        rate = POLLS_PER_SECOND_INTERPRETER if interpreting else POLLS_PER_SECOND_GPU
-        return int(min(_INT32_MAX, max(1, self.timeout_s * rate)))
+    def patience(self, interpreting: bool) -> int:
+        """What a wait may spend before it reports a timeout: polls when
+        interpreted, milliseconds of the GPU's timer when compiled."""
+        per_second = POLLS_PER_SECOND_INTERPRETER if interpreting else 1000
+        return int(min(_INT32_MAX, max(1, self.timeout_s * per_second)))
 
 
 @dataclasses.dataclass(frozen=True)

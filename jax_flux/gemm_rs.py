@@ -90,5 +90,5 @@ def fused(x, w, axis_name: Hashable, size: int,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
         input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,
-        status_check=launch.status_check)
+        status_check=launch.status_check, timed=not launch.interpreting)
     return z

@@ -36,14 +36,14 @@ def cases():
                     CHUNK_ROWS=128, COMM_PROGRAMS=2,
                     BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, COPY_ROWS=32, COPY_COLS=128,
                     RETURN_GATHERED=True, UPCAST=False, INPUT_PRECISION=precision,
-                    REMOTE_CACHE=".cg", ROTATE=True), dtype)
+                    REMOTE_CACHE=".cg", ROTATE=True, TIMED=True), dtype)
         yield ("gemm_rs", gemm_rs.gemm_rs_kernel,
                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
                 "z_ptr": f"*{t}", "status_ptr": "*i32"},
                dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                     REDUCE_PROGRAMS=8, BLOCK_M=128,
                     BLOCK_N=128, BLOCK_K=64, UPCAST=False, INPUT_PRECISION=precision,
-                    REMOTE_CACHE=".cg", ROTATE=True), dtype)
+                    REMOTE_CACHE=".cg", ROTATE=True, TIMED=True), dtype)
 
 
 def main(argv) -> int:
@@ -66,9 +66,11 @@ def main(argv) -> int:
         # see through shows up here as none.
         cp_async = c.ptx.count("cp.async.cg.shared.global") + c.ptx.count("cp.async.ca.shared.global")
         wide = sum(c.ptx.count(f"{op}.v4") for op in ("st.global", "ld.global"))
+        # Waits of the communicating kernels are timed by the GPU's global timer.
+        timer = c.ptx.count("%globaltimer")
         print(f"sm_{arch} {name:<8} {dtype:<9} ok: {len(c.ptx)} bytes of PTX, "
               f"{len(c.cubin)} bytes of cubin, {params} parameters, {c.shared} bytes shared, "
-              f"cp.async={cp_async} v4={wide}")
+              f"cp.async={cp_async} v4={wide} timer={timer}")
     return 0
 
 

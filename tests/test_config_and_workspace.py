@@ -54,7 +54,7 @@ def test_default_configs_are_valid(interpreting, m, k, n):
     for cls in (AllGatherMatmulConfig, MatmulReduceScatterConfig):
         cfg = cls.default(m, k, n, 8, interpreting)
         assert isinstance(cfg, cls)
-        assert cfg.spin_limit(interpreting) >= 1
+        assert cfg.patience(interpreting) >= 1
 
 
 def test_wrong_config_type_is_rejected():

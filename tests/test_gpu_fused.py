@@ -11,6 +11,8 @@ Two ways to run them on one GPU:
 Run on a GPU host: ``JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu``.
 """
 
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -165,7 +167,7 @@ def _ag_cfg(m):
                 comm_programs=2, copy_rows=32, copy_cols=128, num_warps=4, num_stages=3)
 
 
-_SPIN = 10_000_000  # about 10 s of polls at ~1e6 polls/s
+_TIMEOUT_MS = 10_000  # of the GPU's global timer
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -179,7 +181,7 @@ def test_ag_gemm_8_ranks_on_one_gpu(world, shape, dtype):
         xs = [_host(rng, (m, k), dtype) for _ in range(_WORLD)]
         ws = [_host(rng, (k, n), dtype, k ** -0.5) for _ in range(_WORLD)]
         ys, xgs, _ = world.ag_gemm(xs, ws, cfg=_ag_cfg(m), grid=world.programs_per_rank,
-                                   spin_limit=_SPIN, return_gathered=rep % 2 == 0,
+                                   timeout_ms=_TIMEOUT_MS, return_gathered=rep % 2 == 0,
                                    precision="ieee")
         xg = np.concatenate([x.astype(np.float32) for x in xs])
         for r in range(_WORLD):
@@ -203,7 +205,7 @@ def test_gemm_rs_8_ranks_on_one_gpu(world, shape, dtype):
     for rep in range(reps):
         xs = [_host(rng, (m_total, k), dtype) for _ in range(_WORLD)]
         ws = [_host(rng, (k, n), dtype, k ** -0.5) for _ in range(_WORLD)]
-        zs, _ = world.gemm_rs(xs, ws, cfg=cfg, grid=world.programs_per_rank, spin_limit=_SPIN,
+        zs, _ = world.gemm_rs(xs, ws, cfg=cfg, grid=world.programs_per_rank, timeout_ms=_TIMEOUT_MS,
                               precision=precision)
         total = sum(x.astype(np.float64) @ w.astype(np.float64) for x, w in zip(xs, ws))
         rows = m_total // _WORLD
@@ -213,7 +215,7 @@ def test_gemm_rs_8_ranks_on_one_gpu(world, shape, dtype):
             assert err < _TOL_EMULATED[dtype], (rep, r, err)
         if rep < 3:  # bitwise repeatable: the same inputs give the same bits
             again, _ = world.gemm_rs(xs, ws, cfg=cfg, grid=world.programs_per_rank,
-                                     spin_limit=_SPIN, precision=precision)
+                                     timeout_ms=_TIMEOUT_MS, precision=precision)
             for r in range(_WORLD):
                 assert np.array_equal(zs[r].view(np.uint8), again[r].view(np.uint8))
 
@@ -225,7 +227,11 @@ def test_a_rank_that_never_launches_is_a_timeout_not_a_hang(world):
     rng = np.random.default_rng(2)
     xs = [_host(rng, (64, 128), "bfloat16") for _ in range(_WORLD)]
     ws = [_host(rng, (128, 128), "bfloat16") for _ in range(_WORLD)]
+    start = time.perf_counter()
     with pytest.raises(RuntimeError, match="timed out"):
         partial.ag_gemm(xs, ws, cfg=_ag_cfg(64), grid=partial.programs_per_rank,
-                        spin_limit=200_000, precision="ieee")
+                        timeout_ms=500, precision="ieee")
+    # The waits are timed by the GPU's clock: about 0.5 s, not a poll count's guess.
+    elapsed = time.perf_counter() - start
+    assert 0.4 < elapsed < 30, elapsed
 

@@ -30,3 +30,5 @@ def test_kernels_compile_for_sm90(tmp_path):
         itemsize = 4 if "float32" in line else 2
         assert shared == 3 * (128 * 64 + 64 * 128) * itemsize, line
         assert int(fields["cp.async"]) > 0 and int(fields["v4"]) > 0, line
+        # Communicating kernels time their waits by the GPU's clock; the GEMM has none.
+        assert (int(fields["timer"]) > 0) == (" matmul " not in line), line

@@ -61,7 +61,7 @@ def main() -> int:
     ws = [rng.standard_normal((k, n)).astype(bf16) for _ in range(WORLD)]
     cfg = dict(block_m=32, block_n=64, block_k=32, chunk_rows=16, comm_programs=2, copy_rows=16,
                copy_cols=64, num_warps=4, num_stages=3)
-    ys, xgs, ms = world.ag_gemm(xs, ws, cfg=cfg, grid=16, spin_limit=1234, precision="ieee",
+    ys, xgs, ms = world.ag_gemm(xs, ws, cfg=cfg, grid=16, timeout_ms=1234, precision="ieee",
                                 return_gathered=True)
     got = launches(lib, first, 9)
     assert len(got) == WORLD, len(got)
@@ -89,7 +89,7 @@ def main() -> int:
     xs = [rng.standard_normal((WORLD * 4, k)).astype(bf16) for _ in range(WORLD)]
     rs_cfg = dict(block_m=16, block_n=64, block_k=32, reduce_programs=2, num_warps=4,
                   num_stages=3)
-    zs, _ = world.gemm_rs(xs, ws, cfg=rs_cfg, grid=8, spin_limit=99, precision="ieee")
+    zs, _ = world.gemm_rs(xs, ws, cfg=rs_cfg, grid=8, timeout_ms=99, precision="ieee")
     got = launches(lib, first, 8)
     assert len(got) == WORLD and all(g["grid"] == 8 for g in got)
     assert all(g["params"][6:] == [0, 0] for g in got)
@@ -108,13 +108,13 @@ def main() -> int:
     lib.fakeCudaSetParamCount(9)
     first = lib.fakeCudaLaunchCount()
     skipping = OneGpuWorld(WORLD, skip_ranks={3})
-    skipping.ag_gemm([x[:m] for x in xs], ws, cfg=cfg, grid=16, spin_limit=1, precision="ieee")
+    skipping.ag_gemm([x[:m] for x in xs], ws, cfg=cfg, grid=16, timeout_ms=1, precision="ieee")
     got = launches(lib, first, 9)
     assert [skipping.streams.index(g["stream"]) for g in got] == [0, 1, 2, 4, 5, 6, 7]
 
     # A persistent grid that cannot co-reside is refused before any launch.
     try:
-        world.ag_gemm([x[:m] for x in xs], ws, cfg=cfg, grid=17, spin_limit=1,
+        world.ag_gemm([x[:m] for x in xs], ws, cfg=cfg, grid=17, timeout_ms=1,
                       precision="ieee")
     except ValueError as e:
         assert "exceeds 16 programs per rank" in str(e), e

@@ -177,6 +177,7 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._reported: set[int] = set()
+        self._generation = 0  # bumped by every reset
         self.reports: list[str] = []
 
     @property
@@ -206,12 +207,19 @@ class _Watchdog:
         """Called on workspace reset: records are zero again."""
         with self._lock:
             self._reported.clear()
+            self._generation += 1
 
     def poll(self) -> list[str]:
         """New failures since the last poll (each rank's record reported once)."""
         new = []
         with self._lock:
-            for address, message in _failed_records():
+            generation = self._generation
+        # Not under self._lock: reset() holds the workspace's lock, then takes this one.
+        failed = _failed_records()
+        with self._lock:
+            if generation != self._generation:  # a reset came in between: read again later
+                return []
+            for address, message in failed:
                 if address not in self._reported:
                     self._reported.add(address)
                     self.reports.append(message)

@@ -368,4 +368,4 @@ def reset() -> None:
     with _lock:
         for ws in list(_live.values()) + _retired:
             ws.reset()
-        errors.watchdog.forget()
+    errors.watchdog.forget()  # outside _lock: the watchdog takes its own lock, then this one

@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from benchmarks import harness
+from jax_flux import testing
 
 WORLD = 8
 COLUMNS = ["op", "M", "K", "N", "dtype", "fused_ms", "gemm_ms", "overhead", "fused_tflops",
@@ -38,10 +39,6 @@ SHAPES = {"all_gather_matmul": [(m, 12288, 49152 // WORLD) for m in (64, 512, 10
           "matmul_reduce_scatter": [(m, 49152 // WORLD, 12288) for m in (64, 512, 1024, 4096,
                                                                           8192)]}
 _TIMEOUT_MS = 20_000
-
-
-def _rel(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(a.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
 def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
@@ -69,7 +66,7 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
         # reference at M = 8192 would take minutes).
         sample = np.concatenate([np.arange(r * m, r * m + min(m, 32)) for r in range(WORLD)])
         ref = xg[sample].astype(np.float32) @ ws[0].astype(np.float32)
-        err = _rel(ys[0][sample], ref.astype(np.float64))
+        err = testing.relative_error(ys[0][sample], ref.astype(np.float64))
     else:
         xs = [rng.standard_normal((m_total, k)).astype(bf16) for _ in range(WORLD)]
         ws = [(rng.standard_normal((k, n)) / np.sqrt(k)).astype(bf16) for _ in range(WORLD)]
@@ -87,7 +84,7 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
         zs, _ = fused()
         rows = min(m_total // WORLD, 32)  # rank 0's first rows, summed over every source
         ref = sum(x[:rows].astype(np.float32) @ w.astype(np.float32) for x, w in zip(xs, ws))
-        err = _rel(zs[0][:rows], ref.astype(np.float64))
+        err = testing.relative_error(zs[0][:rows], ref.astype(np.float64))
     fused_ms = statistics.median(fused()[-1] for _ in range(reps))
     gemm_ms = statistics.median(plain()[-1] for _ in range(reps))
     flops = 2 * m_total * k * n * WORLD  # every rank's GEMM

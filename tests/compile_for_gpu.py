@@ -21,6 +21,22 @@ from custom_calls.rank_emulation import Compiled, compile_kernel, ptx_param_coun
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
+def ptx_features(ptx: str) -> dict:
+    """Counts of what a well-compiled kernel shows in its PTX.
+
+    Loads Triton could prove aligned become cp.async (pipelined into shared
+    memory) and wide vector accesses (a workspace pointer it cannot see through
+    shows up as none); Hopper MMAs are wgmma; the communicating kernels time
+    their waits by the GPU's global timer.
+    """
+    return {
+        "cp.async": ptx.count("cp.async.cg.shared.global") + ptx.count("cp.async.ca.shared.global"),
+        "v4": sum(ptx.count(f"{op}.v4") for op in ("st.global", "ld.global")),
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "timer": ptx.count("%globaltimer"),
+    }
+
+
 def cases():
     for dtype, t in _DTYPES.items():
         precision = "tf32" if dtype == "float32" else "ieee"
@@ -61,16 +77,10 @@ def main(argv) -> int:
             print(f"sm_{arch} {name}: {params} PTX parameters, expected {len(c.params)} + "
                   f"{Compiled.TRAILING_SCRATCH_PARAMS}", file=sys.stderr)
             return 1
-        # Loads Triton could prove aligned become cp.async (pipelined into
-        # shared memory) and wide vector accesses; a workspace pointer it cannot
-        # see through shows up here as none.
-        cp_async = c.ptx.count("cp.async.cg.shared.global") + c.ptx.count("cp.async.ca.shared.global")
-        wide = sum(c.ptx.count(f"{op}.v4") for op in ("st.global", "ld.global"))
-        # Waits of the communicating kernels are timed by the GPU's global timer.
-        timer = c.ptx.count("%globaltimer")
+        f = ptx_features(c.ptx)
         print(f"sm_{arch} {name:<8} {dtype:<9} ok: {len(c.ptx)} bytes of PTX, "
               f"{len(c.cubin)} bytes of cubin, {params} parameters, {c.shared} bytes shared, "
-              f"cp.async={cp_async} v4={wide} timer={timer}")
+              f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']}")
     return 0
 
 

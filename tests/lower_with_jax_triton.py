@@ -66,11 +66,11 @@ def main() -> int:
     # No device to ask: compile for an H100.
     triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: 90
 
-    import jax
     import jax.numpy as jnp
 
     from jax_flux import errors, testing
-    from tests.helpers import mesh_of
+    from tests.compile_for_gpu import ptx_features
+    from tests.helpers import fused_fn, mesh_of
 
     mesh = mesh_of(4)
     cases = [("all_gather_matmul", jnp.bfloat16, (512, 256, 1024)),
@@ -80,10 +80,7 @@ def main() -> int:
     for op, dtype, (m, k, n) in cases:
         x, w, _, _ = testing.random_operands(m, k, n, dtype)
         xs, ws = testing.place(op, mesh, x, w)
-        in_specs, out_spec = testing._SPECS[op]
-        f = jax.jit(jax.shard_map(lambda x, w: testing.OPS[op](x, w, "tp", impl="fused"),
-                                  mesh=mesh, in_specs=in_specs, out_specs=out_spec))
-        text = f.trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
+        text = fused_fn(op, mesh).trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
         for name in ("all-gather", "all_gather", "reduce-scatter", "reduce_scatter"):
             assert f"stablehlo.{name}" not in text, (op, name)
         assert "stablehlo.case" not in text and "callback" not in text, op  # async: no check
@@ -91,11 +88,10 @@ def main() -> int:
         ptx = config[config.index(".version"):]
         entry = re.findall(r"\.entry (\w+)", ptx)
         target = re.findall(r"\.target (\S+)", ptx)
-        cp_async = len(re.findall(r"cp\.async\.c[ag]", ptx))
-        wgmma = ptx.count("wgmma.mma_async")
+        f = ptx_features(ptx)
         print(f"{op:22s} {jnp.dtype(dtype).name:9s} kernel={entry[0]} target={target[0]} "
-              f"cp.async={cp_async} wgmma={wgmma}")
-        assert target == ["sm_90a"] and cp_async > 0 and wgmma > 0, (op, dtype)
+              f"cp.async={f['cp.async']} wgmma={f['wgmma']} timer={f['timer']}")
+        assert target == ["sm_90a"] and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)
     errors.watchdog.stop()
     return 0
 

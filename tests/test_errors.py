@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import jax_flux
 from custom_calls import signals
 from jax_flux import errors, testing, workspace
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig
-from tests.helpers import mesh_of
+from tests.helpers import fused_fn, mesh_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIPPED = 3
@@ -64,11 +63,7 @@ def _operands(op: str, mesh):
 
 
 def _normal(op: str, mesh):
-    in_specs, out_spec = testing._SPECS[op]
-    cfg = _config(op)
-    return jax.jit(jax.shard_map(lambda x, w: testing.OPS[op](x, w, "tp", impl="fused",
-                                                              config=cfg),
-                                 mesh=mesh, in_specs=in_specs, out_specs=out_spec))
+    return fused_fn(op, mesh, _config(op))
 
 
 def _assert_exact(op, mesh, x, w, xs, ws):
@@ -213,7 +208,7 @@ _ABORT_SCRIPT = """
 import jax, numpy as np
 import tests.conftest  # 8 CPU devices, the interpreter
 from tests.test_errors import _skipping, _operands
-from tests.helpers import mesh_of
+from tests.helpers import fused_fn, mesh_of
 mesh = mesh_of(8)
 _, _, (xs, ws) = _operands("all_gather_matmul", mesh)
 out = np.asarray(_skipping("all_gather_matmul", mesh)(xs, ws))

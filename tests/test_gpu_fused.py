@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, testing, workspace
+from tests.helpers import fused_fn
 
 pytestmark = pytest.mark.gpu
 
@@ -76,12 +77,6 @@ def test_fused_large_world_size_1_with_explicit_configs():
         assert testing.relative_error(out, x64 @ w64) < 2e-2, op
 
 
-def _fresh_fused(op, mesh):
-    in_specs, out_spec = testing._SPECS[op]
-    return jax.jit(jax.shard_map(lambda x, w: testing.OPS[op](x, w, "tp", impl="fused"),
-                                 mesh=mesh, in_specs=in_specs, out_specs=out_spec))
-
-
 @pytest.mark.parametrize("op", list(testing.OPS))
 def test_async_status_check_world_size_1(op, monkeypatch):
     # The GPU default: no per-call check in the program (no host synchronisation);
@@ -91,7 +86,7 @@ def test_async_status_check_world_size_1(op, monkeypatch):
     monkeypatch.setenv("JAX_FLUX_STATUS_CHECK", "async")
     monkeypatch.setenv("JAX_FLUX_ON_PEER_TIMEOUT", "log")
     mesh = testing.mesh(jax.devices()[:1])
-    f = _fresh_fused(op, mesh)
+    f = fused_fn(op, mesh)  # a fresh program, traced in this test's mode
     try:
         for call in range(5):
             x, w, x64, w64 = testing.random_operands(256, 384, 512, jnp.bfloat16, seed=call)
@@ -120,7 +115,7 @@ def test_a_failure_on_the_gpu_reaches_the_host_record(monkeypatch):
     monkeypatch.setenv("JAX_FLUX_ON_PEER_TIMEOUT", "log")
     op = "matmul_reduce_scatter"
     mesh = testing.mesh(jax.devices()[:1])
-    f = _fresh_fused(op, mesh)
+    f = fused_fn(op, mesh)  # a fresh program, traced in this test's mode
     x, w, _, _ = testing.random_operands(256, 16384, 512, jnp.bfloat16)
     xs, ws_ = testing.place(op, mesh, x, w)
     try:

@@ -13,13 +13,12 @@ as a constant, and no XLA collective in the program.
 import sys
 import types
 
-import jax
 import jax.numpy as jnp
 import pytest
 
 from custom_calls import binding
 from jax_flux import testing
-from tests.helpers import mesh_of
+from tests.helpers import fused_fn, mesh_of
 
 
 @pytest.fixture
@@ -58,9 +57,7 @@ def test_fused_op_lowers_for_cuda_to_one_jax_triton_call(fake_jax_triton, op, ke
     else:
         x, w, _, _ = testing.random_operands(24, 96, 16, jnp.bfloat16)
     xs, ws = testing.place(op, mesh, x, w)
-    f = jax.jit(jax.shard_map(
-        lambda x, w: testing.OPS[op](x, w, "tp", impl="fused"), mesh=mesh,
-        in_specs=testing._SPECS[op][0], out_specs=testing._SPECS[op][1]))
+    f = fused_fn(op, mesh)
     lowered = f.trace(xs, ws).lower(lowering_platforms=("cuda",))
     assert len(calls) == 1, calls
     call = calls[0]

@@ -4,8 +4,9 @@ Run as a script in a process where Triton is in compiled mode (no
 TRITON_INTERPRET): ``python -m tests.compile_for_gpu [sm]``. Triton lowers each
 kernel to PTX and assembles it with its bundled ptxas, which catches what the
 interpreter cannot: type errors between branches, unsupported atomics,
-non-constexpr globals, pointer casts. Prints one line per kernel and exits
-non-zero on the first failure.
+non-constexpr globals, pointer casts. Prints one line per kernel (with what
+its PTX and SASS show: cp.async, vector accesses, registers, spills, the K
+loop, programs that fit an SM) and exits non-zero on the first failure.
 """
 
 import os
@@ -16,25 +17,10 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
+from custom_calls.assembly import programs_per_sm, ptx_features, sass_features  # noqa: E402
 from custom_calls.rank_emulation import Compiled, compile_kernel, ptx_param_count  # noqa: E402
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
-
-def ptx_features(ptx: str) -> dict:
-    """Counts of what a well-compiled kernel shows in its PTX.
-
-    Loads Triton could prove aligned become cp.async (pipelined into shared
-    memory) and wide vector accesses (a workspace pointer it cannot see through
-    shows up as none); Hopper MMAs are wgmma; the communicating kernels time
-    their waits by the GPU's global timer.
-    """
-    return {
-        "cp.async": ptx.count("cp.async.cg.shared.global") + ptx.count("cp.async.ca.shared.global"),
-        "v4": sum(ptx.count(f"{op}.v4") for op in ("st.global", "ld.global")),
-        "wgmma": ptx.count("wgmma.mma_async"),
-        "timer": ptx.count("%globaltimer"),
-    }
 
 
 def cases():
@@ -78,9 +64,14 @@ def main(argv) -> int:
                   f"{Compiled.TRAILING_SCRATCH_PARAMS}", file=sys.stderr)
             return 1
         f = ptx_features(c.ptx)
+        sass = sass_features(c.cubin)
+        if sass:
+            sass["fit"] = programs_per_sm(sass["regs"], c.shared + sass["static_shared"],
+                                          c.num_warps)["fit"]
+        s = " ".join(f"{k}={v}" for k, v in sass.items())
         print(f"sm_{arch} {name:<8} {dtype:<9} ok: {len(c.ptx)} bytes of PTX, "
               f"{len(c.cubin)} bytes of cubin, {params} parameters, {c.shared} bytes shared, "
-              f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']}")
+              f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']} {s}".rstrip())
     return 0
 
 

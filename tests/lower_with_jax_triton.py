@@ -69,7 +69,7 @@ def main() -> int:
     import jax.numpy as jnp
 
     from jax_flux import errors, testing
-    from tests.compile_for_gpu import ptx_features
+    from custom_calls.assembly import ptx_features
     from tests.helpers import fused_fn, mesh_of
 
     mesh = mesh_of(4)

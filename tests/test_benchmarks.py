@@ -73,3 +73,28 @@ def test_tune_quick_records_and_ships(tmp_path, monkeypatch):
     for entry_key, entry in entries.items():
         assert "|P=8" in entry_key and entry["config"] and entry["median_ms"] > 0
         assert autotune.cached_entry(entry_key) == entry
+
+
+def test_compiled_report_quick(tmp_path):
+    """The static report compiles the fused kernels for sm_90 (a subprocess: this
+    process runs Triton's interpreter) and reads their SASS."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=repo, TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compiled", "--sweep", "quick",
+                        "--out", str(tmp_path)], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    rows = _rows(tmp_path / "compiled_quick_bfloat16_sm90.csv")
+    assert {r["op"] for r in rows} == {"ag", "rs"}
+    for row in rows:
+        assert int(row["regs"]) > 0 and int(row["fit_per_sm"]) >= 1, row
+        assert int(row["loop_mma"]) > 0 and row["loop_spills"] == "0", row
+        assert int(row["tiles"]) <= int(row["waves"]) * int(row["gemm_programs"]), row
+    md = (tmp_path / "compiled_quick_bfloat16_sm90.md").read_text()
+    assert "compiled on a CPU-only host, not run" in md and "command" in md

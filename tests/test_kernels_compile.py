@@ -24,6 +24,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     # 3 stages of 128x64 + 64x128 tiles) and its wide accesses vectorized: a
     # workspace pointer Triton cannot prove aligned used to lose both for
     # 16-bit types (32 KiB of shared memory, no cp.async, no v4).
+    loops = {}
     for line in lines:
         fields = dict(f.split("=") for f in line.split() if "=" in f)
         shared = int(line.split(" bytes shared")[0].rsplit(" ", 1)[1])
@@ -32,3 +33,18 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert int(fields["cp.async"]) > 0 and int(fields["v4"]) > 0, line
         # Communicating kernels time their waits by the GPU's clock; the GEMM has none.
         assert (int(fields["timer"]) > 0) == (" matmul " not in line), line
+        # The assembled K loop (SASS): every kernel issues the same tensor-core
+        # MMAs and cp.async copies per iteration, and nothing spills in it.
+        assert "loop" in fields, "no SASS features (Triton's cuobjdump/nvdisasm missing?): " + line
+        kernel, dtype = line.split()[1:3]
+        loops[kernel, dtype] = {k: int(fields[k]) for k in ("loop", "loop_mma", "loop_ldgsts")}
+        assert int(fields["loop_local"]) == 0, line
+        assert int(fields["loop_mma"]) == (16 if itemsize == 4 else 8), line
+    # The fused kernels' K loop is the plain GEMM's (what the clock compares
+    # against XLA's dot): the same MMAs and copies, and no more instructions
+    # than it plus a tenth (the signalling stays outside the loop).
+    for (kernel, dtype), loop in loops.items():
+        gemm_loop = loops["matmul", dtype]
+        assert loop["loop_mma"] == gemm_loop["loop_mma"], (kernel, dtype, loops)
+        assert loop["loop_ldgsts"] == gemm_loop["loop_ldgsts"], (kernel, dtype, loops)
+        assert loop["loop"] <= 1.1 * gemm_loop["loop"], (kernel, dtype, loops)

@@ -1,0 +1,202 @@
+"""Static report of the fused kernels as compiled for Hopper, for the sweeps' shapes. No GPU.
+
+    python -m benchmarks.compiled --sweep gpt3-175b --dtype bfloat16
+
+For each op and shape of a sweep (TP=8, the per-rank problem), takes the
+config ``impl="fused"`` would use (the shape heuristic; ``--tuned`` adds the
+shipped and user autotune caches for ``--device-kind``), compiles the kernel
+for sm_90a exactly as jax-triton would (constexpr shapes, 16-byte aligned
+pointers) and reports what the compiled code shows, next to Triton's plain
+GEMM (``custom_calls.gemm.matmul_kernel``) with the same tile:
+
+* registers and stack bytes per thread, shared memory per program, and how
+  many programs fit an SM (and what binds first);
+* the K loop in SASS: instructions, tensor-core MMAs and cp.async copies per
+  iteration, spills inside it; narrow (< 16 byte) cp.async copies in the PTX;
+* the persistent grid as the wrapper sizes it (``--sms``): GEMM programs,
+  output tiles, waves, and the last wave's fill (tiles / (waves x programs)).
+
+Nothing here is timed: it says why a measured ratio to XLA's dot is what it
+is, and what to tune first. Output: CSV and markdown under ``--out``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Compiled mode: importing custom_calls on a CPU-only host would otherwise
+# switch Triton to its interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import argparse  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import triton  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.ops import AG, sweep_shapes  # noqa: E402
+from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
+from custom_calls.assembly import _cuda_tool, programs_per_sm, ptx_features, sass_features  # noqa: E402,E501
+from custom_calls.rank_emulation import compile_kernel  # noqa: E402
+from jax_flux import autotune  # noqa: E402
+from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig  # noqa: E402
+
+_TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+COLUMNS = ["op", "shape", "M", "K", "N", "tile", "warps", "stages", "helpers", "regs", "stack",
+           "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm", "gemm_programs", "tiles",
+           "waves", "last_wave_fill", "loop", "loop_plain_gemm", "loop_mma", "loop_ldgsts",
+           "loop_spills", "narrow_copies", "regs_plain_gemm"]
+
+
+def _compile(kernel, pointers: dict, constexprs: dict, cfg, cc: int) -> dict:
+    c = compile_kernel(kernel, cc, tuple(pointers.items()), tuple(sorted(constexprs.items())),
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    out = dict(ptx_features(c.ptx), **sass_features(c.cubin))
+    out["shared"] = c.shared + out.get("static_shared", 0)
+    out.update(programs_per_sm(out["regs"], out["shared"], cfg.num_warps))
+    return out
+
+
+def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind: str | None):
+    cls = AllGatherMatmulConfig if op == AG else MatmulReduceScatterConfig
+    if tuned_kind:
+        cfg = autotune.lookup(op, tuned_kind, m_local, k, n, dtype, world)
+        if cfg is not None:
+            return cfg, "tuned"
+    return cls.default(m_local, k, n, world, interpreting=False), "heuristic"
+
+
+def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None) -> dict:
+    """One row of the report: the fused kernel and the plain GEMM of the same tile."""
+    t = _TRITON_TYPE[jnp.dtype(dtype).name]
+    precision = "tf32" if jnp.dtype(dtype) == jnp.float32 else "ieee"
+    m_local = shape.m // world
+    if shape.op == AG:
+        k, n = shape.k, shape.n // world  # x [m, K] per rank, w [K, N / P]
+        cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind)
+        sig_off, data_off, _ = ag_gemm.workspace_bytes(world, m_local, k, jnp.dtype(dtype).itemsize,
+                                                       cfg.chunk_rows)
+        kernel = ag_gemm.ag_gemm_kernel
+        pointers = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
+                    "y_ptr": f"*{t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"}
+        constexprs = dict(M_LOCAL=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
+                          DATA_OFF=data_off, CHUNK_ROWS=cfg.chunk_rows,
+                          COMM_PROGRAMS=cfg.comm_programs, COPY_ROWS=cfg.copy_rows,
+                          COPY_COLS=cfg.copy_cols, RETURN_GATHERED=False)
+        helpers = cfg.comm_programs
+        gemm_mkn = (world * m_local, k, n)
+    else:
+        k, n = shape.k // world, shape.n  # x [M, K / P] per rank, w [K / P, N]
+        cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind)
+        sig_off, data_off, _ = gemm_rs.workspace_bytes(world, m_local, n, jnp.dtype(dtype).itemsize,
+                                                       cfg.block_m, cfg.block_n)
+        kernel = gemm_rs.gemm_rs_kernel
+        pointers = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
+                    "z_ptr": f"*{t}", "status_ptr": "*i32"}
+        constexprs = dict(M_OWN=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
+                          DATA_OFF=data_off, REDUCE_PROGRAMS=cfg.reduce_programs)
+        helpers = cfg.reduce_programs
+        gemm_mkn = (world * m_local, k, n)
+    tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=False,
+                INPUT_PRECISION=precision)
+    fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
+                                            ROTATE=cfg.rotate, TIMED=True), cfg, cc)
+    gm, gk, gn = gemm_mkn
+    plain = _compile(gemm.matmul_kernel, {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": f"*{t}"},
+                     dict(M=gm, N=gn, K=gk, GROUP_M=8, **tile), cfg, cc)
+    # The persistent grid as jax_flux/{ag_gemm,gemm_rs}.py size it.
+    tiles = world * -(-m_local // cfg.block_m) * -(-n // cfg.block_n)
+    grid = cfg.num_programs or min(tiles + helpers, sms * cfg.programs_per_sm)
+    grid = max(grid, helpers + 1)
+    gemm_programs = grid - helpers
+    waves = -(-tiles // gemm_programs)
+    return {
+        "op": "ag" if shape.op == AG else "rs", "shape": shape.name, "M": shape.m, "K": shape.k,
+        "N": shape.n, "config": source,
+        "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}", "warps": cfg.num_warps,
+        "stages": cfg.num_stages, "helpers": helpers, "regs": fused["regs"],
+        "stack": fused["stack"], "smem_kib": fused["shared"] / 1024,
+        "fit_per_sm": fused["fit"], "bound_by": fused["bound_by"],
+        "programs_per_sm": cfg.programs_per_sm, "gemm_programs": gemm_programs,
+        "tiles": tiles, "waves": waves, "last_wave_fill": tiles / (waves * gemm_programs),
+        "loop": fused["loop"], "loop_plain_gemm": plain["loop"], "loop_mma": fused["loop_mma"],
+        "loop_ldgsts": fused["loop_ldgsts"], "loop_spills": fused["loop_local"],
+        "narrow_copies": fused["narrow_copies"], "regs_plain_gemm": plain["regs"],
+    }
+
+
+def _ptxas_version() -> str:
+    ptxas = _cuda_tool("ptxas")
+    if ptxas is None:
+        return "?"
+    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return m.group(1) if m else "?"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sweep", default="gpt3-175b", choices=["gpt3-175b", "llama2-70b", "quick"])
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(_TRITON_TYPE))
+    p.add_argument("--world", type=int, default=8)
+    p.add_argument("--sms", type=int, default=132, help="SMs of the target (H100 SXM: 132)")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--tuned", metavar="DEVICE_KIND", default=None,
+                   help="use autotuned configs of this device kind where cached")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "compiled"))
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("run without TRITON_INTERPRET: this compiles for a GPU", file=sys.stderr)
+        return 2
+    if _cuda_tool("nvdisasm") is None:
+        print("Triton's CUDA tools (cuobjdump, nvdisasm) are missing", file=sys.stderr)
+        return 2
+    dtype = jnp.dtype(a.dtype)
+    rows = []
+    for shape in sweep_shapes(a.sweep):
+        if shape.m % a.world:
+            continue
+        row = analyse(shape, dtype, a.world, a.sms, a.arch, a.tuned)
+        rows.append(row)
+        print(harness.format_row(row, ["op", "shape", "M", "tile", "warps", "regs", "stack",
+                                       "fit_per_sm", "gemm_programs", "tiles", "waves",
+                                       "last_wave_fill", "loop", "loop_plain_gemm",
+                                       "narrow_copies"]), flush=True)
+    env = {
+        "target": f"sm_{a.arch}a, {a.sms} SMs assumed; compiled on a CPU-only host, not run",
+        "triton": triton.__version__, "ptxas": _ptxas_version(), "world": a.world,
+        "command": "python -m benchmarks.compiled " + " ".join(shlex.quote(x) for x in
+                                                               (argv or sys.argv[1:])),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    notes = [
+        "Static: what the compiled code shows, nothing timed. `loop`: SASS instructions of the "
+        "K loop (per BLOCK_K step) of the fused kernel, `loop_plain_gemm`: the same for Triton's "
+        "plain GEMM with the same tile; `loop_mma`/`loop_ldgsts`: tensor-core MMAs and cp.async "
+        "copies per step; `loop_spills`: local-memory accesses in the loop; `narrow_copies`: "
+        "cp.async copies narrower than 16 bytes in the PTX (float32 w is copied 4 bytes at a "
+        "time: tf32 wgmma wants both operands K-major and w is row-major).",
+        "`fit_per_sm`: programs of the fused kernel that fit one SM (registers, shared memory, "
+        "warps), `bound_by`: the first limit; `programs_per_sm`: what the config's grid assumes. "
+        "`gemm_programs`: the persistent grid less the helper programs (AG: communication, RS: "
+        "reduction); `waves`: output tiles / GEMM programs, rounded up; `last_wave_fill`: the "
+        "share of GEMM program slots that have a tile, over all waves.",
+    ]
+    os.makedirs(a.out, exist_ok=True)
+    base = os.path.join(a.out, f"compiled_{a.sweep}_{dtype.name}_sm{a.arch}")
+    columns = COLUMNS[:5] + ["config"] + COLUMNS[5:]
+    harness.write_csv(base + ".csv", [{c: r.get(c) for c in columns} for r in rows])
+    harness.write_markdown(base + ".md", f"Fused kernels as compiled for sm_{a.arch}: {a.sweep}, "
+                           f"{dtype.name}, P={a.world}", env,
+                           [("per shape", harness.markdown_table(rows, columns))], notes)
+    print(f"wrote {base}.csv/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

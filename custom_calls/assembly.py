@@ -1,0 +1,150 @@
+"""What a compiled kernel shows: PTX and SASS features, and how many programs fit an SM.
+
+Used by the compile checks (``tests/compile_for_gpu.py``) and the static
+kernel report (``benchmarks/compiled.py``) to look at the compiled kernels,
+not only the clock: on a CPU-only host, with the CUDA tools Triton's wheel
+ships (ptxas, cuobjdump, nvdisasm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+
+
+def ptx_features(ptx: str) -> dict:
+    """Counts of what a well-compiled kernel shows in its PTX.
+
+    Loads Triton could prove aligned become cp.async (pipelined into shared
+    memory) and wide vector accesses (a workspace pointer it cannot see through
+    shows up as none); Hopper MMAs are wgmma; the communicating kernels time
+    their waits by the GPU's global timer. ``narrow_copies``: cp.async copies
+    of fewer than 16 bytes (an operand Triton must transpose on the way into
+    shared memory, or one it cannot prove aligned).
+    """
+    return {
+        "cp.async": ptx.count("cp.async.cg.shared.global") + ptx.count("cp.async.ca.shared.global"),
+        "narrow_copies": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*0x[48]\s*[,;]",
+                                        ptx)),
+        "v4": sum(ptx.count(f"{op}.v4") for op in ("st.global", "ld.global")),
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "timer": ptx.count("%globaltimer"),
+    }
+
+
+def _cuda_tool(name: str) -> str | None:
+    """A CUDA binary tool shipped in Triton's wheel (cuobjdump, nvdisasm), or None."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.access(path, os.X_OK) else None
+
+
+def _opcode(instruction: str) -> str:
+    """``@!P0 LDGSTS.E.BYPASS.128 [R1], ...`` -> ``LDGSTS``."""
+    words = instruction.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0].split(".")[0] if words else ""
+
+
+def hot_loop(sass: str) -> list[str]:
+    """The opcodes of the innermost loop around the first tensor-core MMA.
+
+    The loop is the span from the nearest label before that MMA to the first
+    branch back to it. In every GEMM here that is the software-pipelined K
+    loop, where the time goes.
+    """
+    body = []  # ("label", name) or ("op", opcode, text)
+    for line in sass.splitlines():
+        line = line.strip()
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            body.append(("label", label.group(1)))
+            continue
+        op = re.match(r"^/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if op:
+            body.append(("op", _opcode(op.group(1)), op.group(1)))
+    mma = next((i for i, e in enumerate(body) if e[0] == "op" and e[1] in ("HGMMA", "HMMA")),
+               None)
+    if mma is None:
+        return []
+    for start in range(mma, -1, -1):
+        if body[start][0] != "label":
+            continue
+        back = re.compile(r"\bBRA\b.*" + re.escape(body[start][1]) + r"(?!\w)")
+        for end in range(mma, len(body)):
+            if body[end][0] == "op" and back.search(body[end][2]):
+                return [e[1] for e in body[start:end + 1] if e[0] == "op"]
+    return []
+
+
+def sass_features(cubin: bytes) -> dict:
+    """What the assembled kernel shows: registers and stack bytes per thread
+    (stack: spills or local arrays), static shared memory (bytes; Triton's
+    pipeline buffers are dynamic, ``metadata.shared``), and its hot K loop (``hot_loop``):
+    instructions, tensor-core MMAs, cp.async copies (LDGSTS) and local-memory
+    accesses (spills inside the loop). Empty without Triton's CUDA tools."""
+    cuobjdump, nvdisasm = _cuda_tool("cuobjdump"), _cuda_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    static_shared = re.search(r"SHARED:(\d+)", usage)
+    loop = Counter(hot_loop(sass))
+    return {
+        "regs": int(regs.group(1)) if regs else -1,
+        "stack": int(stack.group(1)) if stack else -1,
+        "static_shared": int(static_shared.group(1)) if static_shared else 0,
+        "loop": sum(loop.values()),
+        "loop_mma": loop["HGMMA"] + loop["HMMA"],
+        "loop_ldgsts": loop["LDGSTS"],
+        "loop_local": loop["LDL"] + loop["STL"],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    """Per-SM resources that bound how many programs co-reside (CUDA occupancy rules)."""
+
+    registers: int = 65536
+    register_unit: int = 256  # registers are allocated per warp in units of this many
+    shared_bytes: int = 228 * 1024
+    shared_reserved: int = 1024  # per program, taken by the CUDA runtime
+    warps: int = 64
+    programs: int = 32
+
+
+HOPPER = SmLimits()
+
+
+def programs_per_sm(regs: int, shared_bytes: int, num_warps: int,
+                    limits: SmLimits = HOPPER) -> dict:
+    """Programs of this kernel that fit one SM at once (``fit``), the limit that
+    binds first (``bound_by``) and what each limit alone allows (``fit_by_*``).
+
+    ``shared_bytes``: dynamic plus static shared memory of one program.
+    """
+    unit = limits.register_unit
+    regs_per_warp = -(-max(regs, 1) * 32 // unit) * unit
+    bounds = {
+        "registers": limits.registers // (regs_per_warp * num_warps),
+        "shared": limits.shared_bytes // (shared_bytes + limits.shared_reserved),
+        "warps": limits.warps // num_warps,
+        "programs": limits.programs,
+    }
+    fit = min(bounds.values())
+    return {"fit": fit, "bound_by": min(bounds, key=bounds.get),
+            **{f"fit_by_{k}": v for k, v in bounds.items()}}

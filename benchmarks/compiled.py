@@ -14,7 +14,13 @@ GEMM (``custom_calls.gemm.matmul_kernel``) with the same tile:
 * the K loop in SASS: instructions, tensor-core MMAs and cp.async copies per
   iteration, spills inside it; narrow (< 16 byte) cp.async copies in the PTX;
 * the persistent grid as the wrapper sizes it (``--sms``): GEMM programs,
-  output tiles, waves, and the last wave's fill (tiles / (waves x programs)).
+  output tiles, waves, and the last wave's fill (tiles / (waves x programs));
+* an estimate (a model, not a measurement) of how many times the tile order
+  makes the GEMM read w and x from HBM: each wave of programs running at once
+  reads the column tiles of w and row tiles of x it touches once (L2 shares
+  them within a wave), and nothing survives in L2 from one wave to the next
+  (w of these shapes is larger than L2). For the config's ``group_m`` and for
+  row-major order (``group_m=1``).
 
 Nothing here is timed: it says why a measured ratio to XLA's dot is what it
 is, and what to tune first. Output: CSV and markdown under ``--out``.
@@ -41,15 +47,16 @@ import triton  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.ops import AG, sweep_shapes  # noqa: E402
 from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
-from custom_calls.assembly import _cuda_tool, programs_per_sm, ptx_features, sass_features  # noqa: E402,E501
+from custom_calls.assembly import cuda_tool, programs_per_sm, ptx_features, sass_features  # noqa: E402
 from custom_calls.rank_emulation import compile_kernel  # noqa: E402
 from jax_flux import autotune  # noqa: E402
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig  # noqa: E402
 
 _TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-COLUMNS = ["op", "shape", "M", "K", "N", "tile", "warps", "stages", "helpers", "regs", "stack",
-           "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm", "gemm_programs", "tiles",
-           "waves", "last_wave_fill", "loop", "loop_plain_gemm", "loop_mma", "loop_ldgsts",
+COLUMNS = ["op", "shape", "M", "K", "N", "tile", "group_m", "warps", "stages", "helpers",
+           "regs", "stack", "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm",
+           "gemm_programs", "tiles", "waves", "last_wave_fill", "w_reads_est", "x_reads_est",
+           "w_reads_est_rowmajor", "loop", "loop_plain_gemm", "loop_mma", "loop_ldgsts",
            "loop_spills", "narrow_copies", "regs_plain_gemm"]
 
 
@@ -60,6 +67,32 @@ def _compile(kernel, pointers: dict, constexprs: dict, cfg, cc: int) -> dict:
     out["shared"] = c.shared + out.get("static_shared", 0)
     out.update(programs_per_sm(out["regs"], out["shared"], cfg.num_warps))
     return out
+
+
+def grouped(tile: int, tiles_m: int, tiles_n: int, group_m: int) -> tuple[int, int]:
+    """(tile_m, tile_n) of linear tile ``tile`` (``custom_calls.gemm.group_order``)."""
+    per_group = group_m * tiles_n
+    first_m = (tile // per_group) * group_m
+    rows = min(tiles_m - first_m, group_m)
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+def operand_reads(blocks: int, tiles_m: int, tiles_n: int, programs: int,
+                  group_m: int) -> tuple[float, float]:
+    """Estimated reads of (w, x) from HBM, in units of the whole operand, when
+    ``programs`` programs take the tiles of ``blocks`` row blocks (sources or
+    owners) of ``tiles_m`` row tiles each, in groups of ``group_m`` row tiles
+    (the kernels' order)."""
+    order = []
+    for t in range(blocks * tiles_m * tiles_n):
+        row_tile, n = grouped(t, blocks * tiles_m, tiles_n, group_m)
+        order.append((row_tile // tiles_m, row_tile % tiles_m, n))
+    w_tiles = x_tiles = 0
+    for start in range(0, len(order), programs):
+        wave = order[start:start + programs]
+        w_tiles += len({n for _, _, n in wave})
+        x_tiles += len({(b, m) for b, m, _ in wave})
+    return w_tiles / tiles_n, x_tiles / (blocks * tiles_m)
 
 
 def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind: str | None):
@@ -102,28 +135,33 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg.reduce_programs)
         helpers = cfg.reduce_programs
         gemm_mkn = (world * m_local, k, n)
-    tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=False,
-                INPUT_PRECISION=precision)
+    tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=precision)
     fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
                                             ROTATE=cfg.rotate, TIMED=True), cfg, cc)
     gm, gk, gn = gemm_mkn
     plain = _compile(gemm.matmul_kernel, {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": f"*{t}"},
-                     dict(M=gm, N=gn, K=gk, GROUP_M=8, **tile), cfg, cc)
+                     dict(M=gm, N=gn, K=gk, **tile), cfg, cc)
     # The persistent grid as jax_flux/{ag_gemm,gemm_rs}.py size it.
     tiles = world * -(-m_local // cfg.block_m) * -(-n // cfg.block_n)
     grid = cfg.num_programs or min(tiles + helpers, sms * cfg.programs_per_sm)
     grid = max(grid, helpers + 1)
     gemm_programs = grid - helpers
     waves = -(-tiles // gemm_programs)
+    tiles_m, tiles_n = -(-m_local // cfg.block_m), -(-n // cfg.block_n)
+    w_reads, x_reads = operand_reads(world, tiles_m, tiles_n, gemm_programs, cfg.group_m)
+    w_rowmajor, _ = operand_reads(world, tiles_m, tiles_n, gemm_programs, 1)
     return {
         "op": "ag" if shape.op == AG else "rs", "shape": shape.name, "M": shape.m, "K": shape.k,
         "N": shape.n, "config": source,
-        "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}", "warps": cfg.num_warps,
+        "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}", "group_m": cfg.group_m,
+        "warps": cfg.num_warps,
         "stages": cfg.num_stages, "helpers": helpers, "regs": fused["regs"],
         "stack": fused["stack"], "smem_kib": fused["shared"] / 1024,
         "fit_per_sm": fused["fit"], "bound_by": fused["bound_by"],
         "programs_per_sm": cfg.programs_per_sm, "gemm_programs": gemm_programs,
         "tiles": tiles, "waves": waves, "last_wave_fill": tiles / (waves * gemm_programs),
+        "w_reads_est": w_reads, "x_reads_est": x_reads, "w_reads_est_rowmajor": w_rowmajor,
         "loop": fused["loop"], "loop_plain_gemm": plain["loop"], "loop_mma": fused["loop_mma"],
         "loop_ldgsts": fused["loop_ldgsts"], "loop_spills": fused["loop_local"],
         "narrow_copies": fused["narrow_copies"], "regs_plain_gemm": plain["regs"],
@@ -131,7 +169,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
 
 
 def _ptxas_version() -> str:
-    ptxas = _cuda_tool("ptxas")
+    ptxas = cuda_tool("ptxas")
     if ptxas is None:
         return "?"
     out = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
@@ -153,7 +191,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("run without TRITON_INTERPRET: this compiles for a GPU", file=sys.stderr)
         return 2
-    if _cuda_tool("nvdisasm") is None:
+    if cuda_tool("nvdisasm") is None:
         print("Triton's CUDA tools (cuobjdump, nvdisasm) are missing", file=sys.stderr)
         return 2
     dtype = jnp.dtype(a.dtype)
@@ -165,7 +203,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(harness.format_row(row, ["op", "shape", "M", "tile", "warps", "regs", "stack",
                                        "fit_per_sm", "gemm_programs", "tiles", "waves",
-                                       "last_wave_fill", "loop", "loop_plain_gemm",
+                                       "last_wave_fill", "w_reads_est", "w_reads_est_rowmajor",
+                                       "loop", "loop_plain_gemm",
                                        "narrow_copies"]), flush=True)
     env = {
         "target": f"sm_{a.arch}a, {a.sms} SMs assumed; compiled on a CPU-only host, not run",
@@ -186,6 +225,10 @@ def main(argv=None) -> int:
         "`gemm_programs`: the persistent grid less the helper programs (AG: communication, RS: "
         "reduction); `waves`: output tiles / GEMM programs, rounded up; `last_wave_fill`: the "
         "share of GEMM program slots that have a tile, over all waves.",
+        "`w_reads_est`/`x_reads_est`: an ESTIMATE (a model, not a measurement) of how many times "
+        "the tile order reads the whole of w / x from HBM, if each wave of programs reads the "
+        "tiles it touches once and nothing stays in L2 between waves; `w_reads_est_rowmajor`: "
+        "the same for row-major order (group_m=1), the order before group_m existed.",
     ]
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, f"compiled_{a.sweep}_{dtype.name}_sm{a.arch}")

@@ -16,8 +16,13 @@ this call.
 The other programs are the GEMM: output tiles in rank-rotated order (own rows
 first, read straight from x, then rows of rank r-1, r-2, ..., the order they
 arrive in), each acquire-waiting only on the signals of the chunks its rows
-lie in. With RETURN_GATHERED they also write the gathered x (the rows they
-read for tile column 0), so the weight gradient needs no second all-gather.
+lie in. The row tiles of all sources, in that order, go in groups of GROUP_M
+(``gemm.group_order``, as in the plain GEMM), so the programs running at once
+share w's column tiles in L2 instead of each wave reading all of w; a group
+may span sources (decode: one row tile a source, all sources in a group, w
+read about once). With
+RETURN_GATHERED they also write the gathered x (the rows they read for tile
+column 0), so the weight gradient needs no second all-gather.
 
 Invariant that makes one source right both on a GPU (programs concurrent) and
 in the interpreter (programs of a rank run one after another, ranks
@@ -31,7 +36,7 @@ import triton.language as tl
 
 from custom_calls import signals
 from custom_calls.binding import triton_call
-from custom_calls.gemm import gemm_tile
+from custom_calls.gemm import gemm_tile, group_order
 
 
 @triton.jit
@@ -85,8 +90,8 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
                 M_LOCAL, N, K, chunks, gemm_pid, gemm_programs,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
-                RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr,
+                COPY_COLS: tl.constexpr, RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
                 ROTATE: tl.constexpr, TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
@@ -94,15 +99,15 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
     tiles_m = tl.cdiv(M_LOCAL, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    per_source = tiles_m * tiles_n
-    for t in range(gemm_pid, WORLD * per_source, gemm_programs):
-        step = t // per_source
+    for t in range(gemm_pid, WORLD * tiles_m * tiles_n, gemm_programs):
+        # Row tile `row_tile` of all sources' rows in arrival order.
+        row_tile, tile_n = group_order(t, WORLD * tiles_m, tiles_n, GROUP_M)
+        step = row_tile // tiles_m
+        tile_m = row_tile % tiles_m
         if ROTATE:
             src = (rank - step + WORLD) % WORLD  # own rows, then rank - 1, rank - 2, ...
         else:
             src = step + rank * 0  # rank order (as a tensor, like the rotated branch)
-        tile_m = (t % per_source) // tiles_n
-        tile_n = (t % per_source) % tiles_n
         row0 = tile_m * BLOCK_M
         row1 = tl.minimum(row0 + BLOCK_M, M_LOCAL)
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -136,7 +141,7 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                    CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
+                   GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
                    RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
                    ROTATE: tl.constexpr, TIMED: tl.constexpr):
@@ -153,7 +158,8 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
         _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, patience,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
-                    BLOCK_M, BLOCK_N, BLOCK_K, COPY_ROWS, COPY_COLS, RETURN_GATHERED, UPCAST,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, COPY_ROWS, COPY_COLS, RETURN_GATHERED,
+                    UPCAST,
                     INPUT_PRECISION, REMOTE_CACHE, ROTATE, TIMED)
     signals.end_call(base, epoch)
 
@@ -167,7 +173,7 @@ def workspace_bytes(world: int, m_local: int, k: int, itemsize: int, chunk_rows:
 
 def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_rows: int,
             comm_programs: int, gemm_programs: int, block_m: int, block_n: int, block_k: int,
-            copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
+            group_m: int, copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
             rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n], status [5] int32, xg or a dummy [1])."""
@@ -185,6 +191,7 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         M_LOCAL=m, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
         CHUNK_ROWS=chunk_rows,
         COMM_PROGRAMS=comm_programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=group_m,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
         UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,
         ROTATE=rotate, TIMED=timed)

@@ -36,7 +36,7 @@ def ptx_features(ptx: str) -> dict:
     }
 
 
-def _cuda_tool(name: str) -> str | None:
+def cuda_tool(name: str) -> str | None:
     """A CUDA binary tool shipped in Triton's wheel (cuobjdump, nvdisasm), or None."""
     import triton
 
@@ -89,7 +89,7 @@ def sass_features(cubin: bytes) -> dict:
     pipeline buffers are dynamic, ``metadata.shared``), and its hot K loop (``hot_loop``):
     instructions, tensor-core MMAs, cp.async copies (LDGSTS) and local-memory
     accesses (spills inside the loop). Empty without Triton's CUDA tools."""
-    cuobjdump, nvdisasm = _cuda_tool("cuobjdump"), _cuda_tool("nvdisasm")
+    cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
     if cuobjdump is None or nvdisasm is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:

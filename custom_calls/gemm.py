@@ -51,8 +51,15 @@ def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
 @triton.jit
 def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(tile_m, tile_n) of linear tile id ``tile``, GROUP_M row tiles per group."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    return group_order(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+
+@triton.jit
+def group_order(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(tile_m, tile_n) of the ``tile``-th of tiles_m x tiles_n tiles taken in
+    groups of GROUP_M row tiles, column by column inside a group (the last
+    group may have fewer rows): programs that run at once share column tiles
+    of the right-hand operand in L2."""
     per_group = GROUP_M * tiles_n
     first_m = (tile // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)

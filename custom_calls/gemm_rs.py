@@ -7,17 +7,20 @@ from rank s) and one signal per (source, tile).
 
 Programs [0, GEMM) compute output tiles in rank-rotated order: the rows owned
 by rank r+1 first, then r+2, ..., and this rank's own rows last, so ranks do
-not all write to the same peer at once. Each finished tile is stored straight
-into its owner's reduce buffer, in slot r (no atomics: deterministic), then
-its signal ``sig[r * tiles + t] = epoch`` is release-stored. Before the first
-write into an owner they wait until it has finished its previous call (start
-barrier; an owner that fails it gets nothing). They never wait on anything of
-this call.
+not all write to the same peer at once. The row tiles of all owners, in that
+order, go in groups of GROUP_M (``gemm.group_order``, as in the plain GEMM),
+so the programs running at once share w's column tiles in L2 instead of each
+wave reading all of w; a group may span owners (decode: one row tile an
+owner, all owners in a group, w read about once). Each finished tile is stored straight into its owner's reduce buffer, in slot r
+(no atomics: deterministic), then its signal ``sig[r * tiles + t] = epoch``
+is release-stored. Before the first write into an owner they wait until it
+has finished its previous call (start barrier; an owner that fails it gets
+nothing). They never wait on anything of this call.
 
-Programs [GEMM, GEMM + REDUCE_PROGRAMS) reduce this rank's tiles in the order
-they are completed: acquire-wait for the tile's P signals, sum the P
-partials in rank order 0..P-1 in float32, store into z. Early tiles are
-reduced while the GEMM programs work on later ones.
+Programs [GEMM, GEMM + REDUCE_PROGRAMS) reduce this rank's tiles in about the
+order they are completed (grouped by GROUP_M row tiles): acquire-wait for the
+tile's P signals (one per source and tile, indexed by the tile's row-major id), sum the P partials in rank order 0..P-1 in float32, store into z.
+Early tiles are reduced while the GEMM programs work on later ones.
 
 The same wait invariant as AG-GEMM holds: every wait of this call targets
 work of programs that never wait on this call and have lower ids than every
@@ -31,26 +34,31 @@ import triton.language as tl
 
 from custom_calls import signals
 from custom_calls.binding import triton_call
-from custom_calls.gemm import gemm_tile
+from custom_calls.gemm import gemm_tile, group_order
 
 
 @triton.jit
 def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OWN, N, K,
                 pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                 DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                ROTATE: tl.constexpr, TIMED: tl.constexpr):
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, ROTATE: tl.constexpr, TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
+    tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    per_owner = tl.cdiv(M_OWN, BLOCK_M) * tiles_n
+    per_owner = tiles_m * tiles_n
     for t in range(pid, WORLD * per_owner, gemm_programs):
+        # Row tile `row_tile` of all owners' rows in send order.
+        row_tile, tile_n = group_order(t, WORLD * tiles_m, tiles_n, GROUP_M)
+        step = row_tile // tiles_m
+        tile_m = row_tile % tiles_m
         if ROTATE:
-            owner = (rank + 1 + t // per_owner) % WORLD  # rank + 1 first, own rows last
+            owner = (rank + 1 + step) % WORLD  # rank + 1 first, own rows last
         else:
-            owner = t // per_owner + rank * 0  # rank order (as a tensor, like the rotated one)
-        tile = t % per_owner
-        rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+            owner = step + rank * 0  # rank order (as a tensor, like the rotated one)
+        tile = tile_m * tiles_n + tile_n  # the signal's index: row-major, whatever the order
+        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
                         BLOCK_K, UPCAST, INPUT_PRECISION, "")
         if signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
@@ -68,15 +76,18 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OW
 def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N, pid,
                   REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  REMOTE_CACHE: tl.constexpr, TIMED: tl.constexpr):
+                  GROUP_M: tl.constexpr, REMOTE_CACHE: tl.constexpr, TIMED: tl.constexpr):
     dtype = z_ptr.dtype.element_ty
     partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
+    tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    per_owner = tl.cdiv(M_OWN, BLOCK_M) * tiles_n
-    for tile in range(pid, per_owner, REDUCE_PROGRAMS):
-        rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_owner = tiles_m * tiles_n
+    for i in range(pid, per_owner, REDUCE_PROGRAMS):
+        tile_m, tile_n = group_order(i, tiles_m, tiles_n, GROUP_M)
+        tile = tile_m * tiles_n + tile_n
+        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < M_OWN) & (cols[None, :] < N)
         offs = rows[:, None].to(tl.int64) * N + cols[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -98,7 +109,8 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
                    M_OWN: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                    REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
                    ROTATE: tl.constexpr, TIMED: tl.constexpr):
     rank = tl.load(ctx_ptr)
@@ -109,11 +121,11 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     if pid < gemm_programs:
         _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OWN,
                     N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
-                    UPCAST, INPUT_PRECISION, ROTATE, TIMED)
+                    GROUP_M, UPCAST, INPUT_PRECISION, ROTATE, TIMED)
     else:
         _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
-                      BLOCK_N, REMOTE_CACHE, TIMED)
+                      BLOCK_N, GROUP_M, REMOTE_CACHE, TIMED)
     signals.end_call(base, epoch)
 
 
@@ -125,7 +137,8 @@ def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int,
 
 
 def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_programs: int,
-            reduce_programs: int, block_m: int, block_n: int, block_k: int, num_warps: int,
+            reduce_programs: int, block_m: int, block_n: int, block_k: int, group_m: int,
+            num_warps: int,
             num_stages: int, upcast: bool, input_precision: str, remote_cache: str, rotate: bool,
             on_timeout, status_check: str = "sync", timed: bool = False):
     """Launches ``gemm_rs_kernel``; returns (z [M/P, N], status [5] int32)."""
@@ -140,5 +153,5 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
         status_output=1, on_status=on_timeout, status_check=status_check,
         M_OWN=m_own, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
         REDUCE_PROGRAMS=reduce_programs,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, UPCAST=upcast,
         INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache, ROTATE=rotate, TIMED=timed)

@@ -230,6 +230,7 @@ class OneGpuWorld:
                           DATA_OFF=data_off, CHUNK_ROWS=cfg["chunk_rows"],
                           COMM_PROGRAMS=cfg["comm_programs"],
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                          GROUP_M=cfg.get("group_m", 8),
                           COPY_ROWS=cfg["copy_rows"], COPY_COLS=cfg["copy_cols"],
                           RETURN_GATHERED=return_gathered, UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
@@ -262,7 +263,8 @@ class OneGpuWorld:
         constexprs = dict(M_OWN=m_own, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg["reduce_programs"],
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-                          UPCAST=False, INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
+                          GROUP_M=cfg.get("group_m", 8), UPCAST=False,
+                          INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
                           ROTATE=cfg.get("rotate", True), TIMED=True)
         loaded = _load(gemm_rs.gemm_rs_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])

@@ -101,7 +101,8 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     Pruned: tiles more than twice the (padded) problem in any dim, operand
     staging beyond shared memory, more than 128 accumulator elements per
     thread, chunks larger than a rank's rows, more communication programs
-    than peers, two programs an SM where two do not fit.
+    than peers, two programs an SM where two do not fit. Tile orders: grouped
+    and rank-rotated, row-major (group_m=1; GPU only), unrotated.
     """
     itemsize = jnp.dtype(dtype).itemsize
     if interpreting:  # the interpreter has no shared memory or warps: few, small choices
@@ -129,19 +130,22 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
 
 
 def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: dict) -> list:
-    """The op-specific dimensions (rotation, chunks, communication or reduction programs)."""
+    """The op-specific dimensions (tile order: rotation and row groups; chunks,
+    communication or reduction programs)."""
     out, bm = [], common["block_m"]
-    for rotate in (True, False):
+    # Grouped, rank-rotated order first; then row-major, then unrotated.
+    orders = ((True, 8), (False, 8)) if interpreting else ((True, 8), (True, 1), (False, 8))
+    for rotate, group_m in orders:
         if op == AG:
             for chunk, comm in itertools.product(sorted({bm, max(bm, rows)}), (1, 2, 4)):
                 if chunk > max(rows, 1) * 2 or comm > max(1, world - 1):
                     continue
                 out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
-                                                 rotate=rotate, **common))
+                                                 rotate=rotate, group_m=group_m, **common))
         else:
             for reduce in ((1, 2) if interpreting else (4, 8, 16)):
                 out.append(MatmulReduceScatterConfig(reduce_programs=reduce, rotate=rotate,
-                                                     **common))
+                                                     group_m=group_m, **common))
     return out
 
 

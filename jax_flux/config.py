@@ -56,6 +56,11 @@ class _Common:
     # Rank-rotated tile order (Flux's swizzle): ranks start on different peers.
     # Off: every rank walks the ranks in order 0, 1, ... (for comparison).
     rotate: bool = True
+    # Output tiles go in groups of group_m row tiles (column by column inside
+    # a group, as Triton's plain GEMM), the rows of all ranks in the rotated
+    # order, so the programs running at once share w's column tiles in L2;
+    # 1: row-major (each wave of programs reads every column of w).
+    group_m: int = 8
 
     def _check_common(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -66,6 +71,7 @@ class _Common:
             _positive("num_programs", self.num_programs, 2)
         if self.programs_per_sm not in (1, 2, 3, 4):
             raise ValueError(f"programs_per_sm must be 1 to 4, got {self.programs_per_sm!r}")
+        _positive("group_m", self.group_m)
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be a bool, got {self.rotate!r}")
         if self.f32_precision not in ("tf32", "tf32x3", "ieee"):
@@ -94,6 +100,8 @@ class AllGatherMatmulConfig(_Common):
 
     Attributes:
       block_m, block_n, block_k: GEMM tile.
+      group_m: row tiles per group of the tile order (rows of all ranks).
+      rotate: rank-rotated tile order (own rows first, then peers').
       num_warps, num_stages: Triton compile options (GPU).
       chunk_rows: rows per communication chunk (one signal each); independent
         of the GEMM tile.
@@ -135,6 +143,8 @@ class MatmulReduceScatterConfig(_Common):
     Attributes:
       block_m, block_n, block_k: GEMM tile; also the unit of signalling and
         of the reduction.
+      group_m: row tiles per group of the tile order (rows of all owners).
+      rotate: rank-rotated tile order (the next rank's rows first, own last).
       reduce_programs: programs that sum the P partials of this rank's rows.
       num_warps, num_stages: Triton compile options (GPU).
       num_programs: total persistent grid, reduction programs included.

@@ -86,7 +86,7 @@ def fused(x, w, axis_name: Hashable, size: int,
     z, _ = kernel.gemm_rs(
         x, w, launch.ctx, launch.table, world=size, sig_off=sig_off, data_off=data_off,
         gemm_programs=grid - cfg.reduce_programs, reduce_programs=cfg.reduce_programs,
-        block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k,
+        block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k, group_m=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
         input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,

@@ -128,3 +128,26 @@ def test_without_tile_rotation():
     x, w, x64, w64 = testing.random_operands(8 * 13, 24, 8 * 3, jnp.float32, seed=8)
     xs, ws = testing.place(OP, mesh, x, w)
     assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5
+
+
+@pytest.mark.parametrize("group_m", [1, 5, 8])
+def test_grouped_tile_order_with_a_partial_group(group_m):
+    """8 sources x 3 row tiles taken row-major (1), or in groups that span
+    sources with a partial last group (5: 4 groups of 5, then 4; 8): every
+    tile once, and the gathered x (written with tile column 0) whole."""
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=16,
+                                comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5,
+                                group_m=group_m)
+    x, w, x64, w64 = testing.random_operands(8 * 40, 24, 8 * 40, jnp.float32, seed=group_m)
+
+    def body(x, w):
+        y, xg = ag_gemm.fused(x, w, "tp", 8, cfg, return_gathered=True)
+        return y, xg[None]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                              out_specs=(P(None, "tp"), P("tp"))))
+    y, xg = f(x, w)
+    assert testing.relative_error(y, x64 @ w64) < 1e-5
+    for r in range(8):
+        np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)

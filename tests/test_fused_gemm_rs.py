@@ -168,3 +168,16 @@ def test_ag_then_rs_on_one_axis_stays_exact_and_repeatable():
         assert testing.relative_error(z, xr64 @ wr64) < 2e-2, call
         first = z if first is None else first
         assert np.array_equal(z.view(np.uint16), first.view(np.uint16)), call
+
+
+@pytest.mark.parametrize("group_m", [1, 5, 8])
+def test_grouped_tile_order_with_a_partial_group(group_m):
+    """8 owners x 3 row tiles taken row-major (1), or in groups that span
+    owners with a partial last group (5): every partial reaches its owner
+    under the signal the owner's reduction waits for."""
+    mesh = mesh_of(8)
+    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=2,
+                                    num_programs=5, group_m=group_m)
+    x, w, x64, w64 = testing.random_operands(8 * 40, 8 * 3, 40, jnp.float32, seed=group_m)
+    xs, ws = testing.place(OP, mesh, x, w)
+    assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5

@@ -96,13 +96,20 @@ def _smem_bytes(block_m, block_n, block_k, stages, itemsize) -> int:
 
 def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
                interpreting: bool = False, smem_bytes: int = DEFAULT_SMEM_BYTES) -> list:
-    """The config space of one problem, pruned of configs that cannot fit or make no sense.
+    """The config space of one problem, pruned of configs that cannot fit or make no sense,
+    in search order.
 
     Pruned: tiles more than twice the (padded) problem in any dim, operand
     staging beyond shared memory, more than 128 accumulator elements per
     thread, chunks larger than a rank's rows, more communication programs
     than peers, two programs an SM where two do not fit. Tile orders: grouped
     and rank-rotated, row-major (group_m=1; GPU only), unrotated.
+
+    Order: the shape heuristic's config (what ``impl="fused"`` uses untuned)
+    first, then by how many fields differ from it: every one-field change
+    before any two-field one, and so on. A search cut short (``max_configs``)
+    so still varies each axis (tile, warps, stages, programs per SM, tile
+    order, chunks, helper programs) around the default.
     """
     itemsize = jnp.dtype(dtype).itemsize
     if interpreting:  # the interpreter has no shared memory or warps: few, small choices
@@ -126,7 +133,14 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
             out.extend(_op_candidates(op, rows, world, interpreting, dict(
                 block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
                 programs_per_sm=pps)))
-    return list(dict.fromkeys(out))
+    default = CONFIG_CLASSES[op].default(m_local, k, n, world, interpreting)
+    return sorted(dict.fromkeys([default] + out), key=lambda c: _distance(c, default))
+
+
+def _distance(config, default) -> int:
+    """How many fields of ``config`` differ from ``default``."""
+    return sum(getattr(config, f.name) != getattr(default, f.name)
+               for f in dataclasses.fields(config))
 
 
 def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: dict) -> list:
@@ -137,7 +151,9 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: d
     orders = ((True, 8), (False, 8)) if interpreting else ((True, 8), (True, 1), (False, 8))
     for rotate, group_m in orders:
         if op == AG:
-            for chunk, comm in itertools.product(sorted({bm, max(bm, rows)}), (1, 2, 4)):
+            # One tile, the heuristic's (up to 256 rows), a rank's rows.
+            chunks = sorted({bm, max(bm, min(rows, 256)), max(bm, rows)})
+            for chunk, comm in itertools.product(chunks, (1, 2, 4)):
                 if chunk > max(rows, 1) * 2 or comm > max(1, world - 1):
                     continue
                 out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,

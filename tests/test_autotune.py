@@ -90,3 +90,16 @@ def test_a_config_that_fails_is_reported_not_kept(cache, monkeypatch, fails_on_c
                                configs=[bad, good], reps=1, log=lambda s: None)
     assert rows[0]["status"].startswith("failed") and "gave up" in rows[0]["status"], rows[0]
     assert rows[1]["status"] == "ok" and best == good
+
+
+def test_search_order_starts_at_the_default_and_moves_one_field_at_a_time():
+    """A search cut short (benchmarks.tune --max-configs) still covers each axis."""
+    for op, cls in ((autotune.AG, AllGatherMatmulConfig), (autotune.RS, MatmulReduceScatterConfig)):
+        space = autotune.candidates(op, 512, 12288, 6144, jnp.bfloat16, 8)
+        default = cls.default(512, 12288, 6144, 8, interpreting=False)
+        assert space[0] == default and len(set(space)) == len(space)
+        distances = [autotune._distance(c, default) for c in space]
+        assert distances == sorted(distances) and distances[1] == 1
+        first = space[:1 + distances.count(1)]
+        for field in ("block_n", "num_warps", "programs_per_sm", "group_m", "rotate"):
+            assert len({getattr(c, field) for c in first}) > 1, (op, field)

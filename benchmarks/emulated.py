@@ -31,17 +31,29 @@ from benchmarks import harness
 from jax_flux import testing
 
 WORLD = 8
-COLUMNS = ["op", "M", "K", "N", "dtype", "fused_ms", "gemm_ms", "overhead", "fused_tflops",
-           "max_rel_err"]
+COLUMNS = ["op", "variant", "M", "K", "N", "dtype", "fused_ms", "gemm_ms", "overhead",
+           "fused_tflops", "max_rel_err"]
 # Per-rank problems: Flux's GPT-3 175B layer split over 8 ranks (AG: n = 49152 / 8;
 # RS: k = 49152 / 8), total M from decode (64) to a long prefill (8192).
 SHAPES = {"all_gather_matmul": [(m, 12288, 49152 // WORLD) for m in (64, 512, 1024, 4096, 8192)],
           "matmul_reduce_scatter": [(m, 49152 // WORLD, 12288) for m in (64, 512, 1024, 4096,
                                                                           8192)]}
+# Config variants timed at every shape. AG: communication programs and copy tile
+# (bytes each program has in flight: 8 KiB against 16 KiB). RS: reduction
+# programs against the own tiles' epilogue summing the partials (reduce_programs=0).
+VARIANTS = {
+    "all_gather_matmul": {"comm 2 x 32x128": dict(comm_programs=2, copy_rows=32, copy_cols=128),
+                          "comm 4 x 32x256": dict(comm_programs=4, copy_rows=32, copy_cols=256)},
+    "matmul_reduce_scatter": {"reduce_programs=4": dict(reduce_programs=4),
+                              "epilogue": dict(reduce_programs=0)},
+}
 _TIMEOUT_MS = 20_000
 
 
-def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
+def run(op: str, m_total: int, k: int, n: int, reps: int, world_,
+        variant: str | None = None) -> dict:
+    """One point: ``variant`` names an entry of VARIANTS[op] (None: the first)."""
+    variant = variant or next(iter(VARIANTS[op]))
     rng = np.random.default_rng(m_total)
     bf16 = ml_dtypes.bfloat16
     if op == "all_gather_matmul":
@@ -49,8 +61,8 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
         xs = [rng.standard_normal((m, k)).astype(bf16) for _ in range(WORLD)]
         ws = [(rng.standard_normal((k, n)) / np.sqrt(k)).astype(bf16) for _ in range(WORLD)]
         cfg = dict(block_m=64 if m < 128 else 128, block_n=128, block_k=64,
-                   chunk_rows=min(256, max(64, m)), comm_programs=2, copy_rows=32,
-                   copy_cols=128, num_warps=4, num_stages=3)
+                   chunk_rows=min(256, max(64, m)), num_warps=4, num_stages=3,
+                   **VARIANTS[op][variant])
         xg = np.concatenate(xs)
 
         def fused():
@@ -71,7 +83,7 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
         xs = [rng.standard_normal((m_total, k)).astype(bf16) for _ in range(WORLD)]
         ws = [(rng.standard_normal((k, n)) / np.sqrt(k)).astype(bf16) for _ in range(WORLD)]
         cfg = dict(block_m=64 if m_total // WORLD < 128 else 128, block_n=128, block_k=64,
-                   reduce_programs=4, num_warps=4, num_stages=3)
+                   num_warps=4, num_stages=3, **VARIANTS[op][variant])
 
         def fused():
             return world_.gemm_rs(xs, ws, cfg=cfg, grid=world_.programs_per_rank,
@@ -88,7 +100,7 @@ def run(op: str, m_total: int, k: int, n: int, reps: int, world_) -> dict:
     fused_ms = statistics.median(fused()[-1] for _ in range(reps))
     gemm_ms = statistics.median(plain()[-1] for _ in range(reps))
     flops = 2 * m_total * k * n * WORLD  # every rank's GEMM
-    return {"op": op, "M": m_total, "K": k, "N": n, "dtype": "bfloat16",
+    return {"op": op, "variant": variant, "M": m_total, "K": k, "N": n, "dtype": "bfloat16",
             "fused_ms": round(fused_ms, 4), "gemm_ms": round(gemm_ms, 4),
             "overhead": round(fused_ms / gemm_ms - 1, 4),
             "fused_tflops": round(flops / fused_ms / 1e9, 1), "max_rel_err": f"{err:.2e}"}
@@ -114,9 +126,10 @@ def main(argv=None) -> int:
         for m_total, k, n in shapes:
             if m_total > a.max_m:
                 continue
-            row = run(op, m_total, k, n, a.reps, world_)
-            rows.append(row)
-            print(harness.format_row(row, COLUMNS), flush=True)
+            for variant in VARIANTS[op]:
+                row = run(op, m_total, k, n, a.reps, world_, variant)
+                rows.append(row)
+                print(harness.format_row(row, COLUMNS), flush=True)
     env = harness.environment(gpus[:1])
     harness.write_report(
         os.path.join(a.out, "emulated_8_ranks"), "Fused kernels, 8 ranks emulated on one GPU",

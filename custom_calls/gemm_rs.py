@@ -38,11 +38,47 @@ from custom_calls.gemm import gemm_tile, group_order
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OWN, N, K,
-                pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
-                DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, ROTATE: tl.constexpr, TIMED: tl.constexpr):
+def _sum_partials(z_ptr, partials, my_signals, own, status_ptr, table_ptr, rank, epoch, patience,
+                  M_OWN, N, per_owner, tile, rows, cols, WORLD: tl.constexpr,
+                  HAS_OWN: tl.constexpr, REMOTE_CACHE: tl.constexpr, TIMED: tl.constexpr):
+    """z[rows, cols] = the P partials of this rank's tile ``tile`` summed in
+    float32 in a fixed order (bitwise repeatable), each acquire-waited for.
+
+    Without HAS_OWN: every partial from its slot, in rank order 0..P-1. With
+    HAS_OWN: this rank's own partial is ``own`` (float32, in registers), first,
+    then the peers' in rank order (the sum starts in own's registers: two
+    float32 tiles live at once would spill). A sum missing a partial is NaN,
+    not a plausible wrong value.
+    """
+    mask = (rows[:, None] < M_OWN) & (cols[None, :] < N)
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    if HAS_OWN:
+        acc = own
+    else:
+        acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    arrived = tile == tile
+    for src in range(0, WORLD):
+        peer_slot = True
+        if HAS_OWN:
+            peer_slot = src != rank
+        if peer_slot:
+            arrived &= signals.wait_epoch(my_signals + src * per_owner + tile, epoch, patience,
+                                          status_ptr, table_ptr, signals.WAIT_PARTIAL, rank, src,
+                                          tile, WORLD, TIMED)
+            part = tl.load(partials + tl.cast(src, tl.int64) * M_OWN * N + offs, mask=mask,
+                           other=0.0, cache_modifier=REMOTE_CACHE)
+            acc += part.to(tl.float32)
+    acc = tl.where(arrived, acc, float("nan"))
+    tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_OWN,
+                N, K, pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
+                DATA_OFF: tl.constexpr, REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -61,8 +97,17 @@ def _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OW
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
                         BLOCK_K, UPCAST, INPUT_PRECISION, "")
-        if signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
-                                  signals.RS_PEER_IDLE, WORLD, TIMED):
+        reduce_here = False
+        if REDUCE_PROGRAMS == 0:
+            reduce_here = owner == rank
+        if reduce_here:
+            # This rank's own tile: sum it with the peers' partials right here.
+            partials = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
+            _sum_partials(z_ptr, partials, signals.as_ptr(base, SIG_OFF, tl.int32), acc,
+                          status_ptr, table_ptr, rank, epoch, patience, M_OWN, N, per_owner,
+                          tile, rows, cols, WORLD, True, REMOTE_CACHE, TIMED)
+        elif signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
+                                    signals.RS_PEER_IDLE, WORLD, TIMED):
             owner_ws = signals.peer_base(table_ptr, owner)
             slot = (signals.rebase(x_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
                     rank.to(tl.int64) * M_OWN * N)
@@ -77,31 +122,18 @@ def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_O
                   REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   GROUP_M: tl.constexpr, REMOTE_CACHE: tl.constexpr, TIMED: tl.constexpr):
-    dtype = z_ptr.dtype.element_ty
-    partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
+    partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, z_ptr.dtype.element_ty))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_owner = tiles_m * tiles_n
     for i in range(pid, per_owner, REDUCE_PROGRAMS):
         tile_m, tile_n = group_order(i, tiles_m, tiles_n, GROUP_M)
-        tile = tile_m * tiles_n + tile_n
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows[:, None] < M_OWN) & (cols[None, :] < N)
-        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        arrived = tile == tile
-        for src in range(0, WORLD):  # fixed order: bitwise repeatable sums
-            arrived &= signals.wait_epoch(my_signals + src * per_owner + tile, epoch, patience,
-                                          status_ptr, table_ptr, signals.WAIT_PARTIAL, rank, src,
-                                          tile, WORLD, TIMED)
-            part = tl.load(partials + tl.cast(src, tl.int64) * M_OWN * N + offs, mask=mask, other=0.0,
-                           cache_modifier=REMOTE_CACHE)
-            acc += part.to(tl.float32)
-        # A sum missing a partial gives NaN, not a plausible wrong value.
-        acc = tl.where(arrived, acc, float("nan"))
-        tl.store(z_ptr + offs, acc.to(dtype), mask=mask)
+        _sum_partials(z_ptr, partials, my_signals, 0.0, status_ptr, table_ptr, rank, epoch,
+                      patience, M_OWN, N, per_owner, tile_m * tiles_n + tile_n, rows, cols,
+                      WORLD, False, REMOTE_CACHE, TIMED)
 
 
 @triton.jit
@@ -119,9 +151,10 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     pid = tl.program_id(0)
     gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
     if pid < gemm_programs:
-        _gemm_tiles(x_ptr, w_ptr, table_ptr, status_ptr, rank, epoch, patience, M_OWN,
-                    N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M, UPCAST, INPUT_PRECISION, ROTATE, TIMED)
+        _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
+                    M_OWN, N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE,
+                    ROTATE, TIMED)
     else:
         _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,

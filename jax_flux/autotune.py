@@ -159,7 +159,8 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: d
                 out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
                                                  rotate=rotate, group_m=group_m, **common))
         else:
-            for reduce in ((1, 2) if interpreting else (4, 8, 16)):
+            # 0: no reduction programs, the own tiles' epilogue reduces.
+            for reduce in ((1, 2) if interpreting else (8, 0, 4, 16)):
                 out.append(MatmulReduceScatterConfig(reduce_programs=reduce, rotate=rotate,
                                                      group_m=group_m, **common))
     return out

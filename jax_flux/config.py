@@ -145,7 +145,11 @@ class MatmulReduceScatterConfig(_Common):
         of the reduction.
       group_m: row tiles per group of the tile order (rows of all owners).
       rotate: rank-rotated tile order (the next rank's rows first, own last).
-      reduce_programs: programs that sum the P partials of this rank's rows.
+      reduce_programs: programs that sum the P partials of this rank's rows
+        while the GEMM runs; 0: no such programs, the GEMM program that
+        computes one of this rank's own tiles (the last in its order) sums
+        the peers' partials of that tile into it right there (every SM
+        reduces at the end instead of a few throughout).
       num_warps, num_stages: Triton compile options (GPU).
       num_programs: total persistent grid, reduction programs included.
       programs_per_sm: programs per SM the default grid assumes (GPU).
@@ -156,7 +160,9 @@ class MatmulReduceScatterConfig(_Common):
 
     def __post_init__(self):
         self._check_common()
-        self._check_helpers("reduce_programs", self.reduce_programs)
+        _positive("reduce_programs", self.reduce_programs, 0)
+        if self.reduce_programs != 0:
+            self._check_helpers("reduce_programs", self.reduce_programs)
 
     @classmethod
     def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool):

@@ -68,7 +68,9 @@ def ring(x, w, axis_name: Hashable, size: int):
 def fused(x, w, axis_name: Hashable, size: int,
           config: MatmulReduceScatterConfig | None = None):
     """The Flux kernel: one Triton launch whose GEMM epilogue stores each tile into
-    its owner's reduce buffer; the owner sums the P partials in rank order."""
+    its owner's reduce buffer; the owner sums the P partials in rank order (in
+    reduction programs, or with ``reduce_programs=0`` in the epilogue of its own
+    tiles)."""
     m_total, k = x.shape
     n = w.shape[1]
     m_own = m_total // size
@@ -83,6 +85,11 @@ def fused(x, w, axis_name: Hashable, size: int,
     tiles = size * _fused.cdiv(m_own, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
     grid = cfg.num_programs or min(tiles + cfg.reduce_programs, launch.max_programs)
     grid = max(grid, cfg.reduce_programs + 1)
+    if cfg.reduce_programs == 0 and launch.interpreting:
+        # GEMM programs that reduce wait on peers' GEMM programs, which wait in
+        # turn: with a rank's programs run one after another (the interpreter),
+        # only one program a rank is free of waiting on a later one of its own.
+        grid = 1
     z, _ = kernel.gemm_rs(
         x, w, launch.ctx, launch.table, world=size, sig_off=sig_off, data_off=data_off,
         gemm_programs=grid - cfg.reduce_programs, reduce_programs=cfg.reduce_programs,

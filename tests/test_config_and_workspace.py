@@ -32,7 +32,7 @@ def test_invalid_all_gather_config(kwargs, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"block_n": 100}, "block_n must be a power of two"),
-    ({"reduce_programs": 0}, "reduce_programs must be an int >= 1"),
+    ({"reduce_programs": -1}, "reduce_programs must be an int >= 0"),
     ({"reduce_programs": 8, "num_programs": 8}, r"num_programs \(8\) must exceed reduce_programs"),
 ])
 def test_invalid_reduce_scatter_config(kwargs, match):

@@ -5,6 +5,8 @@ workspace: each rank's GEMM epilogue stores tiles into their owners' reduce
 buffers, and the owners sum them.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,16 +21,21 @@ from tests.helpers import cotangent, expect_timeout_then_recover, fused_fn, mesh
 OP = "matmul_reduce_scatter"
 SMALL = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=2,
                                   num_programs=5)
+# No reduction programs: the GEMM sums the peers' partials into its own tiles.
+SMALL_EPILOGUE = dataclasses.replace(SMALL, reduce_programs=0, num_programs=None)
+REDUCERS = pytest.mark.parametrize("cfg", [SMALL, SMALL_EPILOGUE],
+                                   ids=["reduce_programs", "epilogue"])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("m_own,k_local,n", [(13, 5, 40), (16, 16, 16), (1, 3, 24)])
-def test_ragged_shapes(m_own, k_local, n, dtype):
+@REDUCERS
+def test_ragged_shapes(m_own, k_local, n, dtype, cfg):
     mesh = mesh_of(8)
     x, w, x64, w64 = testing.random_operands(8 * m_own, 8 * k_local, n, dtype, seed=n)
     xs, ws = testing.place(OP, mesh, x, w)
-    out = fused_fn(OP, mesh, SMALL)(xs, ws)
+    out = fused_fn(OP, mesh, cfg)(xs, ws)
     assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
 
 
@@ -50,9 +57,10 @@ def test_decode_sized_m():
     assert testing.relative_error(out, x64 @ w64) < 2e-2
 
 
-def test_fifty_back_to_back_calls_with_fresh_data():
+@REDUCERS
+def test_fifty_back_to_back_calls_with_fresh_data(cfg):
     mesh = mesh_of(8)
-    f = fused_fn(OP, mesh, SMALL)
+    f = fused_fn(OP, mesh, cfg)
     for i in range(50):
         x, w, x64, w64 = testing.random_operands(8 * 3, 8 * 2, 16, jnp.float32, seed=200 + i)
         xs, ws = testing.place(OP, mesh, x, w)
@@ -60,9 +68,10 @@ def test_fifty_back_to_back_calls_with_fresh_data():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-def test_bitwise_repeatable(dtype):
+@REDUCERS
+def test_bitwise_repeatable(dtype, cfg):
     mesh = mesh_of(8)
-    f = fused_fn(OP, mesh, SMALL)
+    f = fused_fn(OP, mesh, cfg)
     x, w, _, _ = testing.random_operands(8 * 9, 8 * 4, 24, dtype, seed=9)
     xs, ws = testing.place(OP, mesh, x, w)
     first = np.asarray(f(xs, ws))
@@ -100,9 +109,10 @@ def test_tensor_parallel_mlp_and_its_gradient():
         assert testing.relative_error(got, xla) < 1e-5
 
 
-def test_a_rank_that_skips_its_call_times_out_with_a_clear_error():
+@pytest.mark.parametrize("reducers", [1, 0], ids=["reduce_programs", "epilogue"])
+def test_a_rank_that_skips_its_call_times_out_with_a_clear_error(reducers):
     mesh = mesh_of(8)
-    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=1,
+    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=reducers,
                                     timeout_s=0.25)
 
     def body(x, w):
@@ -171,13 +181,24 @@ def test_ag_then_rs_on_one_axis_stays_exact_and_repeatable():
 
 
 @pytest.mark.parametrize("group_m", [1, 5, 8])
-def test_grouped_tile_order_with_a_partial_group(group_m):
+@pytest.mark.parametrize("reducers", [2, 0], ids=["reduce_programs", "epilogue"])
+def test_grouped_tile_order_with_a_partial_group(group_m, reducers):
     """8 owners x 3 row tiles taken row-major (1), or in groups that span
     owners with a partial last group (5): every partial reaches its owner
     under the signal the owner's reduction waits for."""
     mesh = mesh_of(8)
-    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=2,
-                                    num_programs=5, group_m=group_m)
+    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16,
+                                    reduce_programs=reducers, group_m=group_m,
+                                    num_programs=5 if reducers else None)
     x, w, x64, w64 = testing.random_operands(8 * 40, 8 * 3, 40, jnp.float32, seed=group_m)
     xs, ws = testing.place(OP, mesh, x, w)
     assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5
+
+
+def test_epilogue_reduction_config():
+    """reduce_programs=0 is valid: no reduction programs, any grid of at least one."""
+    assert MatmulReduceScatterConfig(reduce_programs=0, num_programs=2).reduce_programs == 0
+    with pytest.raises(ValueError, match=r"reduce_programs must be an int >= 0, got -1"):
+        MatmulReduceScatterConfig(reduce_programs=-1)
+    with pytest.raises(ValueError, match=r"num_programs \(3\) must exceed reduce_programs"):
+        MatmulReduceScatterConfig(reduce_programs=4, num_programs=3)

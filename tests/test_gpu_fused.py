@@ -71,7 +71,9 @@ def test_fused_large_world_size_1_with_explicit_configs():
                         block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3,
                         chunk_rows=256, comm_programs=2)),
                     ("matmul_reduce_scatter", MatmulReduceScatterConfig(
-                        block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3))):
+                        block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)),
+                    ("matmul_reduce_scatter", MatmulReduceScatterConfig(
+                        block_m=128, block_n=128, block_k=64, reduce_programs=0))):
         x, w, x64, w64 = testing.random_operands(4096, 2048, 3072, jnp.bfloat16, seed=5)
         out = testing.sharded(op, mesh, "fused", cfg)(*testing.place(op, mesh, x, w))
         assert testing.relative_error(out, x64 @ w64) < 2e-2, op
@@ -190,9 +192,10 @@ def test_ag_gemm_8_ranks_on_one_gpu(world, shape, dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", [(1024, 512, 256), (8 * 50, 200, 300), (64, 1024, 512)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_gemm_rs_8_ranks_on_one_gpu(world, shape, dtype):
+@pytest.mark.parametrize("reducers", [4, 0], ids=["reduce_programs", "epilogue"])
+def test_gemm_rs_8_ranks_on_one_gpu(world, shape, dtype, reducers):
     m_total, k, n = shape
-    cfg = dict(block_m=64, block_n=128, block_k=64, reduce_programs=4, num_warps=4,
+    cfg = dict(block_m=64, block_n=128, block_k=64, reduce_programs=reducers, num_warps=4,
                num_stages=3)
     reps = 200 if shape == (1024, 512, 256) and dtype == "bfloat16" else 20
     rng = np.random.default_rng(1)

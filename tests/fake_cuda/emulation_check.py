@@ -125,8 +125,10 @@ def main() -> int:
 
     lib.fakeCudaSetParamCount(0)  # mixed kernels: record no parameters
     for op in ("all_gather_matmul", "matmul_reduce_scatter"):
-        row = emulated.run(op, WORLD * 8, 64, 64, 1, world)
-        assert set(row) == set(emulated.COLUMNS) and row["fused_ms"] == 1.0, row
+        for variant in emulated.VARIANTS[op]:
+            row = emulated.run(op, WORLD * 8, 64, 64, 1, world, variant)
+            assert set(row) == set(emulated.COLUMNS) and row["fused_ms"] == 1.0, row
+            assert row["variant"] == variant, row
     print("OK")
     return 0
 

@@ -56,7 +56,7 @@ _TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 COLUMNS = ["op", "shape", "M", "K", "N", "tile", "group_m", "warps", "stages", "helpers",
            "regs", "stack", "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm",
            "gemm_programs", "tiles", "waves", "last_wave_fill", "w_reads_est", "x_reads_est",
-           "w_reads_est_rowmajor", "loop", "loop_plain_gemm", "loop_mma", "loop_ldgsts",
+           "w_reads_est_rowmajor", "comm_kib_in_flight", "loop", "loop_plain_gemm", "loop_mma", "loop_ldgsts",
            "loop_spills", "narrow_copies", "regs_plain_gemm"]
 
 
@@ -122,6 +122,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
                           COMM_PROGRAMS=cfg.comm_programs, COPY_ROWS=cfg.copy_rows,
                           COPY_COLS=cfg.copy_cols, RETURN_GATHERED=False)
         helpers = cfg.comm_programs
+        in_flight = cfg.comm_programs * cfg.copy_rows * cfg.copy_cols * jnp.dtype(dtype).itemsize
         gemm_mkn = (world * m_local, k, n)
     else:
         k, n = shape.k // world, shape.n  # x [M, K / P] per rank, w [K / P, N]
@@ -134,6 +135,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
         constexprs = dict(M_OWN=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg.reduce_programs)
         helpers = cfg.reduce_programs
+        in_flight = None
         gemm_mkn = (world * m_local, k, n)
     tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=precision)
@@ -161,6 +163,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
         "fit_per_sm": fused["fit"], "bound_by": fused["bound_by"],
         "programs_per_sm": cfg.programs_per_sm, "gemm_programs": gemm_programs,
         "tiles": tiles, "waves": waves, "last_wave_fill": tiles / (waves * gemm_programs),
+        "comm_kib_in_flight": None if in_flight is None else in_flight / 1024,
         "w_reads_est": w_reads, "x_reads_est": x_reads, "w_reads_est_rowmajor": w_rowmajor,
         "loop": fused["loop"], "loop_plain_gemm": plain["loop"], "loop_mma": fused["loop_mma"],
         "loop_ldgsts": fused["loop_ldgsts"], "loop_spills": fused["loop_local"],
@@ -229,6 +232,10 @@ def main(argv=None) -> int:
         "the tile order reads the whole of w / x from HBM, if each wave of programs reads the "
         "tiles it touches once and nothing stays in L2 between waves; `w_reads_est_rowmajor`: "
         "the same for row-major order (group_m=1), the order before group_m existed.",
+        "`comm_kib_in_flight` (AG): communication programs x one copy tile: the loads the "
+        "pushes have outstanding at once (a program's stores into a peer cannot pass its next "
+        "loads). At ~1 us a load, KiB in flight / 1 us is an ESTIMATE of the push rate in "
+        "GB/s; an AG-GEMM needs about (P-1)/(P n) bytes per GEMM flop (n: w's columns a rank).",
     ]
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, f"compiled_{a.sweep}_{dtype.name}_sm{a.arch}")

@@ -102,7 +102,7 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     Pruned: tiles more than twice the (padded) problem in any dim, operand
     staging beyond shared memory, more than 128 accumulator elements per
     thread, chunks larger than a rank's rows, more communication programs
-    than peers, two programs an SM where two do not fit. Tile orders: grouped
+    than chunks to push, two programs an SM where two do not fit. Tile orders: grouped
     and rank-rotated, row-major (group_m=1; GPU only), unrotated.
 
     Order: the shape heuristic's config (what ``impl="fused"`` uses untuned)
@@ -153,11 +153,14 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: d
         if op == AG:
             # One tile, the heuristic's (up to 256 rows), a rank's rows.
             chunks = sorted({bm, max(bm, min(rows, 256)), max(bm, rows)})
-            for chunk, comm in itertools.product(chunks, (1, 2, 4)):
-                if chunk > max(rows, 1) * 2 or comm > max(1, world - 1):
+            copy_cols = (16,) if interpreting else (256, 128)
+            for chunk, comm, cols in itertools.product(chunks, (8, 4, 2, 1, 16), copy_cols):
+                items = max(1, world - 1) * -(-max(rows, 1) // chunk)  # chunks to push
+                if chunk > max(rows, 1) * 2 or comm > items:
                     continue
                 out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
-                                                 rotate=rotate, group_m=group_m, **common))
+                                                 copy_cols=cols, rotate=rotate, group_m=group_m,
+                                                 **common))
         else:
             # 0: no reduction programs, the own tiles' epilogue reduces.
             for reduce in ((1, 2) if interpreting else (8, 0, 4, 16)):

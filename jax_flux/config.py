@@ -132,8 +132,18 @@ class AllGatherMatmulConfig(_Common):
                        block_k=_clamp_pow2(k, 16, 64), chunk_rows=max(1, min(m_local, 32)),
                        comm_programs=1, copy_rows=16, copy_cols=_clamp_pow2(k, 16, 64))
         block_m = _clamp_pow2(m_local, 16, 128)
+        # A communication program has one copy tile of loads in flight at a
+        # time (its stores into a peer may not pass them), so it moves about
+        # tile bytes / load latency: 16 KiB (bf16 32x256) / ~1 us, ~16 GB/s. An
+        # AG-GEMM pushes (P-1)/(P n) bytes per GEMM flop, ~85 GB/s at 600
+        # TFLOP/s for GPT-3's n = 6144 a rank: 8 programs (128 KiB in flight)
+        # by that estimate, where 4 x 8 KiB gave a quarter. Measure on a GPU
+        # (benchmarks.emulated, benchmarks.tune); the model is in the README.
+        chunk_rows = max(block_m, min(m_local, 256))
+        items = (world - 1) * -(-m_local // chunk_rows)  # chunks to push (none at P = 1)
         return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
-                   chunk_rows=max(block_m, min(m_local, 256)), comm_programs=min(4, world))
+                   chunk_rows=chunk_rows, comm_programs=max(1, min(8, items)), copy_rows=32,
+                   copy_cols=_clamp_pow2(k, 16, 256))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,9 +35,9 @@ def cases():
                {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
                 "y_ptr": f"*{t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"},
                dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
-                    CHUNK_ROWS=128, COMM_PROGRAMS=2,
+                    CHUNK_ROWS=128, COMM_PROGRAMS=8,
                     BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, COPY_ROWS=32,
-                    COPY_COLS=128,
+                    COPY_COLS=256,
                     RETURN_GATHERED=True, UPCAST=False, INPUT_PRECISION=precision,
                     REMOTE_CACHE=".cg", ROTATE=True, TIMED=True), dtype)
         # REDUCE_PROGRAMS=0: the own tiles' epilogue reduces (16-bit only, to keep it short).

@@ -56,8 +56,8 @@ _TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 COLUMNS = ["op", "shape", "M", "K", "N", "tile", "group_m", "warps", "stages", "helpers",
            "regs", "stack", "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm",
            "gemm_programs", "tiles", "waves", "last_wave_fill", "w_reads_est", "x_reads_est",
-           "w_reads_est_rowmajor", "comm_kib_in_flight", "loop", "loop_plain_gemm", "loop_mma", "loop_ldgsts",
-           "loop_spills", "narrow_copies", "regs_plain_gemm"]
+           "w_reads_est_rowmajor", "comm_kib_in_flight", "loop", "loop_plain_gemm",
+           "loop_mma", "loop_ldgsts", "loop_spills", "narrow_copies", "regs_plain_gemm"]
 
 
 def _compile(kernel, pointers: dict, constexprs: dict, cfg, cc: int) -> dict:
@@ -122,7 +122,9 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
                           COMM_PROGRAMS=cfg.comm_programs, COPY_ROWS=cfg.copy_rows,
                           COPY_COLS=cfg.copy_cols, RETURN_GATHERED=False)
         helpers = cfg.comm_programs
-        in_flight = cfg.comm_programs * cfg.copy_rows * cfg.copy_cols * jnp.dtype(dtype).itemsize
+        # Bytes a copy tile really moves: rows of a chunk, columns of x.
+        in_flight = (cfg.comm_programs * min(cfg.copy_rows, cfg.chunk_rows, m_local) *
+                     min(cfg.copy_cols, k) * jnp.dtype(dtype).itemsize)
         gemm_mkn = (world * m_local, k, n)
     else:
         k, n = shape.k // world, shape.n  # x [M, K / P] per rank, w [K / P, N]

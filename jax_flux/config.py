@@ -139,11 +139,14 @@ class AllGatherMatmulConfig(_Common):
         # TFLOP/s for GPT-3's n = 6144 a rank: 8 programs (128 KiB in flight)
         # by that estimate, where 4 x 8 KiB gave a quarter. Measure on a GPU
         # (benchmarks.emulated, benchmarks.tune); the model is in the README.
+        # The copy tile keeps 8192 elements however few rows a rank has
+        # (decode: 8 rows x 1024 columns, not 8 valid rows of a 32-row tile).
         chunk_rows = max(block_m, min(m_local, 256))
         items = (world - 1) * -(-m_local // chunk_rows)  # chunks to push (none at P = 1)
+        copy_rows = _clamp_pow2(min(m_local, 32), 1, 32)
         return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
-                   chunk_rows=chunk_rows, comm_programs=max(1, min(8, items)), copy_rows=32,
-                   copy_cols=_clamp_pow2(k, 16, 256))
+                   chunk_rows=chunk_rows, comm_programs=max(1, min(8, items)),
+                   copy_rows=copy_rows, copy_cols=_clamp_pow2(min(k, 8192 // copy_rows), 16, 4096))
 
 
 @dataclasses.dataclass(frozen=True)

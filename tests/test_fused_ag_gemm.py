@@ -151,3 +151,15 @@ def test_grouped_tile_order_with_a_partial_group(group_m):
     assert testing.relative_error(y, x64 @ w64) < 1e-5
     for r in range(8):
         np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
+
+
+@pytest.mark.parametrize("m_local,k,n_local", [(8, 40, 24), (40, 24, 16)])
+def test_the_gpu_default_config_is_right_too(m_local, k, n_local):
+    """What config=None picks on a GPU (more communication programs than the
+    interpreter's grid, copy tiles wider than x) runs right in the interpreter."""
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig.default(m_local, k, n_local, 8, interpreting=False)
+    assert cfg.comm_programs > 1
+    x, w, x64, w64 = testing.random_operands(8 * m_local, k, 8 * n_local, jnp.float32, seed=k)
+    xs, ws = testing.place(OP, mesh, x, w)
+    assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5

@@ -202,3 +202,13 @@ def test_epilogue_reduction_config():
         MatmulReduceScatterConfig(reduce_programs=-1)
     with pytest.raises(ValueError, match=r"num_programs \(3\) must exceed reduce_programs"):
         MatmulReduceScatterConfig(reduce_programs=4, num_programs=3)
+
+
+@pytest.mark.parametrize("m_own,k_local,n", [(8, 5, 40), (40, 3, 24)])
+def test_the_gpu_default_config_is_right_too(m_own, k_local, n):
+    """What config=None picks on a GPU runs right in the interpreter."""
+    mesh = mesh_of(8)
+    cfg = MatmulReduceScatterConfig.default(m_own, k_local, n, 8, interpreting=False)
+    x, w, x64, w64 = testing.random_operands(8 * m_own, 8 * k_local, n, jnp.float32, seed=n)
+    xs, ws = testing.place(OP, mesh, x, w)
+    assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5

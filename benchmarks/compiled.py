@@ -95,13 +95,15 @@ def operand_reads(blocks: int, tiles_m: int, tiles_n: int, programs: int,
     return w_tiles / tiles_n, x_tiles / (blocks * tiles_m)
 
 
-def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind: str | None):
+def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind: str | None,
+            sms: int):
     cls = AllGatherMatmulConfig if op == AG else MatmulReduceScatterConfig
     if tuned_kind:
         cfg = autotune.lookup(op, tuned_kind, m_local, k, n, dtype, world)
         if cfg is not None:
             return cfg, "tuned"
-    return cls.default(m_local, k, n, world, interpreting=False), "heuristic"
+    return cls.default(m_local, k, n, world, interpreting=False, sms=sms,
+                       itemsize=jnp.dtype(dtype).itemsize), "heuristic"
 
 
 def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None) -> dict:
@@ -111,7 +113,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
     m_local = shape.m // world
     if shape.op == AG:
         k, n = shape.k, shape.n // world  # x [m, K] per rank, w [K, N / P]
-        cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind)
+        cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind, sms)
         sig_off, data_off, _ = ag_gemm.workspace_bytes(world, m_local, k, jnp.dtype(dtype).itemsize,
                                                        cfg.chunk_rows)
         kernel = ag_gemm.ag_gemm_kernel
@@ -128,7 +130,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
         gemm_mkn = (world * m_local, k, n)
     else:
         k, n = shape.k // world, shape.n  # x [M, K / P] per rank, w [K / P, N]
-        cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind)
+        cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind, sms)
         sig_off, data_off, _ = gemm_rs.workspace_bytes(world, m_local, n, jnp.dtype(dtype).itemsize,
                                                        cfg.block_m, cfg.block_n)
         kernel = gemm_rs.gemm_rs_kernel

@@ -65,8 +65,7 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     if interpreting:
         max_programs = _INTERPRETER_PROGRAMS
     else:
-        sms = getattr(jax.devices()[0], "core_count", None) or 132
-        max_programs = sms * config.programs_per_sm
+        max_programs = sm_count() * config.programs_per_sm
     status_check = errors.status_check(interpreting)
     if status_check == "async":
         errors.watchdog.start()
@@ -89,7 +88,13 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
     tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world)
     if tuned is not None:
         return tuned
-    return cls.default(m_local, k, n, world, interpreter_ready())
+    return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
+                       itemsize=jnp.dtype(dtype).itemsize)
+
+
+def sm_count() -> int:
+    """Multiprocessors of the default backend's first device (132 if it does not say)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def input_precision(config, dtype) -> str:

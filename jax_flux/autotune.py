@@ -95,7 +95,8 @@ def _smem_bytes(block_m, block_n, block_k, stages, itemsize) -> int:
 
 
 def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
-               interpreting: bool = False, smem_bytes: int = DEFAULT_SMEM_BYTES) -> list:
+               interpreting: bool = False, smem_bytes: int = DEFAULT_SMEM_BYTES,
+               sms: int = 132) -> list:
     """The config space of one problem, pruned of configs that cannot fit or make no sense,
     in search order.
 
@@ -119,6 +120,8 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
         warps, stages = (4, 8), (3, 4)
     per_sm = (1,) if interpreting else (1, 2)
     rows = m_local
+    default = CONFIG_CLASSES[op].default(m_local, k, n, world, interpreting, sms=sms,
+                                         itemsize=itemsize)
     out = []
     for bm, bn, bk, nw, ns in itertools.product(rows_blocks, blocks, k_blocks, warps, stages):
         if bm > 2 * max(16, rows) or bn > 2 * max(16, n) or bk > 2 * max(16, k):
@@ -130,10 +133,9 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
             # Two programs an SM only where two fit: shared memory and 64 warps.
             if pps > 1 and (2 * _smem_bytes(bm, bn, bk, ns, itemsize) > smem_bytes or nw > 8):
                 continue
-            out.extend(_op_candidates(op, rows, world, interpreting, dict(
+            out.extend(_op_candidates(op, rows, world, interpreting, default, dict(
                 block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
                 programs_per_sm=pps)))
-    default = CONFIG_CLASSES[op].default(m_local, k, n, world, interpreting)
     return sorted(dict.fromkeys([default] + out), key=lambda c: _distance(c, default))
 
 
@@ -143,9 +145,10 @@ def _distance(config, default) -> int:
                for f in dataclasses.fields(config))
 
 
-def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: dict) -> list:
+def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
+                   common: dict) -> list:
     """The op-specific dimensions (tile order: rotation and row groups; chunks,
-    communication or reduction programs)."""
+    communication or reduction programs, copy tiles: the heuristic's and two more)."""
     out, bm = [], common["block_m"]
     # Grouped, rank-rotated order first; then row-major, then unrotated.
     orders = ((True, 8), (False, 8)) if interpreting else ((True, 8), (True, 1), (False, 8))
@@ -153,14 +156,17 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, common: d
         if op == AG:
             # One tile, the heuristic's (up to 256 rows), a rank's rows.
             chunks = sorted({bm, max(bm, min(rows, 256)), max(bm, rows)})
-            copy_cols = (16,) if interpreting else (256, 128)
-            for chunk, comm, cols in itertools.product(chunks, (8, 4, 2, 1, 16), copy_cols):
+            copies = [(default.copy_rows, default.copy_cols)]
+            if not interpreting:
+                copies = list(dict.fromkeys(copies + [(32, 256), (32, 128)]))
+            for chunk, comm, (copy_rows, copy_cols) in itertools.product(
+                    chunks, (8, 4, 2, 1, 16), copies):
                 items = max(1, world - 1) * -(-max(rows, 1) // chunk)  # chunks to push
                 if chunk > max(rows, 1) * 2 or comm > items:
                     continue
                 out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
-                                                 copy_cols=cols, rotate=rotate, group_m=group_m,
-                                                 **common))
+                                                 copy_rows=copy_rows, copy_cols=copy_cols,
+                                                 rotate=rotate, group_m=group_m, **common))
         else:
             # 0: no reduction programs, the own tiles' epilogue reduces.
             for reduce in ((1, 2) if interpreting else (8, 0, 4, 16)):
@@ -178,7 +184,7 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
     the workspace reset: run it while no other fused call is in flight.
     """
     from jax_flux import testing, workspace
-    from jax_flux._fused import interpreter_ready
+    from jax_flux._fused import interpreter_ready, sm_count
 
     world = mesh.devices.size
     if op == AG:
@@ -186,7 +192,7 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
     else:
         m, kk, nn = world * m_local, k * world, n
     configs = list(configs) if configs is not None else candidates(
-        op, m_local, k, n, dtype, world, interpreting=interpreter_ready())
+        op, m_local, k, n, dtype, world, interpreting=interpreter_ready(), sms=sm_count())
     if max_configs is not None:
         configs = configs[:max_configs]
     x, w, _, _ = testing.random_operands(m, kk, nn, dtype, seed=11)

@@ -125,8 +125,11 @@ class AllGatherMatmulConfig(_Common):
         _pow2("copy_cols", self.copy_cols, 1, 4096)
 
     @classmethod
-    def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool):
-        """Heuristic: tiles no larger than the problem; chunks of about a GEMM tile."""
+    def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool, *,
+                sms: int = 132, itemsize: int = 2):
+        """Heuristic: tiles no larger than the problem; chunks of about a GEMM tile;
+        communication programs as the push rate wants, fewer where that saves a
+        wave of GEMM tiles on ``sms`` SMs."""
         if interpreting:
             return cls(block_m=_clamp_pow2(m_local, 16, 64), block_n=_clamp_pow2(n, 16, 64),
                        block_k=_clamp_pow2(k, 16, 64), chunk_rows=max(1, min(m_local, 32)),
@@ -134,19 +137,28 @@ class AllGatherMatmulConfig(_Common):
         block_m = _clamp_pow2(m_local, 16, 128)
         # A communication program has one copy tile of loads in flight at a
         # time (its stores into a peer may not pass them), so it moves about
-        # tile bytes / load latency: 16 KiB (bf16 32x256) / ~1 us, ~16 GB/s. An
-        # AG-GEMM pushes (P-1)/(P n) bytes per GEMM flop, ~85 GB/s at 600
-        # TFLOP/s for GPT-3's n = 6144 a rank: 8 programs (128 KiB in flight)
-        # by that estimate, where 4 x 8 KiB gave a quarter. Measure on a GPU
-        # (benchmarks.emulated, benchmarks.tune); the model is in the README.
-        # The copy tile keeps 8192 elements however few rows a rank has
-        # (decode: 8 rows x 1024 columns, not 8 valid rows of a 32-row tile).
+        # tile bytes / load latency (~1 us). An AG-GEMM pushes (P-1)/(P n)
+        # bytes per GEMM flop: ~85 GB/s at 600 TFLOP/s for GPT-3's n = 6144 a
+        # rank, so ~128 KiB in flight in all by that estimate (4 x 8 KiB gave a
+        # quarter). Measure on a GPU (benchmarks.emulated, benchmarks.tune).
         chunk_rows = max(block_m, min(m_local, 256))
         items = (world - 1) * -(-m_local // chunk_rows)  # chunks to push (none at P = 1)
+        block_n = _clamp_pow2(n, 16, 128)
+        tiles = world * -(-m_local // block_m) * -(-n // block_n)
+        # Up to 8 programs, the most of those that leave the GEMM the fewest
+        # waves of tiles (384 tiles on 132 SMs: 4 programs, 3 full waves of
+        # 128; 7 would leave 125 and a 4th wave).
+        comm = min(range(1, max(1, min(8, items)) + 1),
+                   key=lambda c: (-(-tiles // max(1, sms - c)), -c))
+        # Copy tiles that make up the 128 KiB: up to 64 elements a thread of
+        # 4 warps for 16-bit types, 32 for 4-byte ones; however few rows a rank
+        # has (decode: 8 rows x 2048 columns, not 8 valid rows of 32).
+        elements = min(16384 if itemsize <= 2 else 8192,
+                       max(8192, (128 << 10) // (comm * itemsize)))
         copy_rows = _clamp_pow2(min(m_local, 32), 1, 32)
-        return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
-                   chunk_rows=chunk_rows, comm_programs=max(1, min(8, items)),
-                   copy_rows=copy_rows, copy_cols=_clamp_pow2(min(k, 8192 // copy_rows), 16, 4096))
+        return cls(block_m=block_m, block_n=block_n, block_k=64, chunk_rows=chunk_rows,
+                   comm_programs=comm, copy_rows=copy_rows,
+                   copy_cols=_clamp_pow2(min(k, elements // copy_rows), 16, 4096))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +174,9 @@ class MatmulReduceScatterConfig(_Common):
         while the GEMM runs; 0: no such programs, the GEMM program that
         computes one of this rank's own tiles (the last in its order) sums
         the peers' partials of that tile into it right there (every SM
-        reduces at the end instead of a few throughout).
+        reduces at the end instead of a few throughout; the GPU default).
+        It needs every program of the grid resident at once (the default
+        grid is: a program per SM).
       num_warps, num_stages: Triton compile options (GPU).
       num_programs: total persistent grid, reduction programs included.
       programs_per_sm: programs per SM the default grid assumes (GPU).
@@ -178,11 +192,21 @@ class MatmulReduceScatterConfig(_Common):
             self._check_helpers("reduce_programs", self.reduce_programs)
 
     @classmethod
-    def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool):
-        """Heuristic: tiles no larger than a rank's rows; small M gets small tiles."""
+    def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool, *,
+                sms: int = 132, itemsize: int = 2):
+        """Heuristic: tiles no larger than a rank's rows; small M gets small tiles;
+        8 warps for 4-byte types (with 4, the epilogue's float32 sum spills into
+        the K loop)."""
         if interpreting:
             return cls(block_m=_clamp_pow2(m_local, 16, 64), block_n=_clamp_pow2(n, 16, 64),
                        block_k=_clamp_pow2(k, 16, 64), reduce_programs=2)
+        # reduce_programs=0 (the own tiles' epilogue sums the partials) on a GPU:
+        # own tiles come last, so reduction programs can only start near the
+        # end, and a few of them summing tile after tile are bound by load
+        # latency: by a model (README) ~0.5 ms after a ~1.8 ms GEMM at GPT-3's
+        # M=8192, and several times the GEMM at decode size. Needs the grid
+        # co-resident (the default grid is). The interpreter keeps reduction
+        # programs: there the epilogue reduction runs as one program a rank.
         block_m = _clamp_pow2(m_local, 16, 128)
         return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
-                   reduce_programs=8 if m_local >= 512 else 4)
+                   reduce_programs=0, num_warps=8 if itemsize >= 4 else 4)

@@ -76,17 +76,20 @@ def test_several_fused_calls_in_one_program_and_across_programs():
         assert testing.relative_error(g(xs, ws), x64 @ w164) < 1e-5
 
 
+def _with_gathered(mesh, cfg):
+    """The fused op returning (y, every rank's gathered x stacked [P, P*m, K])."""
+    def body(x, w):
+        y, xg = ag_gemm.fused(x, w, "tp", 8, cfg, return_gathered=True)
+        return y, xg[None]
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                                 out_specs=(P(None, "tp"), P("tp"))))
+
+
 def test_gathered_x_output():
     mesh = mesh_of(8)
     x, w, x64, _ = testing.random_operands(8 * 7, 20, 16, jnp.bfloat16, seed=3)
-
-    def body(x, w):
-        y, xg = ag_gemm.fused(x, w, "tp", 8, SMALL, return_gathered=True)
-        return y, xg[None]
-
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
-                              out_specs=(P(None, "tp"), P("tp"))))
-    _, xg = f(x, w)
+    _, xg = _with_gathered(mesh, SMALL)(x, w)
     for r in range(8):  # every rank holds all of x, bit for bit
         np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
 
@@ -140,14 +143,7 @@ def test_grouped_tile_order_with_a_partial_group(group_m):
                                 comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5,
                                 group_m=group_m)
     x, w, x64, w64 = testing.random_operands(8 * 40, 24, 8 * 40, jnp.float32, seed=group_m)
-
-    def body(x, w):
-        y, xg = ag_gemm.fused(x, w, "tp", 8, cfg, return_gathered=True)
-        return y, xg[None]
-
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
-                              out_specs=(P(None, "tp"), P("tp"))))
-    y, xg = f(x, w)
+    y, xg = _with_gathered(mesh, cfg)(x, w)
     assert testing.relative_error(y, x64 @ w64) < 1e-5
     for r in range(8):
         np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)

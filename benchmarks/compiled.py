@@ -47,12 +47,13 @@ import triton  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.ops import AG, sweep_shapes  # noqa: E402
 from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
-from custom_calls.assembly import cuda_tool, programs_per_sm, ptx_features, sass_features  # noqa: E402
-from custom_calls.rank_emulation import compile_kernel  # noqa: E402
+from custom_calls.assembly import (cuda_tool, programs_per_sm, ptx_features,  # noqa: E402
+                                   sass_features)
+from custom_calls.rank_emulation import TRITON_TYPE, compile_kernel  # noqa: E402
 from jax_flux import autotune  # noqa: E402
+from jax_flux._fused import persistent_grid  # noqa: E402
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig  # noqa: E402
 
-_TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 COLUMNS = ["op", "shape", "M", "K", "N", "tile", "group_m", "warps", "stages", "helpers",
            "regs", "stack", "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm",
            "gemm_programs", "tiles", "waves", "last_wave_fill", "w_reads_est", "x_reads_est",
@@ -108,7 +109,7 @@ def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind
 
 def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None) -> dict:
     """One row of the report: the fused kernel and the plain GEMM of the same tile."""
-    t = _TRITON_TYPE[jnp.dtype(dtype).name]
+    t = TRITON_TYPE[jnp.dtype(dtype).name]
     precision = "tf32" if jnp.dtype(dtype) == jnp.float32 else "ieee"
     m_local = shape.m // world
     if shape.op == AG:
@@ -116,9 +117,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
         cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind, sms)
         sig_off, data_off, _ = ag_gemm.workspace_bytes(world, m_local, k, jnp.dtype(dtype).itemsize,
                                                        cfg.chunk_rows)
-        kernel = ag_gemm.ag_gemm_kernel
-        pointers = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
-                    "y_ptr": f"*{t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"}
+        kernel, pointers = ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t)
         constexprs = dict(M_LOCAL=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, CHUNK_ROWS=cfg.chunk_rows,
                           COMM_PROGRAMS=cfg.comm_programs, COPY_ROWS=cfg.copy_rows,
@@ -133,9 +132,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
         cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind, sms)
         sig_off, data_off, _ = gemm_rs.workspace_bytes(world, m_local, n, jnp.dtype(dtype).itemsize,
                                                        cfg.block_m, cfg.block_n)
-        kernel = gemm_rs.gemm_rs_kernel
-        pointers = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
-                    "z_ptr": f"*{t}", "status_ptr": "*i32"}
+        kernel, pointers = gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t)
         constexprs = dict(M_OWN=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg.reduce_programs)
         helpers = cfg.reduce_programs
@@ -146,13 +143,12 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
     fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
                                             ROTATE=cfg.rotate, TIMED=True), cfg, cc)
     gm, gk, gn = gemm_mkn
-    plain = _compile(gemm.matmul_kernel, {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": f"*{t}"},
-                     dict(M=gm, N=gn, K=gk, **tile), cfg, cc)
-    # The persistent grid as jax_flux/{ag_gemm,gemm_rs}.py size it.
+    plain = _compile(gemm.matmul_kernel, gemm.pointer_types(t), dict(M=gm, N=gn, K=gk, **tile),
+                     cfg, cc)
+    # The persistent grid as the ops size it on a GPU.
     tiles = world * -(-m_local // cfg.block_m) * -(-n // cfg.block_n)
-    grid = cfg.num_programs or min(tiles + helpers, sms * cfg.programs_per_sm)
-    grid = max(grid, helpers + 1)
-    gemm_programs = grid - helpers
+    gemm_programs = persistent_grid(cfg.num_programs, tiles, helpers,
+                                    sms * cfg.programs_per_sm) - helpers
     waves = -(-tiles // gemm_programs)
     tiles_m, tiles_n = -(-m_local // cfg.block_m), -(-n // cfg.block_n)
     w_reads, x_reads = operand_reads(world, tiles_m, tiles_n, gemm_programs, cfg.group_m)
@@ -187,7 +183,7 @@ def _ptxas_version() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sweep", default="gpt3-175b", choices=["gpt3-175b", "llama2-70b", "quick"])
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(_TRITON_TYPE))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(TRITON_TYPE))
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--sms", type=int, default=132, help="SMs of the target (H100 SXM: 132)")
     p.add_argument("--arch", type=int, default=90)

@@ -164,6 +164,12 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
     signals.end_call(base, epoch)
 
 
+def pointer_types(t: str) -> dict:
+    """Triton types of ``ag_gemm_kernel``'s pointer parameters, elements of type ``t``."""
+    return {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
+            "y_ptr": f"*{t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"}
+
+
 def workspace_bytes(world: int, m_local: int, k: int, itemsize: int, chunk_rows: int):
     """(signal offset, data offset, total bytes) of one rank's workspace for this call."""
     chunks = -(-m_local // chunk_rows)

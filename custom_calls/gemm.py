@@ -80,6 +80,11 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.c
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+def pointer_types(t: str) -> dict:
+    """Triton types of ``matmul_kernel``'s pointer parameters, elements of type ``t``."""
+    return {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": f"*{t}"}
+
+
 def upcast_operands(dtype) -> bool:
     """Whether tl.dot operands must be cast to float32 (interpreter + bfloat16)."""
     return _mode.interpreting() and jnp.dtype(dtype) == jnp.bfloat16

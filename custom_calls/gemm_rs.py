@@ -11,16 +11,18 @@ not all write to the same peer at once. The row tiles of all owners, in that
 order, go in groups of GROUP_M (``gemm.group_order``, as in the plain GEMM),
 so the programs running at once share w's column tiles in L2 instead of each
 wave reading all of w; a group may span owners (decode: one row tile an
-owner, all owners in a group, w read about once). Each finished tile is stored straight into its owner's reduce buffer, in slot r
-(no atomics: deterministic), then its signal ``sig[r * tiles + t] = epoch``
-is release-stored. Before the first write into an owner they wait until it
-has finished its previous call (start barrier; an owner that fails it gets
+owner, all owners in a group, w read about once). Each finished tile is
+stored straight into its owner's reduce buffer, in slot r (no atomics:
+deterministic), then its signal ``sig[r * tiles + t] = epoch`` is
+release-stored. Before the first write into an owner they wait until it has
+finished its previous call (start barrier; an owner that fails it gets
 nothing). They never wait on anything of this call.
 
 Programs [GEMM, GEMM + REDUCE_PROGRAMS) reduce this rank's tiles in about the
 order they are completed (grouped by GROUP_M row tiles): acquire-wait for the
-tile's P signals (one per source and tile, indexed by the tile's row-major id), sum the P partials in rank order 0..P-1 in float32, store into z.
-Early tiles are reduced while the GEMM programs work on later ones.
+tile's P signals (one per source and tile, indexed by the tile's row-major
+id), sum the P partials in rank order 0..P-1 in float32, store into z. Early
+tiles are reduced while the GEMM programs work on later ones.
 
 The same wait invariant as AG-GEMM holds: every wait of this call targets
 work of programs that never wait on this call and have lower ids than every
@@ -162,6 +164,12 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     signals.end_call(base, epoch)
 
 
+def pointer_types(t: str) -> dict:
+    """Triton types of ``gemm_rs_kernel``'s pointer parameters, elements of type ``t``."""
+    return {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
+            "z_ptr": f"*{t}", "status_ptr": "*i32"}
+
+
 def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int, block_n: int):
     """(signal offset, data offset, total bytes) of one rank's workspace for this call."""
     tiles = -(-m_own // block_m) * -(-n // block_n)
@@ -171,9 +179,8 @@ def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int,
 
 def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_programs: int,
             reduce_programs: int, block_m: int, block_n: int, block_k: int, group_m: int,
-            num_warps: int,
-            num_stages: int, upcast: bool, input_precision: str, remote_cache: str, rotate: bool,
-            on_timeout, status_check: str = "sync", timed: bool = False):
+            num_warps: int, num_stages: int, upcast: bool, input_precision: str,
+            remote_cache: str, rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False):
     """Launches ``gemm_rs_kernel``; returns (z [M/P, N], status [5] int32)."""
     m_total, k = x.shape
     n = w.shape[1]

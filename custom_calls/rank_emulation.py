@@ -25,7 +25,8 @@ import numpy as np
 
 from custom_calls import ag_gemm, cuda_driver, gemm, gemm_rs, signals
 
-_TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Triton's element type of each supported dtype (as pointer signatures spell it).
+TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR = 75, 76
 _POISON_BYTE = 0xFF  # NaN in bf16, f16 and f32
 
@@ -219,13 +220,10 @@ class OneGpuWorld:
         """Each rank r: all_gather(xs)[P*m, K] @ ws[r]. Returns (ys, xgs or None, ms).
         A wait gives up after ``timeout_ms`` of the GPU's timer."""
         dtype, (m, k), n = xs[0].dtype, xs[0].shape, ws[0].shape[1]
-        t = _TRITON_TYPE[dtype.name]
         sig_off, data_off, nbytes = ag_gemm.workspace_bytes(self.world, m, k, dtype.itemsize,
                                                             cfg["chunk_rows"])
         table = self.workspace(nbytes)
-        pointers = (("x_ptr", f"*{t}"), ("w_ptr", f"*{t}"), ("ctx_ptr", "*i32"),
-                    ("table_ptr", "*u32"), ("y_ptr", f"*{t}"), ("status_ptr", "*i32"),
-                    ("xg_ptr", f"*{t}"))
+        pointers = tuple(ag_gemm.pointer_types(TRITON_TYPE[dtype.name]).items())
         constexprs = dict(M_LOCAL=m, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, CHUNK_ROWS=cfg["chunk_rows"],
                           COMM_PROGRAMS=cfg["comm_programs"],
@@ -254,12 +252,10 @@ class OneGpuWorld:
         A wait gives up after ``timeout_ms`` of the GPU's timer."""
         dtype, (m_total, k), n = xs[0].dtype, xs[0].shape, ws[0].shape[1]
         m_own = m_total // self.world
-        t = _TRITON_TYPE[dtype.name]
         sig_off, data_off, nbytes = gemm_rs.workspace_bytes(
             self.world, m_own, n, dtype.itemsize, cfg["block_m"], cfg["block_n"])
         table = self.workspace(nbytes)
-        pointers = (("x_ptr", f"*{t}"), ("w_ptr", f"*{t}"), ("ctx_ptr", "*i32"),
-                    ("table_ptr", "*u32"), ("z_ptr", f"*{t}"), ("status_ptr", "*i32"))
+        pointers = tuple(gemm_rs.pointer_types(TRITON_TYPE[dtype.name]).items())
         constexprs = dict(M_OWN=m_own, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg["reduce_programs"],
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
@@ -282,8 +278,7 @@ class OneGpuWorld:
         ranks at once: the baseline the fused kernels' signalling cost is measured on.
         Returns (cs, ms)."""
         dtype, (m, k), n = a_s[0].dtype, a_s[0].shape, b_s[0].shape[1]
-        t = _TRITON_TYPE[dtype.name]
-        pointers = (("a_ptr", f"*{t}"), ("b_ptr", f"*{t}"), ("c_ptr", f"*{t}"))
+        pointers = tuple(gemm.pointer_types(TRITON_TYPE[dtype.name]).items())
         constexprs = dict(M=m, N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                           GROUP_M=8, UPCAST=False, INPUT_PRECISION=precision)
         loaded = _load(gemm.matmul_kernel, self.ordinal, pointers,

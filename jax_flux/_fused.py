@@ -92,6 +92,15 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
                        itemsize=jnp.dtype(dtype).itemsize)
 
 
+def persistent_grid(num_programs: int | None, tiles: int, helpers: int,
+                    max_programs: int) -> int:
+    """Programs of a fused launch: ``num_programs`` if the config sets it, else one
+    per output tile plus the helper programs (communication or reduction), at most
+    ``max_programs``; always at least one GEMM program."""
+    grid = num_programs or min(tiles + helpers, max_programs)
+    return max(grid, helpers + 1)
+
+
 def sm_count() -> int:
     """Multiprocessors of the default backend's first device (132 if it does not say)."""
     return getattr(jax.devices()[0], "core_count", None) or 132

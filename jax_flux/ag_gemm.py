@@ -84,13 +84,13 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
                                                        cfg.chunk_rows)
     launch = _fused.prepare("all_gather_matmul", axis_name, size, nbytes, cfg, x.dtype)
     tiles = size * _fused.cdiv(m, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
-    grid = cfg.num_programs or min(tiles + cfg.comm_programs, launch.max_programs)
-    grid = max(grid, cfg.comm_programs + 1)
+    grid = _fused.persistent_grid(cfg.num_programs, tiles, cfg.comm_programs, launch.max_programs)
     y, _, xg = kernel.ag_gemm(
         x, w, launch.ctx, launch.table, world=size, sig_off=sig_off, data_off=data_off,
         chunk_rows=cfg.chunk_rows, comm_programs=cfg.comm_programs,
         gemm_programs=grid - cfg.comm_programs, block_m=cfg.block_m, block_n=cfg.block_n,
-        block_k=cfg.block_k, group_m=cfg.group_m, copy_rows=cfg.copy_rows, copy_cols=cfg.copy_cols,
+        block_k=cfg.block_k, group_m=cfg.group_m, copy_rows=cfg.copy_rows,
+        copy_cols=cfg.copy_cols,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, return_gathered=return_gathered,
         upcast=launch.upcast, input_precision=_fused.input_precision(cfg, x.dtype),
         remote_cache=launch.remote_cache, rotate=cfg.rotate, on_timeout=launch.on_timeout,

@@ -83,8 +83,8 @@ def fused(x, w, axis_name: Hashable, size: int,
                                                        cfg.block_m, cfg.block_n)
     launch = _fused.prepare("matmul_reduce_scatter", axis_name, size, nbytes, cfg, x.dtype)
     tiles = size * _fused.cdiv(m_own, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
-    grid = cfg.num_programs or min(tiles + cfg.reduce_programs, launch.max_programs)
-    grid = max(grid, cfg.reduce_programs + 1)
+    grid = _fused.persistent_grid(cfg.num_programs, tiles, cfg.reduce_programs,
+                                  launch.max_programs)
     if cfg.reduce_programs == 0 and launch.interpreting:
         # GEMM programs that reduce wait on peers' GEMM programs, which wait in
         # turn: with a rank's programs run one after another (the interpreter),

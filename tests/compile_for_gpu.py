@@ -18,22 +18,18 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
 from custom_calls.assembly import programs_per_sm, ptx_features, sass_features  # noqa: E402
-from custom_calls.rank_emulation import Compiled, compile_kernel, ptx_param_count  # noqa: E402
-
-_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+from custom_calls.rank_emulation import (TRITON_TYPE, Compiled, compile_kernel,  # noqa: E402
+                                         ptx_param_count)
 
 
 def cases():
-    for dtype, t in _DTYPES.items():
+    for dtype, t in TRITON_TYPE.items():
         precision = "tf32" if dtype == "float32" else "ieee"
-        yield ("matmul", gemm.matmul_kernel,
-               {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": f"*{t}"},
+        yield ("matmul", gemm.matmul_kernel, gemm.pointer_types(t),
                dict(M=4096, N=4096, K=4096, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
                     UPCAST=False,
                     INPUT_PRECISION=precision), dtype)
-        yield ("ag_gemm", ag_gemm.ag_gemm_kernel,
-               {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
-                "y_ptr": f"*{t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"},
+        yield ("ag_gemm", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t),
                dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                     CHUNK_ROWS=128, COMM_PROGRAMS=8,
                     BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, COPY_ROWS=32,
@@ -44,9 +40,7 @@ def cases():
         for name, reducers in (("gemm_rs", 8), ("gemm_rs0", 0)):
             if reducers == 0 and dtype != "bfloat16":
                 continue
-            yield (name, gemm_rs.gemm_rs_kernel,
-                   {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
-                    "z_ptr": f"*{t}", "status_ptr": "*i32"},
+            yield (name, gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t),
                    dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                         REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8,
                         BLOCK_N=128, BLOCK_K=64, UPCAST=False, INPUT_PRECISION=precision,

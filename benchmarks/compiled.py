@@ -49,7 +49,7 @@ from benchmarks.ops import AG, sweep_shapes  # noqa: E402
 from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
 from custom_calls.assembly import (cuda_tool, programs_per_sm, ptx_features,  # noqa: E402
                                    sass_features)
-from custom_calls.rank_emulation import TRITON_TYPE, compile_kernel  # noqa: E402
+from custom_calls.compiler import TRITON_TYPE, compile_kernel  # noqa: E402
 from jax_flux import autotune  # noqa: E402
 from jax_flux._fused import persistent_grid  # noqa: E402
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig  # noqa: E402

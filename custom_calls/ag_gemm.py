@@ -194,6 +194,7 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         x, w, ctx, table, kernel=ag_gemm_kernel, out_shape=out_shape,
         grid=(comm_programs + gemm_programs,), num_warps=num_warps, num_stages=num_stages,
         zeroed_outputs=(1,), status_output=1, on_status=on_timeout, status_check=status_check,
+        resident=True,
         M_LOCAL=m, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
         CHUNK_ROWS=chunk_rows,
         COMM_PROGRAMS=comm_programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -83,31 +83,47 @@ def hot_loop(sass: str) -> list[str]:
     return []
 
 
+def _run_on_cubin(command: list[str], cubin: bytes) -> str:
+    """stdout of ``command + [a file holding cubin]``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run(command + [path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes per thread, static shared memory bytes, as
+    ``cuobjdump -res-usage`` reads them from the cubin; empty without the tool."""
+    cuobjdump = cuda_tool("cuobjdump")
+    if cuobjdump is None:
+        return {}
+    usage = _run_on_cubin([cuobjdump, "-res-usage"], cubin)
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    static_shared = re.search(r"SHARED:(\d+)", usage)
+    return {
+        "regs": int(regs.group(1)) if regs else -1,
+        "stack": int(stack.group(1)) if stack else -1,
+        "static_shared": int(static_shared.group(1)) if static_shared else 0,
+    }
+
+
 def sass_features(cubin: bytes) -> dict:
     """What the assembled kernel shows: registers and stack bytes per thread
     (stack: spills or local arrays), static shared memory (bytes; Triton's
     pipeline buffers are dynamic, ``metadata.shared``), and its hot K loop (``hot_loop``):
     instructions, tensor-core MMAs, cp.async copies (LDGSTS) and local-memory
     accesses (spills inside the loop). Empty without Triton's CUDA tools."""
-    cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
-    if cuobjdump is None or nvdisasm is None:
+    usage = resource_usage(cubin)
+    nvdisasm = cuda_tool("nvdisasm")
+    if not usage or nvdisasm is None:
         return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True,
-                              check=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
-    static_shared = re.search(r"SHARED:(\d+)", usage)
+    sass = _run_on_cubin([nvdisasm, "-c"], cubin)
     loop = Counter(hot_loop(sass))
     return {
-        "regs": int(regs.group(1)) if regs else -1,
-        "stack": int(stack.group(1)) if stack else -1,
-        "static_shared": int(static_shared.group(1)) if static_shared else 0,
+        **usage,
         "loop": sum(loop.values()),
         "loop_mma": loop["HGMMA"] + loop["HMMA"],
         "loop_ldgsts": loop["LDGSTS"],
@@ -148,3 +164,28 @@ def programs_per_sm(regs: int, shared_bytes: int, num_warps: int,
     fit = min(bounds.values())
     return {"fit": fit, "bound_by": min(bounds, key=bounds.get),
             **{f"fit_by_{k}": v for k, v in bounds.items()}}
+
+
+# Per-SM limits by compute capability (CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability"): 64 K registers in 256-register warp
+# units and 1 KiB reserved per program on all of them.
+_LIMITS = {
+    80: SmLimits(shared_bytes=164 * 1024, warps=64, programs=32),
+    86: SmLimits(shared_bytes=100 * 1024, warps=48, programs=16),
+    87: SmLimits(shared_bytes=164 * 1024, warps=48, programs=16),
+    89: SmLimits(shared_bytes=100 * 1024, warps=48, programs=24),
+    90: HOPPER,
+    100: HOPPER,
+    103: HOPPER,
+    120: SmLimits(shared_bytes=100 * 1024, warps=48, programs=32),
+}
+# An unlisted GPU is assumed to be as small as the smallest listed, field by field.
+_SMALLEST = SmLimits(shared_bytes=min(v.shared_bytes for v in _LIMITS.values()),
+                     warps=min(v.warps for v in _LIMITS.values()),
+                     programs=min(v.programs for v in _LIMITS.values()))
+
+
+def sm_limits(capability: int) -> tuple[SmLimits, bool]:
+    """(per-SM limits of compute capability ``capability`` (90 for sm_90), whether
+    it is listed; an unlisted one gets the smallest listed limits)."""
+    return (_LIMITS[capability], True) if capability in _LIMITS else (_SMALLEST, False)

@@ -109,6 +109,7 @@ def triton_call(
     status_output: int | None = None,
     on_status: Callable[[np.ndarray], str] | None = None,
     status_check: str = "sync",
+    resident: bool = False,
     **metaparams: Any,
 ) -> Any:
     """Calls a ``@triton.jit`` kernel on JAX arrays, on CUDA or on the CPU.
@@ -134,6 +135,11 @@ def triton_call(
         device-to-host read and host synchronisation per call) or
         ``"async"`` (no check here; the kernel's error record reports it,
         see ``jax_flux.errors``).
+      resident: the kernel's programs wait on each other, so the whole grid
+        must be resident on the GPU at once. When lowered for a GPU, a grid
+        larger than the SMs x the programs of this compiled kernel that fit
+        one SM raises ValueError (``compiler.check_resident``) before
+        anything runs.
       **metaparams: ``tl.constexpr`` parameters of the kernel.
 
     Returns:
@@ -176,6 +182,7 @@ def triton_call(
         status_output=status_output,
         on_status=on_status,
         status_check=status_check,
+        resident=bool(resident),
         metaparams=tuple(sorted(metaparams.items())),
     )
     return outs[0] if single else list(outs)
@@ -190,19 +197,27 @@ def _same_varying_axes(arrays: list) -> list:
             for a, ax in zip(arrays, axes)]
 
 
+def _lowering_mesh(ctx):
+    """The concrete mesh of the shard_map this program is lowered in, or None."""
+    return getattr(ctx.module_context.axis_context, "mesh", None)
+
+
 def _with_lowered_constants(ctx, lowered: tuple, platform: str):
     """Resolves the LoweredConstant operands for the mesh this program is lowered on;
-    returns a function that swaps each one's index operand for its table row."""
-    mesh = getattr(ctx.module_context.axis_context, "mesh", None)
-    tables = [(pos, np.asarray(resolve(mesh, platform))) for pos, resolve in lowered]
+    returns a function that swaps each one's index operand for its table row, and
+    the operands' dtypes after that swap."""
+    tables = dict((pos, np.asarray(resolve(_lowering_mesh(ctx), platform)))
+                  for pos, resolve in lowered)
 
     def substitute(arrays: Sequence[Any]) -> list:
         arrays = list(arrays)
-        for pos, table in tables:
+        for pos, table in tables.items():
             arrays[pos] = jnp.asarray(table)[arrays[pos]]
         return arrays
 
-    return substitute
+    dtypes = [tables[i].dtype if i in tables else np.dtype(a.dtype)
+              for i, a in enumerate(ctx.avals_in)]
+    return substitute, dtypes
 
 
 def _interleave(arrays: Sequence[Any], scalars: tuple) -> list:
@@ -264,9 +279,9 @@ def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars
 
 def _cpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
                   input_output_aliases, zeroed_outputs, status_output, on_status, status_check,
-                  metaparams):
-    del num_warps, num_stages  # the interpreter has neither
-    substitute = _with_lowered_constants(ctx, lowered, "cpu")
+                  resident, metaparams):
+    del num_warps, num_stages, resident  # the interpreter has neither SMs nor warps
+    substitute, _ = _with_lowered_constants(ctx, lowered, "cpu")
 
     def host_fn(*arrays):
         outputs = run_interpreted(
@@ -316,11 +331,46 @@ def check_status(status, on_status) -> None:
                  lambda s: None, status)
 
 
+def gpu_target(mesh) -> tuple[int, int] | None:
+    """(SMs, compute capability as 90 for 9.0) of the GPU a program is lowered for:
+    the mesh's first device, else the default backend's; None if that is no GPU."""
+    devices = getattr(mesh, "devices", None)
+    device = devices.flat[0] if devices is not None else jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if capability is None:
+        return None
+    major, minor = str(capability).split(".")[:2]
+    return getattr(device, "core_count", None) or 132, int(major) * 10 + int(minor)
+
+
+def _check_resident(kernel, grid: Grid, dtypes: list, scalars: tuple,
+                    out_shapes: Sequence[jax.ShapeDtypeStruct], target: tuple[int, int],
+                    metaparams: tuple, num_warps: int, num_stages: int) -> None:
+    """``compiler.check_resident`` with the kernel's signature as jax-triton types it:
+    array operands, then outputs, are pointers in parameter order (scalars are
+    typed i32 here; a resident kernel should take none)."""
+    from custom_calls import compiler
+
+    sms, capability = target
+    names = [n for n in kernel.arg_names if n not in dict(metaparams)]
+    runtime = _interleave([np.dtype(d) for d in dtypes], scalars) + [
+        np.dtype(s.dtype) for s in out_shapes]
+    pointers = tuple((name, compiler.pointer_type(d)) for name, d in zip(names, runtime)
+                     if isinstance(d, np.dtype))
+    compiler.check_resident(kernel, int(np.prod(grid)), sms=sms, capability=capability,
+                            pointers=pointers, constexprs=metaparams, num_warps=num_warps,
+                            num_stages=num_stages)
+
+
 def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
                   input_output_aliases, zeroed_outputs, status_output, on_status, status_check,
-                  metaparams):
+                  resident, metaparams):
+    substitute, dtypes = _with_lowered_constants(ctx, lowered, "cuda")
+    target = gpu_target(_lowering_mesh(ctx))
+    if resident and target is not None:  # before jax-triton compiles and anything launches
+        _check_resident(kernel, grid, dtypes, scalars, out_shapes, target, metaparams,
+                        num_warps, num_stages)
     jt = _jax_triton()
-    substitute = _with_lowered_constants(ctx, lowered, "cuda")
 
     def call(*arrays):
         arrays = substitute(arrays)

@@ -190,7 +190,7 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
     return triton_call(
         x, w, ctx, table, kernel=gemm_rs_kernel, out_shape=out_shape,
         grid=(gemm_programs + reduce_programs,), num_warps=num_warps, num_stages=num_stages,
-        status_output=1, on_status=on_timeout, status_check=status_check,
+        status_output=1, on_status=on_timeout, status_check=status_check, resident=True,
         M_OWN=m_own, N=n, K=k, WORLD=world, SIG_OFF=sig_off, DATA_OFF=data_off,
         REDUCE_PROGRAMS=reduce_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, UPCAST=upcast,

@@ -24,9 +24,8 @@ import functools
 import numpy as np
 
 from custom_calls import ag_gemm, cuda_driver, gemm, gemm_rs, signals
+from custom_calls.compiler import TRITON_TYPE, Compiled, compile_kernel, ptx_param_count
 
-# Triton's element type of each supported dtype (as pointer signatures spell it).
-TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR = 75, 76
 _POISON_BYTE = 0xFF  # NaN in bf16, f16 and f32
 
@@ -41,63 +40,15 @@ class Loaded:
     params: tuple[str, ...]  # Triton signature type of each runtime parameter
 
 
-@dataclasses.dataclass(frozen=True)
-class Compiled:
-    """A kernel compiled for one target, with what a raw driver launch needs."""
-
-    name: str
-    cubin: bytes
-    ptx: str
-    shared: int
-    num_warps: int
-    params: tuple[str, ...]  # Triton type of each runtime parameter, in order
-    # Triton appends two pointer parameters (global and profile scratch) to
-    # every kernel; the launch passes null for both.
-    TRAILING_SCRATCH_PARAMS = 2
-
-
-def compile_kernel(kernel, cc: int, pointers: tuple, constexprs: tuple, num_warps: int,
-                   num_stages: int) -> Compiled:
-    """Compiles ``kernel`` for sm_``cc``: pointer parameters typed by ``pointers``
-    ((name, "*bf16"), ...) and 16-byte aligned, other runtime parameters i32,
-    ``constexprs`` baked in (as jax-triton compiles them).
-    Needs Triton in compiled mode, not a GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    constexprs_d, pointers_d = dict(constexprs), dict(pointers)
-    signature = {name: "constexpr" if name in constexprs_d else pointers_d.get(name, "i32")
-                 for name in kernel.arg_names}
-    # Pointers 16-byte aligned, as jax-triton assumes for XLA's buffers (and
-    # cuMemAlloc gives): what lets Triton vectorize and pipeline the loads.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-             if name in pointers_d}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs_d,
-                                        attrs=attrs),
-                              target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    if getattr(compiled.metadata, "global_scratch_size", 0):
-        raise NotImplementedError(f"{kernel.__name__} needs Triton global scratch memory; "
-                                  f"the one-GPU rank emulation passes none")
-    return Compiled(name=compiled.metadata.name, cubin=compiled.asm["cubin"],
-                    ptx=compiled.asm["ptx"], shared=compiled.metadata.shared,
-                    num_warps=num_warps,
-                    params=tuple(t for t in signature.values() if t != "constexpr"))
-
-
-def ptx_param_count(ptx: str, name: str) -> int:
-    """Parameters of ``.entry name`` in PTX text (to check the launch ABI)."""
-    start = ptx.index(f".entry {name}(")
-    return ptx[start:ptx.index(")", start)].count(".param ")
-
-
 @functools.lru_cache(maxsize=64)
 def _load(kernel, ordinal: int, pointers: tuple, constexprs: tuple, num_warps: int,
           num_stages: int) -> Loaded:
     cc = (cuda_driver.attribute(ordinal, _COMPUTE_CAPABILITY_MAJOR) * 10 +
           cuda_driver.attribute(ordinal, _COMPUTE_CAPABILITY_MINOR))
     c = compile_kernel(kernel, cc, pointers, constexprs, num_warps, num_stages)
+    if c.global_scratch:
+        raise NotImplementedError(f"{kernel.__name__} needs Triton global scratch memory; "
+                                  f"the one-GPU rank emulation passes none")
     expected = len(c.params) + Compiled.TRAILING_SCRATCH_PARAMS
     if ptx_param_count(c.ptx, c.name) != expected:
         raise RuntimeError(f"{c.name}: {ptx_param_count(c.ptx, c.name)} PTX parameters, the "

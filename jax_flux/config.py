@@ -45,9 +45,10 @@ class _Common:
     # programs_per_sm x the number of SMs (GPU) or 4 (interpreter).
     num_programs: int | None = None
     # Programs resident per SM the default grid assumes (2 fits two 3-stage
-    # 128x128x64 bf16 tiles in Hopper's shared memory). Waits only ever target
-    # lower program ids, so a grid larger than what co-resides still progresses
-    # as long as blocks start in id order (what GPUs do; CUDA does not promise it).
+    # 128x128x64 bf16 tiles of 4 warps in Hopper's registers and shared
+    # memory). Programs wait on each other, so the grid must co-reside: one
+    # larger than the compiled kernel allows is a ValueError when the program
+    # is lowered for a GPU (custom_calls.compiler.check_resident).
     programs_per_sm: int = 1
     timeout_s: float = 60.0
     # tl.dot input precision for float32 operands on a GPU ("tf32" is what

@@ -16,10 +16,10 @@ import sys
 # otherwise switch Triton to its interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
-from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
+from custom_calls import ag_gemm, compiler, gemm, gemm_rs  # noqa: E402
 from custom_calls.assembly import programs_per_sm, ptx_features, sass_features  # noqa: E402
-from custom_calls.rank_emulation import (TRITON_TYPE, Compiled, compile_kernel,  # noqa: E402
-                                         ptx_param_count)
+from custom_calls.compiler import (TRITON_TYPE, Compiled, check_resident,  # noqa: E402
+                                   compile_kernel, ptx_param_count)
 
 
 def cases():
@@ -71,6 +71,34 @@ def main(argv) -> int:
         print(f"sm_{arch} {name:<8} {dtype:<9} ok: {len(c.ptx)} bytes of PTX, "
               f"{len(c.cubin)} bytes of cubin, {params} parameters, {c.shared} bytes shared, "
               f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']} {s}".rstrip())
+    return check_residency(arch)
+
+
+def check_residency(arch: int) -> int:
+    """``compiler.check_resident`` on two compiled kernels (both cached above): two
+    bf16 GEMM-RS programs of 4 warps fit an SM of sm_90, one float32 (its 3 stages
+    take 192 KiB of shared memory); a grid of one more is refused."""
+    fits = {}
+    for name, kernel, pointers, constexprs, dtype in cases():
+        if (name, dtype) not in (("gemm_rs0", "bfloat16"), ("gemm_rs", "float32")):
+            continue
+        args = dict(sms=132, capability=arch, pointers=tuple(pointers.items()),
+                    constexprs=tuple(sorted(constexprs.items())), num_warps=4, num_stages=3)
+        fit = compiler.programs_per_sm(kernel, arch, args["pointers"], args["constexprs"],
+                                       args["num_warps"], args["num_stages"])["fit"]
+        check_resident(kernel, 132 * fit, **args)
+        try:
+            check_resident(kernel, 132 * fit + 1, **args)
+        except ValueError as e:
+            if f"132 SMs x {fit} program(s)" not in str(e):
+                print(f"sm_{arch} residency: unexpected message: {e}", file=sys.stderr)
+                return 1
+        else:
+            print(f"sm_{arch} residency: {132 * fit + 1} programs of {name} {dtype} accepted",
+                  file=sys.stderr)
+            return 1
+        fits[name, dtype] = fit
+    print(f"residency on sm_{arch} ok: programs an SM {fits}")
     return 0
 
 

@@ -92,8 +92,34 @@ def main() -> int:
         print(f"{op:22s} {jnp.dtype(dtype).name:9s} kernel={entry[0]} target={target[0]} "
               f"cp.async={f['cp.async']} wgmma={f['wgmma']} timer={f['timer']}")
         assert target == ["sm_90a"] and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)
+    check_residency(mesh)
     errors.watchdog.stop()
     return 0
+
+
+def check_residency(mesh) -> None:
+    """Two programs an SM of GEMM-RS: accepted in bfloat16 (two fit an H100's SM),
+    refused in float32 (one fits: 192 KiB of shared memory) before jax-triton runs."""
+    import jax.numpy as jnp
+
+    from custom_calls import binding
+    from jax_flux import MatmulReduceScatterConfig, testing
+    from tests.helpers import fused_fn
+
+    binding.gpu_target = lambda mesh: (132, 90)  # the CPU devices here are no GPU
+    config = MatmulReduceScatterConfig(num_programs=264, reduce_programs=0)
+    for dtype, fits in ((jnp.bfloat16, True), (jnp.float32, False)):
+        x, w, _, _ = testing.random_operands(2048, 1024, 1024, dtype)
+        xs, ws = testing.place("matmul_reduce_scatter", mesh, x, w)
+        try:
+            fused_fn("matmul_reduce_scatter", mesh, config).trace(xs, ws).lower(
+                lowering_platforms=("cuda",))
+            refused = None
+        except ValueError as e:
+            refused = str(e)
+        assert (refused is None) == fits, (dtype, refused)
+        print(f"264 programs of gemm_rs_kernel {jnp.dtype(dtype).name}: "
+              f"{'accepted' if fits else 'refused: ' + refused[:120]}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,64 @@ def test_fused_op_lowers_for_cuda_to_one_jax_triton_call(fake_jax_triton, op, ke
     assert "tensor<1x8x2xui32>" in text  # [groups, 2 * ranks (workspaces, records), (lo, hi)]
 
 
+@pytest.mark.parametrize("op", ["all_gather_matmul", "matmul_reduce_scatter"])
+def test_a_grid_that_cannot_be_resident_is_a_value_error_at_lowering(fake_jax_triton, op,
+                                                                    monkeypatch):
+    # The fused kernels' programs wait on each other: the whole grid must be
+    # resident. Lowered for a GPU, a grid beyond the SMs x the compiled
+    # kernel's programs an SM is refused before jax-triton is called. The
+    # compile itself (compiler.programs_per_sm) needs Triton in compiled mode;
+    # tests.compile_for_gpu checks it for sm_90. Here it is replaced, and the
+    # signature the binding derives from the operands is checked against the
+    # kernel module's own.
+    from custom_calls import ag_gemm, compiler, gemm_rs
+    from jax_flux import config as cfgs
+
+    calls, _ = fake_jax_triton
+    asked = []
+
+    def programs_per_sm(kernel, capability, pointers, constexprs, num_warps, num_stages):
+        asked.append(dict(kernel=kernel.__name__, capability=capability, pointers=dict(pointers),
+                          constexprs=dict(constexprs), num_warps=num_warps))
+        return dict(fit=fit, bound_by="registers", regs=255, regs_assumed=False, shared=99328,
+                    limits_known=True)
+
+    monkeypatch.setattr(compiler, "programs_per_sm", programs_per_sm)
+    monkeypatch.setattr(binding, "gpu_target", lambda mesh: (132, 90))
+    monkeypatch.setenv("JAX_FLUX_STATUS_CHECK", "async")
+    mesh = mesh_of(4)
+    if op == "all_gather_matmul":
+        x, w, _, _ = testing.random_operands(24, 24, 64, jnp.bfloat16)
+        cls, module, helpers = cfgs.AllGatherMatmulConfig, ag_gemm, dict(comm_programs=1)
+    else:
+        x, w, _, _ = testing.random_operands(24, 96, 16, jnp.bfloat16)
+        # (reduce_programs=0 would run as one program: this process interprets.)
+        cls, module, helpers = cfgs.MatmulReduceScatterConfig, gemm_rs, dict(reduce_programs=2)
+    xs, ws = testing.place(op, mesh, x, w)
+
+    def lower(num_programs):
+        config = cls(block_m=16, block_n=16, block_k=16, num_programs=num_programs, **helpers)
+        fused_fn(op, mesh, config).trace(xs, ws).lower(lowering_platforms=("cuda",))
+
+    fit = 1
+    lower(132)  # never more than one program an SM: nothing to compile, accepted
+    assert asked == [] and calls[-1]["grid"] == (132,)
+    with pytest.raises(ValueError, match=r"grid of 133 programs cannot all be resident.*"
+                                         r"132 SMs x 1 program.*bound by registers"):
+        lower(133)
+    assert len(calls) == 1  # refused before jax-triton compiled or emitted anything
+    (seen,) = asked
+    assert seen["kernel"] == module.__name__.split(".")[-1] + "_kernel"
+    assert seen["capability"] == 90 and seen["num_warps"] == 4
+    assert seen["pointers"] == module.pointer_types("bf16")
+    assert seen["constexprs"]["BLOCK_M"] == 16 and seen["constexprs"]["WORLD"] == 4
+    fit = 2
+    lower(264)  # two fit an SM: accepted
+    assert calls[-1]["grid"] == (264,)
+    from jax_flux import errors
+    errors.watchdog.stop()
+
+
 def test_lowering_through_the_real_jax_triton(tmp_path):
     # Where jax-triton and a CUDA plugin of jaxlib import (no GPU needed), the
     # real jax-triton compiles the kernels for sm_90 and emits the call XLA

@@ -40,6 +40,10 @@ def test_kernels_compile_for_sm90(tmp_path):
         loops[kernel, dtype] = {k: int(fields[k]) for k in ("loop", "loop_mma", "loop_ldgsts")}
         assert int(fields["loop_local"]) == 0, line
         assert int(fields["loop_mma"]) == (16 if itemsize == 4 else 8), line
+    # A persistent grid beyond what co-resides is refused (custom_calls.compiler):
+    # two bf16 GEMM-RS programs fit an SM, one float32 (192 KiB of shared memory).
+    assert ("residency on sm_90 ok: programs an SM {('gemm_rs0', 'bfloat16'): 2, "
+            "('gemm_rs', 'float32'): 1}") in r.stdout, r.stdout + r.stderr[-4000:]
     # The fused kernels' K loop is the plain GEMM's (what the clock compares
     # against XLA's dot): the same MMAs and copies, and no more instructions
     # than it plus a tenth (the signalling stays outside the loop).

@@ -128,8 +128,11 @@ def test_rank_emulation_launches_over_the_fake_driver(tmp_path):
     lib = build_fake_libcuda(tmp_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # TRITON_CACHE_DIR empty, as importing jax-triton leaves it (the GPU tests
+    # import it before they compile the emulation's kernels): Triton's default
+    # under TRITON_HOME is used then.
     env.update(JAX_FLUX_LIBCUDA=lib, TRITON_INTERPRET="0", PYTHONPATH=root,
-               TRITON_CACHE_DIR=str(tmp_path / "triton"))
+               TRITON_CACHE_DIR="", TRITON_HOME=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "tests.fake_cuda.emulation_check"], cwd=root,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]

@@ -112,6 +112,11 @@ def check_resident(kernel, grid: int, *, sms: int, capability: int, pointers: tu
     an SM until others finish could wait on one that has not started. A
     kernel that launches at all fits one program an SM, so ``grid <= sms`` is
     accepted without compiling anything.
+
+    Registers are those of Triton's own ptxas. jax-triton hands XLA the PTX
+    and XLA's assembler (jaxlib's CUDA) makes the cubin that runs, which may
+    allocate a few registers differently: near a limit, a grid accepted here
+    may still not co-reside, and the bounded waits then report a timeout.
     """
     if grid <= sms:
         return

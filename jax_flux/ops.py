@@ -32,8 +32,9 @@ def _fused_is_default() -> bool:
     """Whether impl="auto" picks the fused kernels.
 
     On CPU devices the kernels run through Triton's interpreter, which is for
-    testing, not speed, so auto stays on xla there. On GPUs the fused path
-    needs the CUDA symmetric workspace, not built yet (see jax_flux.workspace).
+    testing, not speed, so auto stays on xla there. On GPUs too, until the
+    fused kernels have been measured faster than xla there (benchmarks.ops):
+    none has run on a GPU yet.
     """
     return False
 

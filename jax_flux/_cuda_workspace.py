@@ -1,5 +1,5 @@
 """The workspace's GPU locations: ``cuda`` (one process, all its GPUs) and ``cuda-ipc``
-(one process per GPU), over ``custom_calls.cuda_driver``.
+(several processes), over ``custom_calls.cuda_driver``.
 
 Buffers are ``cuMemAlloc``ed in each rank's device's primary context (the one
 XLA uses), so the addresses are valid in XLA's kernels; with unified virtual
@@ -46,6 +46,9 @@ class CudaIpc(Cuda):
         return cuda_driver.export_handle(b.keep, b.ptr)
 
     def open(self, handle: bytes, local_devices, nbytes: int) -> Buffer:
+        # An IPC mapping is opened in one device's context; a group with several
+        # of this process's GPUs would need it opened in each, at a different
+        # address each, i.e. a pointer table per rank rather than per group.
         if len(local_devices) != 1:
             raise NotImplementedError(
                 f"jax_flux's GPU workspace across processes supports one GPU per process on a "

@@ -29,8 +29,12 @@ Where the memory lives (``location`` in ``info()``):
   key-value store, mapped by every process with a rank in the same group.
 * ``cuda``: GPUs, one process: ``cuMemAlloc`` on each rank's device and peer
   access between the devices of a group (``jax_flux._cuda_workspace``).
-* ``cuda-ipc``: GPUs, one process per GPU: ``cuMemAlloc`` by the owner, CUDA
-  IPC handles exchanged through the key-value store.
+* ``cuda-ipc``: GPUs over several processes (``jax.distributed``):
+  ``cuMemAlloc`` by the owner, CUDA IPC handles exchanged through the
+  key-value store; a process's own GPUs of a group reach each other by peer
+  access. A group may span processes with one GPU each (one process per
+  GPU), or lie inside one process (one process per host, tensor parallelism
+  inside the host); not both (``_cuda_workspace.CudaIpc.open``).
 """
 
 from __future__ import annotations
@@ -218,6 +222,12 @@ def _allocate(key: tuple, slots, size: int, location: str) -> list[list[Buffer |
             if d.process_index == me:
                 buffers[g][r] = backend.allocate(d, size)
                 client.key_value_set_bytes(f"{prefix}/{g}/{r}", backend.export(buffers[g][r]))
+        # This process's own devices of a group reach each other's buffers
+        # directly (peer access), as in one process: the usual multi-host
+        # layout, one process per host with the tensor-parallel axis inside it.
+        local = [d for d in group if d.process_index == me]
+        if len(local) > 1:
+            backend.connect(local)
     for g, group in enumerate(slots):
         local = [d for d in group if d.process_index == me]
         if not local:

@@ -1,6 +1,6 @@
 """One process of the multi-process fused-op check (driven by test_multiprocess.py).
 
-    python -m tests.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES [fake-cuda]
+    python -m tests.multiprocess_worker PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES [MODE]
 
 Every process runs the same program (jax.distributed over CPU devices, Gloo
 for XLA's own collectives). Ranks alternate between processes, so every
@@ -11,6 +11,9 @@ and the lax collective, then prints one "OK" line.
 With ``fake-cuda`` (and ``JAX_FLUX_LIBCUDA`` naming tests/fake_cuda's
 library), the workspace takes its GPU path instead: ``cuda-ipc`` through
 ``custom_calls.cuda_driver``, handles through the key-value store.
+``fake-cuda-local-groups``: the same, with the tp axis inside each process
+(several "GPUs" a process, dp across processes). ``exchange-timeout``: one
+process never lowers; the other must fail in bounded time.
 """
 
 import os
@@ -129,11 +132,76 @@ def _peer_never_lowers(jax, process_id: int) -> None:
     jax.distributed.shutdown()
 
 
+def _groups_inside_processes(jax, process_id: int, num_processes: int,
+                             local_devices: int) -> None:
+    """The usual multi-host layout over the fake driver: each process drives several
+    "GPUs" and the tp axis lies inside a process (dp across processes). The
+    workspace is cuda-ipc (other groups live in other processes) and this
+    process's GPUs of a group get peer access to each other. A tp axis that
+    spans processes with several GPUs in each is refused with a clear error."""
+    import ctypes
+
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_flux
+    from jax_flux import testing, workspace
+
+    _use_gpu_workspace_path()
+    devices = jax.devices()  # process 0's, then process 1's, ...
+    mesh = Mesh(np.asarray(devices).reshape(num_processes, local_devices), ("dp", "tp"))
+    world = len(devices)
+    cases = {
+        "all_gather_matmul": ((P(("dp", "tp")), P(None, "tp")), P("dp", "tp"),
+                              (world * 3, 16, world * 2)),
+        "matmul_reduce_scatter": ((P("dp", "tp"), P("tp", None)), P(("dp", "tp")),
+                                  (world * 3, 8 * local_devices, 12)),
+    }
+    for op, ((sx, sw), so, (m, k, n)) in cases.items():
+        fn = getattr(jax_flux, op)
+        f = jax.jit(jax.shard_map(lambda x, w, fn=fn: fn(x, w, "tp", impl="fused"), mesh=mesh,
+                                  in_specs=(sx, sw), out_specs=so))
+        for call in range(3):
+            x, w, x64, w64 = testing.random_operands(m, k, n, jnp.float32, seed=call)
+            out = f(_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
+                    _global(jax, NamedSharding(mesh, sw), np.asarray(w)))
+            ref64 = x64 @ w64
+            for shard in out.addressable_shards:
+                err = testing.relative_error(shard.data, ref64[shard.index])
+                assert err < 1e-5, f"{op} call {call} shard {shard.index}: error {err:.2e}"
+    locations = sorted({ws["location"] for ws in workspace.info()})
+    assert locations == ["cuda-ipc"], locations
+    fake = ctypes.CDLL(os.environ["JAX_FLUX_LIBCUDA"])
+    ordinals = [d.local_hardware_id for d in jax.local_devices()]
+    missing = [(a, b) for a in ordinals for b in ordinals
+               if a != b and not fake.fakeCudaPeerAccess(a, b)]
+    assert not missing, f"no peer access between this process's GPUs {missing}"
+
+    # tp across processes, two GPUs of a group in each: refused when lowered.
+    spread = testing.mesh([devices[(r % num_processes) * local_devices + r // num_processes]
+                           for r in range(world)])
+    op = "all_gather_matmul"
+    (sx, sw), _ = testing._SPECS[op]
+    x, w, _, _ = testing.random_operands(world * 2, 8, world, jnp.float32)
+    with pytest.raises(NotImplementedError, match="one GPU per process"):
+        testing.sharded(op, spread, "fused").lower(
+            _global(jax, NamedSharding(spread, sx), np.asarray(x)),
+            _global(jax, NamedSharding(spread, sw), np.asarray(w)))
+    print(f"OK process {process_id}: tp inside processes over cuda-ipc, peer access "
+          f"{ordinals}", flush=True)
+    jax.distributed.shutdown()
+
+
 def main(process_id: int, num_processes: int, port: int, local_devices: int,
          mode: str = "") -> None:
     jax = _setup(process_id, num_processes, port, local_devices)
     if mode == "exchange-timeout":
         return _peer_never_lowers(jax, process_id)
+    if mode == "fake-cuda-local-groups":
+        return _groups_inside_processes(jax, process_id, num_processes, local_devices)
     expected_location = _use_gpu_workspace_path() if mode == "fake-cuda" else "host-shared"
     import jax.numpy as jnp
     import numpy as np

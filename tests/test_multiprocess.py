@@ -75,6 +75,18 @@ def test_fused_ops_across_processes_through_the_cuda_ipc_workspace_path(tmp_path
 
 
 @linux_only
+def test_cuda_ipc_workspace_with_the_tp_axis_inside_each_process(tmp_path):
+    # The usual multi-host layout: a process per host drives several GPUs and
+    # tensor parallelism stays inside it. Over the fake driver: right results,
+    # peer access between a process's own GPUs, and a tp axis spanning
+    # processes with several GPUs in each refused with a clear error.
+    from tests.helpers import build_fake_libcuda
+
+    lib = build_fake_libcuda(tmp_path)
+    _run_workers(2, 2, "fake-cuda-local-groups", env_extra={"JAX_FLUX_LIBCUDA": lib})
+
+
+@linux_only
 def test_a_process_that_never_lowers_is_an_error_not_a_hang():
     _run_workers(2, 1, "exchange-timeout",
                  env_extra={"JAX_FLUX_WORKSPACE_EXCHANGE_TIMEOUT_S": "3"})

@@ -21,6 +21,8 @@ def ordinal_of(device) -> int:
 class Cuda:
     """One process drives every GPU of a group: per-device memory plus peer access."""
 
+    maps_per_device = False  # nothing is opened: every buffer is this process's own
+
     def allocate(self, device, nbytes: int) -> Buffer:
         ordinal = ordinal_of(device)
         return Buffer(ptr=cuda_driver.allocate(ordinal, nbytes), nbytes=nbytes, owned=True,
@@ -40,19 +42,17 @@ class Cuda:
 
 
 class CudaIpc(Cuda):
-    """One process per GPU: the owner allocates, peers open its CUDA IPC handle."""
+    """Several processes: the owner allocates, peers open its CUDA IPC handle."""
+
+    # An IPC mapping belongs to the context it is opened in: open it once per
+    # GPU of this process that uses it (CUDA allows one context per device).
+    maps_per_device = True
 
     def export(self, b: Buffer) -> bytes:
         return cuda_driver.export_handle(b.keep, b.ptr)
 
-    def open(self, handle: bytes, local_devices, nbytes: int) -> Buffer:
-        # An IPC mapping is opened in one device's context; a group with several
-        # of this process's GPUs would need it opened in each, at a different
-        # address each, i.e. a pointer table per rank rather than per group.
-        if len(local_devices) != 1:
-            raise NotImplementedError(
-                f"jax_flux's GPU workspace across processes supports one GPU per process on a "
-                f"fused axis; this process has {len(local_devices)} GPUs in one group")
-        ordinal = ordinal_of(local_devices[0])
+    def open(self, handle: bytes, device, nbytes: int) -> Buffer:
+        """Maps a peer's buffer for ``device``'s kernels."""
+        ordinal = ordinal_of(device)
         return Buffer(ptr=cuda_driver.open_handle(ordinal, handle), nbytes=nbytes, owned=False,
                       keep=ordinal)

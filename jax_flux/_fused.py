@@ -58,8 +58,10 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     program is lowered, for the devices it is lowered on."""
     interpreting = interpreter_ready()
     groups, group = _groups(op, axis_name)
-    # [groups, P, 2] resolved at lowering and baked into the program; this rank's group's row.
-    table = LoweredConstant(workspace.TableRequest(op, axis_name, size, groups, nbytes), group)
+    # [groups * P, 2P, 2] resolved at lowering and baked into the program; this
+    # rank's row: every rank's workspace and error record as this rank addresses them.
+    table = LoweredConstant(workspace.TableRequest(op, axis_name, size, groups, nbytes),
+                            group * size + lax.axis_index(axis_name))
     ctx = jnp.stack([lax.axis_index(axis_name),
                      jnp.int32(config.patience(interpreting))]).astype(jnp.int32)
     if interpreting:

@@ -31,10 +31,10 @@ Where the memory lives (``location`` in ``info()``):
   access between the devices of a group (``jax_flux._cuda_workspace``).
 * ``cuda-ipc``: GPUs over several processes (``jax.distributed``):
   ``cuMemAlloc`` by the owner, CUDA IPC handles exchanged through the
-  key-value store; a process's own GPUs of a group reach each other by peer
-  access. A group may span processes with one GPU each (one process per
-  GPU), or lie inside one process (one process per host, tensor parallelism
-  inside the host); not both (``_cuda_workspace.CudaIpc.open``).
+  key-value store and opened once per GPU of this process in the group (an
+  IPC mapping belongs to the context it is opened in, so each rank gets its
+  own row of addresses); a process's own GPUs of a group reach each other by
+  peer access.
 """
 
 from __future__ import annotations
@@ -88,7 +88,14 @@ class Record:
 @dataclasses.dataclass
 class Workspace:
     """One axis's symmetric memory: ``buffers[group][rank]`` (None: not mapped here),
-    and the error records of the ranks this process drives (None for others)."""
+    and the error records of the ranks this process drives (None for others).
+
+    ``views[group][viewer][rank]``, where set, is rank ``rank``'s memory as the
+    device of rank ``viewer`` addresses it, when that differs from
+    ``buffers[group][rank]``: a CUDA IPC mapping is opened in one device's
+    context, so a group with several of this process's GPUs maps each peer
+    in another process once per GPU.
+    """
 
     key: tuple
     world: int
@@ -97,13 +104,19 @@ class Workspace:
     location: str
     buffers: list[list[Buffer | None]]
     records: list[list[Record | None]]
+    views: dict[tuple[int, int], list[Buffer | None]] = dataclasses.field(default_factory=dict)
 
     def table(self) -> np.ndarray:
-        """uint32 [groups, 2 * world, 2]: (lo, hi) of every rank's base address, then
-        of every rank's error record (0: not mapped in this process)."""
-        addr = np.array([[b.ptr if b is not None else 0 for b in group] +
-                         [r.device_ptr if r is not None else 0 for r in recs]
-                         for group, recs in zip(self.buffers, self.records)], np.uint64)
+        """uint32 [groups * world, 2 * world, 2]: row ``group * world + viewer`` holds
+        (lo, hi) of every rank's base address as rank ``viewer`` sees it, then of
+        every rank's error record (0: not mapped in this process)."""
+        rows = []
+        for g, (group, recs) in enumerate(zip(self.buffers, self.records)):
+            records = [r.device_ptr if r is not None else 0 for r in recs]
+            for viewer in range(self.world):
+                seen = self.views.get((g, viewer), group)
+                rows.append([b.ptr if b is not None else 0 for b in seen] + records)
+        addr = np.array(rows, np.uint64)
         return np.stack([addr & 0xFFFFFFFF, addr >> 32], axis=-1).astype(np.uint32)
 
     def reset(self) -> None:
@@ -130,8 +143,9 @@ class Workspace:
 class TableRequest:
     """Resolves, when a program is lowered, the address table of one fused call.
 
-    Called with the concrete mesh and platform; returns uint32 [groups, world,
-    2], every rank's base address, after allocating (or reusing) the workspace.
+    Called with the concrete mesh and platform; returns ``Workspace.table()``
+    (one row per rank of every group: the addresses it uses), after allocating
+    (or reusing) the workspace.
     """
 
     op: str
@@ -194,23 +208,24 @@ def _get(key: tuple, slots, nbytes: int, location: str) -> Workspace:
             return ws
         size = max(nbytes, _MIN_BYTES, 2 * ws.nbytes if ws is not None else 0)
         size = -(-size // _ALIGN) * _ALIGN
-        buffers = _allocate(key, slots, size, location)
+        buffers, views = _allocate(key, slots, size, location)
         records = _records(slots, location)
         if ws is not None:
             _retired.append(ws)
         ws = Workspace(key=key, world=len(slots[0]), groups=len(slots), nbytes=size,
-                       location=location, buffers=buffers, records=records)
+                       location=location, buffers=buffers, records=records, views=views)
         _live[key] = ws
         return ws
 
 
-def _allocate(key: tuple, slots, size: int, location: str) -> list[list[Buffer | None]]:
+def _allocate(key: tuple, slots, size: int, location: str):
+    """(buffers[group][rank], views) of a new workspace (see ``Workspace``)."""
     backend = _backend(location)
     if location in ("host", "cuda"):
         buffers = [[backend.allocate(d, size) for d in group] for group in slots]
         for group in slots:
             backend.connect(group)
-        return buffers
+        return buffers, {}
     # One process per device group: allocate our ranks, publish their handles,
     # map the peers of every group we have a rank in.
     me = jax.process_index()
@@ -228,23 +243,32 @@ def _allocate(key: tuple, slots, size: int, location: str) -> list[list[Buffer |
         local = [d for d in group if d.process_index == me]
         if len(local) > 1:
             backend.connect(local)
+    views: dict[tuple[int, int], list[Buffer | None]] = {}
     for g, group in enumerate(slots):
-        local = [d for d in group if d.process_index == me]
+        local = [v for v, d in enumerate(group) if d.process_index == me]
         if not local:
             continue
+        # Per device where the backend's mappings are (CUDA IPC); else one, shared.
+        viewers = local if backend.maps_per_device and len(local) > 1 else local[:1]
+        seen = {v: list(buffers[g]) for v in viewers}
         for r, d in enumerate(group):
-            if buffers[g][r] is None:
-                try:
-                    handle = client.blocking_key_value_get_bytes(
-                        f"{prefix}/{g}/{r}", int(EXCHANGE_TIMEOUT_S * 1000))
-                except Exception as e:
-                    raise RuntimeError(
-                        f"jax_flux workspace: process {d.process_index} (owner of rank {r} of "
-                        f"group {g}, device {d}) did not publish its buffer within "
-                        f"{EXCHANGE_TIMEOUT_S:g} s; every process must lower the same fused "
-                        f"calls ({e})") from e
-                buffers[g][r] = backend.open(handle, local, size)
-    return buffers
+            if buffers[g][r] is not None:
+                continue
+            try:
+                handle = client.blocking_key_value_get_bytes(
+                    f"{prefix}/{g}/{r}", int(EXCHANGE_TIMEOUT_S * 1000))
+            except Exception as e:
+                raise RuntimeError(
+                    f"jax_flux workspace: process {d.process_index} (owner of rank {r} of "
+                    f"group {g}, device {d}) did not publish its buffer within "
+                    f"{EXCHANGE_TIMEOUT_S:g} s; every process must lower the same fused "
+                    f"calls ({e})") from e
+            for v in viewers:
+                seen[v][r] = backend.open(handle, group[v], size)
+            buffers[g][r] = seen[viewers[0]][r]
+        if len(viewers) > 1:
+            views.update({(g, v): seen[v] for v in viewers})
+    return buffers, views
 
 
 def _records(slots, location: str) -> list[list[Record | None]]:
@@ -269,6 +293,9 @@ def _kv_client():
 
 class _Host:
     """Host memory of this process (CPU devices, one process)."""
+
+    # A peer's memory opened once serves every device of this process.
+    maps_per_device = False
 
     def allocate(self, device, nbytes: int) -> Buffer:
         raw = np.zeros(nbytes + _ALIGN, np.uint8)
@@ -308,7 +335,7 @@ class _SharedHost(_Host):
     def export(self, b: Buffer) -> bytes:
         return b.keep[1].encode()
 
-    def open(self, handle: bytes, local_devices, nbytes: int) -> Buffer:
+    def open(self, handle: bytes, device, nbytes: int) -> Buffer:
         path = f"/dev/shm/{handle.decode()}"
         try:
             fd = os.open(path, os.O_RDWR)

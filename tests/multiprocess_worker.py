@@ -11,9 +11,9 @@ and the lax collective, then prints one "OK" line.
 With ``fake-cuda`` (and ``JAX_FLUX_LIBCUDA`` naming tests/fake_cuda's
 library), the workspace takes its GPU path instead: ``cuda-ipc`` through
 ``custom_calls.cuda_driver``, handles through the key-value store.
-``fake-cuda-local-groups``: the same, with the tp axis inside each process
-(several "GPUs" a process, dp across processes). ``exchange-timeout``: one
-process never lowers; the other must fail in bounded time.
+``fake-cuda-several-gpus``: the same with several "GPUs" a process, the tp
+axis inside each process or across them. ``exchange-timeout``: one process
+never lowers; the other must fail in bounded time.
 """
 
 import os
@@ -132,18 +132,20 @@ def _peer_never_lowers(jax, process_id: int) -> None:
     jax.distributed.shutdown()
 
 
-def _groups_inside_processes(jax, process_id: int, num_processes: int,
-                             local_devices: int) -> None:
-    """The usual multi-host layout over the fake driver: each process drives several
-    "GPUs" and the tp axis lies inside a process (dp across processes). The
-    workspace is cuda-ipc (other groups live in other processes) and this
-    process's GPUs of a group get peer access to each other. A tp axis that
-    spans processes with several GPUs in each is refused with a clear error."""
+def _several_gpus_a_process(jax, process_id: int, num_processes: int,
+                            local_devices: int) -> None:
+    """Several "GPUs" a process over the fake driver (the workspace's cuda-ipc path):
+
+    * the usual multi-host layout, the tp axis inside each process (dp across
+      processes): this process's GPUs of a group get peer access to each other;
+    * a tp axis spanning processes with several GPUs in each: every peer in
+      another process is mapped once per GPU of this process, in that GPU's
+      context, and each rank's row of the address table holds its own mappings.
+    Both ops, checked against float64."""
     import ctypes
 
     import jax.numpy as jnp
     import numpy as np
-    import pytest
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -152,46 +154,56 @@ def _groups_inside_processes(jax, process_id: int, num_processes: int,
 
     _use_gpu_workspace_path()
     devices = jax.devices()  # process 0's, then process 1's, ...
-    mesh = Mesh(np.asarray(devices).reshape(num_processes, local_devices), ("dp", "tp"))
     world = len(devices)
-    cases = {
-        "all_gather_matmul": ((P(("dp", "tp")), P(None, "tp")), P("dp", "tp"),
-                              (world * 3, 16, world * 2)),
-        "matmul_reduce_scatter": ((P("dp", "tp"), P("tp", None)), P(("dp", "tp")),
-                                  (world * 3, 8 * local_devices, 12)),
-    }
-    for op, ((sx, sw), so, (m, k, n)) in cases.items():
-        fn = getattr(jax_flux, op)
-        f = jax.jit(jax.shard_map(lambda x, w, fn=fn: fn(x, w, "tp", impl="fused"), mesh=mesh,
-                                  in_specs=(sx, sw), out_specs=so))
-        for call in range(3):
-            x, w, x64, w64 = testing.random_operands(m, k, n, jnp.float32, seed=call)
-            out = f(_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
-                    _global(jax, NamedSharding(mesh, sw), np.asarray(w)))
-            ref64 = x64 @ w64
-            for shard in out.addressable_shards:
-                err = testing.relative_error(shard.data, ref64[shard.index])
-                assert err < 1e-5, f"{op} call {call} shard {shard.index}: error {err:.2e}"
+    spread = [devices[(r % num_processes) * local_devices + r // num_processes]
+              for r in range(world)]
+    layouts = {"tp inside processes": Mesh(np.asarray(devices).reshape(num_processes,
+                                                                       local_devices),
+                                           ("dp", "tp")),
+               "tp across processes": Mesh(np.asarray(spread).reshape(1, world), ("dp", "tp"))}
+    for layout, mesh in layouts.items():
+        tp = mesh.shape["tp"]
+        cases = {
+            "all_gather_matmul": ((P(("dp", "tp")), P(None, "tp")), P("dp", "tp"),
+                                  (world * 3, 16, world * 2)),
+            "matmul_reduce_scatter": ((P("dp", "tp"), P("tp", None)), P(("dp", "tp")),
+                                      (world * 3, 8 * tp, 12)),
+        }
+        for op, ((sx, sw), so, (m, k, n)) in cases.items():
+            fn = getattr(jax_flux, op)
+            f = jax.jit(jax.shard_map(lambda x, w, fn=fn: fn(x, w, "tp", impl="fused"),
+                                      mesh=mesh, in_specs=(sx, sw), out_specs=so))
+            for call in range(3):
+                x, w, x64, w64 = testing.random_operands(m, k, n, jnp.float32, seed=call)
+                out = f(_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
+                        _global(jax, NamedSharding(mesh, sw), np.asarray(w)))
+                ref64 = x64 @ w64
+                for shard in out.addressable_shards:
+                    err = testing.relative_error(shard.data, ref64[shard.index])
+                    assert err < 1e-5, (f"{layout}: {op} call {call} shard {shard.index}: "
+                                        f"error {err:.2e}")
     locations = sorted({ws["location"] for ws in workspace.info()})
     assert locations == ["cuda-ipc"], locations
+
     fake = ctypes.CDLL(os.environ["JAX_FLUX_LIBCUDA"])
+    fake.fakeCudaDeviceOf.argtypes = [ctypes.c_uint64]
     ordinals = [d.local_hardware_id for d in jax.local_devices()]
     missing = [(a, b) for a in ordinals for b in ordinals
                if a != b and not fake.fakeCudaPeerAccess(a, b)]
     assert not missing, f"no peer access between this process's GPUs {missing}"
-
-    # tp across processes, two GPUs of a group in each: refused when lowered.
-    spread = testing.mesh([devices[(r % num_processes) * local_devices + r // num_processes]
-                           for r in range(world)])
-    op = "all_gather_matmul"
-    (sx, sw), _ = testing._SPECS[op]
-    x, w, _, _ = testing.random_operands(world * 2, 8, world, jnp.float32)
-    with pytest.raises(NotImplementedError, match="one GPU per process"):
-        testing.sharded(op, spread, "fused").lower(
-            _global(jax, NamedSharding(spread, sx), np.asarray(x)),
-            _global(jax, NamedSharding(spread, sw), np.asarray(w)))
-    print(f"OK process {process_id}: tp inside processes over cuda-ipc, peer access "
-          f"{ordinals}", flush=True)
+    # Across processes: rank v's row addresses its own process's ranks' buffers
+    # (on their GPUs) and the other processes' through mappings opened for v's GPU.
+    (ws,) = [w for w in workspace._live.values() if w.groups == 1 and w.world == world]
+    table = ws.table().astype(np.uint64)
+    addr = table[..., 0] | (table[..., 1] << 32)
+    mine = [v for v, d in enumerate(spread) if d.process_index == process_id]
+    for v in mine:
+        for r, d in enumerate(spread):
+            want = (d if d.process_index == process_id else spread[v]).local_hardware_id
+            got = fake.fakeCudaDeviceOf(int(addr[v, r]))
+            assert got == want, f"rank {v}'s view of rank {r}: device {got}, want {want}"
+    print(f"OK process {process_id}: several GPUs a process over cuda-ipc ({list(layouts)}); "
+          f"peer access {ordinals}", flush=True)
     jax.distributed.shutdown()
 
 
@@ -200,8 +212,8 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
     jax = _setup(process_id, num_processes, port, local_devices)
     if mode == "exchange-timeout":
         return _peer_never_lowers(jax, process_id)
-    if mode == "fake-cuda-local-groups":
-        return _groups_inside_processes(jax, process_id, num_processes, local_devices)
+    if mode == "fake-cuda-several-gpus":
+        return _several_gpus_a_process(jax, process_id, num_processes, local_devices)
     expected_location = _use_gpu_workspace_path() if mode == "fake-cuda" else "host-shared"
     import jax.numpy as jnp
     import numpy as np

@@ -76,7 +76,8 @@ def test_fused_op_lowers_for_cuda_to_one_jax_triton_call(fake_jax_triton, op, ke
     text = lowered.as_text()
     assert "all-gather" not in text and "reduce-scatter" not in text
     assert "all_gather" not in text and "reduce_scatter" not in text
-    assert "tensor<1x8x2xui32>" in text  # [groups, 2 * ranks (workspaces, records), (lo, hi)]
+    # [groups * ranks (a row per rank), 2 * ranks (workspaces, records), (lo, hi)]
+    assert "tensor<4x8x2xui32>" in text
 
 
 @pytest.mark.parametrize("op", ["all_gather_matmul", "matmul_reduce_scatter"])

@@ -75,15 +75,15 @@ def test_fused_ops_across_processes_through_the_cuda_ipc_workspace_path(tmp_path
 
 
 @linux_only
-def test_cuda_ipc_workspace_with_the_tp_axis_inside_each_process(tmp_path):
-    # The usual multi-host layout: a process per host drives several GPUs and
-    # tensor parallelism stays inside it. Over the fake driver: right results,
-    # peer access between a process's own GPUs, and a tp axis spanning
-    # processes with several GPUs in each refused with a clear error.
+def test_cuda_ipc_workspace_with_several_gpus_a_process(tmp_path):
+    # Two processes with two "GPUs" each, over the fake driver. The usual
+    # multi-host layout (tp inside a process): peer access between a process's
+    # own GPUs. tp across processes: each peer mapped once per local GPU, in
+    # its context, and each rank's table row holding its own mappings.
     from tests.helpers import build_fake_libcuda
 
     lib = build_fake_libcuda(tmp_path)
-    _run_workers(2, 2, "fake-cuda-local-groups", env_extra={"JAX_FLUX_LIBCUDA": lib})
+    _run_workers(2, 2, "fake-cuda-several-gpus", env_extra={"JAX_FLUX_LIBCUDA": lib})
 
 
 @linux_only

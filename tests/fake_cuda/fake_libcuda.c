@@ -306,6 +306,11 @@ static uintptr_t g_handles = 0x100000;
 void fakeCudaSetParamCount(int n) { g_param_count = n < MAX_PARAMS ? n : MAX_PARAMS; }
 int fakeCudaLaunchCount(void) { return g_nlaunches; }
 int fakeCudaPeerAccess(int from, int to) { return g_peer[from][to]; }
+/* The device whose context allocated or opened the block holding ptr, or -1. */
+int fakeCudaDeviceOf(uint64_t ptr) {
+  int i = find((uintptr_t)ptr);
+  return i < 0 ? -1 : g_allocs[i].device;
+}
 int fakeCudaLaunch(int i, uint64_t *out) {  /* function, stream, grid, block, shared, params... */
   if (i < 0 || i >= g_nlaunches) return -1;
   out[0] = g_launches[i].function; out[1] = g_launches[i].stream; out[2] = g_launches[i].grid;

@@ -99,11 +99,7 @@ def main(argv=None) -> int:
     for impl in [i for i in a.impls.split(",") if i]:
         for what, fn in (("block fwd+bwd", block_step), ("train step", train_step)):
             row = {"what": what, "impl": impl}
-            try:
-                loss, t = fn(cfg, mesh, impl, seq, batch, reps)
-            except NotImplementedError as e:
-                rows.append(dict(row, status="unavailable: " + str(e).split(";")[0]))
-                continue
+            loss, t = fn(cfg, mesh, impl, seq, batch, reps)
             ref.setdefault(what, loss)
             rel = abs(loss - ref[what]) / max(abs(ref[what]), 1e-30)
             rows.append(dict(row, median_ms=t.median_ms, spread_pct=t.spread_pct,

@@ -121,7 +121,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
         constexprs = dict(M_LOCAL=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, CHUNK_ROWS=cfg.chunk_rows,
                           COMM_PROGRAMS=cfg.comm_programs, COPY_ROWS=cfg.copy_rows,
-                          COPY_COLS=cfg.copy_cols, RETURN_GATHERED=False)
+                          COPY_COLS=cfg.copy_cols, RETURN_GATHERED=False, PULL=cfg.pull)
         helpers = cfg.comm_programs
         # Bytes a copy tile really moves: rows of a chunk, columns of x.
         in_flight = (cfg.comm_programs * min(cfg.copy_rows, cfg.chunk_rows, m_local) *

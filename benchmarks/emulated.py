@@ -43,7 +43,9 @@ SHAPES = {"all_gather_matmul": [(m, 12288, 49152 // WORLD) for m in (64, 512, 10
 # programs against the own tiles' epilogue summing the partials (reduce_programs=0).
 VARIANTS = {
     "all_gather_matmul": {"comm 2 x 32x128": dict(comm_programs=2, copy_rows=32, copy_cols=128),
-                          "comm 4 x 32x256": dict(comm_programs=4, copy_rows=32, copy_cols=256)},
+                          "comm 4 x 32x256": dict(comm_programs=4, copy_rows=32, copy_cols=256),
+                          "pull 4 x 32x256": dict(comm_programs=4, copy_rows=32, copy_cols=256,
+                                                  pull=True)},
     "matmul_reduce_scatter": {"reduce_programs=4": dict(reduce_programs=4),
                               "epilogue": dict(reduce_programs=0)},
 }

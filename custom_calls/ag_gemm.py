@@ -2,7 +2,8 @@
 
 Rank r holds x [m, K] and w [K, n] and computes y = all_gather(x) @ w,
 [P * m, n], reading peers' rows from its own gather buffer in the symmetric
-workspace (``signals.py`` has the layout), into which the peers push them.
+workspace (``signals.py`` has the layout), into which the peers push them
+(or from whose staged copies this rank pulls them, with PULL).
 
 Programs [0, COMM_PROGRAMS) communicate: they push this rank's shard to peers
 r+1, r+2, ... (so at step d every rank sends to rank + d and receives from
@@ -11,7 +12,10 @@ of its signal ``sig[r * chunks + j] = epoch`` in the peer's workspace. Before
 the first write into a peer they wait until that peer has finished its
 previous call (start barrier; a peer that fails it gets nothing, so it fails
 itself rather than compute on stale rows). They never wait on anything of
-this call.
+this call. With PULL they read instead (``_pull_shards``): program 0 stages
+this rank's shard in its own gather slot, signalling each chunk there, before
+it waits on anything of this call; the communication programs then copy the
+peers' staged chunks in, signalling their arrival in this rank's workspace.
 
 The other programs are the GEMM: output tiles in rank-rotated order (own rows
 first, read straight from x, then rows of rank r-1, r-2, ..., the order they
@@ -26,8 +30,9 @@ column 0), so the weight gradient needs no second all-gather.
 
 Invariant that makes one source right both on a GPU (programs concurrent) and
 in the interpreter (programs of a rank run one after another, ranks
-concurrently): every wait of this call targets work of programs that never
-wait on this call and have lower ids than every program that does wait.
+concurrently): every wait of this call targets work that its program does
+before it waits on anything of this call (pushes, PULL's staging in program
+0) and, within a rank, at a lower id than every program that waits for it.
 """
 
 import jax
@@ -83,6 +88,55 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
                        COPY_ROWS, COPY_COLS, "")
             sig = signals.as_ptr(peer_ws, SIG_OFF, tl.int32) + rank * chunks + chunk
             signals.store_release(sig, epoch)
+
+
+@triton.jit
+def _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LOCAL, K,
+                 chunks, pid,
+                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
+                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
+                 COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, REMOTE_CACHE: tl.constexpr,
+                 ROTATE: tl.constexpr, TIMED: tl.constexpr):
+    """PULL: program 0 first stages this rank's shard in its own gather slot, chunk
+    by chunk, each followed by ``sig[rank * chunks + j] = epoch`` in its own
+    workspace (once every peer has finished its previous call, which read that
+    slot). Then the communication programs copy the peers' staged chunks into
+    this rank's slots, in the order the GEMM reads them (rank-1, rank-2, ...),
+    acquire-waiting on each chunk's staging signal in the peer's workspace and
+    release-storing its arrival signal here. Staging precedes every wait of
+    this call in program 0, so waits target work that waits on nothing."""
+    dtype = x_ptr.dtype.element_ty
+    gather = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
+    my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
+    if pid == 0:
+        idle = rank == rank
+        for d in range(1, WORLD):
+            idle &= signals.wait_peer_idle(table_ptr, rank, (rank + d) % WORLD, epoch, patience,
+                                           status_ptr, signals.AG_PEER_IDLE, WORLD, TIMED)
+        if idle:  # else nothing is staged: the peers fail rather than read stale rows
+            own = gather + rank.to(tl.int64) * M_LOCAL * K
+            for chunk in range(0, chunks):
+                row0 = chunk * CHUNK_ROWS
+                _copy_rows(x_ptr, own, row0, tl.minimum(row0 + CHUNK_ROWS, M_LOCAL), K,
+                           COPY_ROWS, COPY_COLS, "")
+                signals.store_release(my_signals + rank * chunks + chunk, epoch)
+    for item in range(pid, (WORLD - 1) * chunks, COMM_PROGRAMS):
+        d = item // chunks
+        if ROTATE:
+            src = (rank - d - 1 + WORLD) % WORLD  # the GEMM's order: rank-1, rank-2, ...
+        else:
+            src = d + (d >= rank).to(tl.int32)
+        chunk = item % chunks
+        src_ws = signals.peer_base(table_ptr, src)
+        staged = signals.as_ptr(src_ws, SIG_OFF, tl.int32) + src * chunks + chunk
+        if signals.wait_epoch(staged, epoch, patience, status_ptr, table_ptr, signals.WAIT_ROWS,
+                              rank, src, chunk, WORLD, TIMED):
+            offset = src.to(tl.int64) * M_LOCAL * K
+            remote = signals.rebase(x_ptr, signals.data_ptr(src_ws, DATA_OFF, dtype)) + offset
+            row0 = chunk * CHUNK_ROWS
+            _copy_rows(remote, gather + offset, row0, tl.minimum(row0 + CHUNK_ROWS, M_LOCAL), K,
+                       COPY_ROWS, COPY_COLS, REMOTE_CACHE)
+            signals.store_release(my_signals + src * chunks + chunk, epoch)
 
 
 @triton.jit
@@ -144,16 +198,21 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
                    RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                   ROTATE: tl.constexpr, TIMED: tl.constexpr):
+                   ROTATE: tl.constexpr, PULL: tl.constexpr, TIMED: tl.constexpr):
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
     chunks = tl.cdiv(M_LOCAL, CHUNK_ROWS)
     pid = tl.program_id(0)
     if pid < COMM_PROGRAMS:
-        _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
-                    chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS, COPY_ROWS,
-                    COPY_COLS, ROTATE, TIMED)
+        if PULL:
+            _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LOCAL, K,
+                         chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
+                         COPY_ROWS, COPY_COLS, REMOTE_CACHE, ROTATE, TIMED)
+        else:
+            _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
+                        chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
+                        COPY_ROWS, COPY_COLS, ROTATE, TIMED)
     else:
         _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, patience,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
@@ -181,7 +240,8 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             comm_programs: int, gemm_programs: int, block_m: int, block_n: int, block_k: int,
             group_m: int, copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
-            rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False):
+            rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False,
+            pull: bool = False):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n], status [5] int32, xg or a dummy [1])."""
     m, k = x.shape
     n = w.shape[1]
@@ -201,4 +261,4 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         GROUP_M=group_m,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
         UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,
-        ROTATE=rotate, TIMED=timed)
+        ROTATE=rotate, PULL=pull, TIMED=timed)

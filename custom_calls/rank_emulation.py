@@ -183,7 +183,8 @@ class OneGpuWorld:
                           COPY_ROWS=cfg["copy_rows"], COPY_COLS=cfg["copy_cols"],
                           RETURN_GATHERED=return_gathered, UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
-                          ROTATE=cfg.get("rotate", True), TIMED=True)
+                          ROTATE=cfg.get("rotate", True), PULL=cfg.get("pull", False),
+                          TIMED=True)
         loaded = _load(ag_gemm.ag_gemm_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         y_bytes = self.world * m * n * dtype.itemsize

@@ -93,6 +93,7 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
         copy_cols=cfg.copy_cols,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, return_gathered=return_gathered,
         upcast=launch.upcast, input_precision=_fused.input_precision(cfg, x.dtype),
-        remote_cache=launch.remote_cache, rotate=cfg.rotate, on_timeout=launch.on_timeout,
+        remote_cache=launch.remote_cache, rotate=cfg.rotate, pull=cfg.pull,
+        on_timeout=launch.on_timeout,
         status_check=launch.status_check, timed=not launch.interpreting)
     return (y, xg) if return_gathered else y

@@ -148,7 +148,8 @@ def _distance(config, default) -> int:
 def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
                    common: dict) -> list:
     """The op-specific dimensions (tile order: rotation and row groups; chunks,
-    communication or reduction programs, copy tiles: the heuristic's and two more)."""
+    communication or reduction programs, copy tiles: the heuristic's and two more;
+    AG: push or pull)."""
     out, bm = [], common["block_m"]
     # Grouped, rank-rotated order first; then row-major, then unrotated.
     orders = ((True, 8), (False, 8)) if interpreting else ((True, 8), (True, 1), (False, 8))
@@ -159,14 +160,15 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
             copies = [(default.copy_rows, default.copy_cols)]
             if not interpreting:
                 copies = list(dict.fromkeys(copies + [(32, 256), (32, 128)]))
-            for chunk, comm, (copy_rows, copy_cols) in itertools.product(
-                    chunks, (8, 4, 2, 1, 16), copies):
-                items = max(1, world - 1) * -(-max(rows, 1) // chunk)  # chunks to push
+            for chunk, comm, (copy_rows, copy_cols), pull in itertools.product(
+                    chunks, (8, 4, 2, 1, 16), copies, (False, True)):
+                items = max(1, world - 1) * -(-max(rows, 1) // chunk)  # chunks to move
                 if chunk > max(rows, 1) * 2 or comm > items:
                     continue
                 out.append(AllGatherMatmulConfig(chunk_rows=chunk, comm_programs=comm,
                                                  copy_rows=copy_rows, copy_cols=copy_cols,
-                                                 rotate=rotate, group_m=group_m, **common))
+                                                 pull=pull, rotate=rotate, group_m=group_m,
+                                                 **common))
         else:
             # 0: no reduction programs, the own tiles' epilogue reduces.
             for reduce in ((1, 2) if interpreting else (8, 0, 4, 16)):

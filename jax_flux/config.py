@@ -106,7 +106,12 @@ class AllGatherMatmulConfig(_Common):
       num_warps, num_stages: Triton compile options (GPU).
       chunk_rows: rows per communication chunk (one signal each); independent
         of the GEMM tile.
-      comm_programs: programs that push this rank's shard to its peers.
+      comm_programs: programs that push this rank's shard to its peers (or,
+        with ``pull``, copy the peers' shards in).
+      pull: the communication programs read the peers' rows (each rank first
+        stages its shard in its own workspace) instead of writing this rank's
+        rows into the peers' buffers: NVLink reads instead of posted writes,
+        and each rank fetches in the order its own GEMM consumes.
       copy_rows, copy_cols: tile of the communication copy loop.
       num_programs: total persistent grid, communication programs included.
       programs_per_sm: programs per SM the default grid assumes (GPU).
@@ -117,9 +122,12 @@ class AllGatherMatmulConfig(_Common):
     comm_programs: int = 2
     copy_rows: int = 32
     copy_cols: int = 128
+    pull: bool = False
 
     def __post_init__(self):
         self._check_common()
+        if not isinstance(self.pull, bool):
+            raise ValueError(f"pull must be a bool, got {self.pull!r}")
         _positive("chunk_rows", self.chunk_rows)
         self._check_helpers("comm_programs", self.comm_programs)
         _pow2("copy_rows", self.copy_rows, 1, 1024)

@@ -29,13 +29,17 @@ def cases():
                dict(M=4096, N=4096, K=4096, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
                     UPCAST=False,
                     INPUT_PRECISION=precision), dtype)
-        yield ("ag_gemm", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t),
-               dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
-                    CHUNK_ROWS=128, COMM_PROGRAMS=8,
-                    BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, COPY_ROWS=32,
-                    COPY_COLS=256,
-                    RETURN_GATHERED=True, UPCAST=False, INPUT_PRECISION=precision,
-                    REMOTE_CACHE=".cg", ROTATE=True, TIMED=True), dtype)
+        # PULL: the peers' staged shards copied in (16-bit only, to keep it short).
+        for name, pull in (("ag_gemm", False), ("ag_pull", True)):
+            if pull and dtype != "bfloat16":
+                continue
+            yield (name, ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t),
+                   dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
+                        CHUNK_ROWS=128, COMM_PROGRAMS=8,
+                        BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, COPY_ROWS=32,
+                        COPY_COLS=256,
+                        RETURN_GATHERED=True, UPCAST=False, INPUT_PRECISION=precision,
+                        REMOTE_CACHE=".cg", ROTATE=True, PULL=pull, TIMED=True), dtype)
         # REDUCE_PROGRAMS=0: the own tiles' epilogue reduces (16-bit only, to keep it short).
         for name, reducers in (("gemm_rs", 8), ("gemm_rs0", 0)):
             if reducers == 0 and dtype != "bfloat16":

@@ -101,5 +101,6 @@ def test_search_order_starts_at_the_default_and_moves_one_field_at_a_time():
         distances = [autotune._distance(c, default) for c in space]
         assert distances == sorted(distances) and distances[1] == 1
         first = space[:1 + distances.count(1)]
-        for field in ("block_n", "num_warps", "programs_per_sm", "group_m", "rotate"):
+        fields = ["block_n", "num_warps", "programs_per_sm", "group_m", "rotate"]
+        for field in fields + (["pull", "comm_programs"] if op == autotune.AG else []):
             assert len({getattr(c, field) for c in first}) > 1, (op, field)

@@ -24,6 +24,7 @@ from tests.helpers import mesh_of
     ({"timeout_s": 0}, "timeout_s must be in"),
     ({"f32_precision": "fp64"}, "f32_precision must be"),
     ({"programs_per_sm": 0}, "programs_per_sm must be 1 to 4"),
+    ({"pull": 1}, "pull must be a bool"),
 ])
 def test_invalid_all_gather_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -159,3 +159,58 @@ def test_the_gpu_default_config_is_right_too(m_local, k, n_local):
     x, w, x64, w64 = testing.random_operands(8 * m_local, k, 8 * n_local, jnp.float32, seed=k)
     xs, ws = testing.place(OP, mesh, x, w)
     assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5
+
+
+# PULL: each rank stages its shard in its own workspace and the peers' programs
+# copy it in; two communication programs, so one pulls while the other stages.
+SMALL_PULL = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=5,
+                                   comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5,
+                                   pull=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
+                         ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("m_local,k,n_local", [(13, 40, 7), (1, 24, 3)])
+def test_pull_ragged_shapes(m_local, k, n_local, dtype):
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(8 * m_local, k, 8 * n_local, dtype, seed=k)
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = fused_fn(OP, mesh, SMALL_PULL)(xs, ws)
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_pull_back_to_back_calls_with_fresh_data_and_the_gathered_x(rotate):
+    # A stale-buffer detector for the staged shards: a pull satisfied by an
+    # earlier call's staging signal would copy that call's rows.
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=5,
+                                comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5,
+                                pull=True, rotate=rotate, group_m=5)
+    f = _with_gathered(mesh, cfg)
+    for i in range(20):
+        x, w, x64, w64 = testing.random_operands(8 * 11, 16, 8 * 2, jnp.float32, seed=300 + i)
+        y, xg = f(x, w)
+        assert testing.relative_error(y, x64 @ w64) < 1e-5, f"call {i}"
+        for r in range(8):
+            np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
+
+
+def test_pull_a_rank_that_skips_its_call_times_out_with_a_clear_error():
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=8,
+                                timeout_s=0.25, pull=True)
+
+    def body(x, w):
+        skip = lax.axis_index("tp") == 3
+        zeros = lax.pcast(jnp.zeros((8 * x.shape[0], w.shape[1]), x.dtype), "tp", to="varying")
+        return lax.cond(skip, lambda: zeros,
+                        lambda: jax_flux.all_gather_matmul(x, w, "tp", impl="fused",
+                                                           config=cfg))
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                              out_specs=P(None, "tp")))
+    x, w, _, _ = testing.random_operands(8 * 8, 16, 16, jnp.float32)
+    expect_timeout_then_recover(f, x, w, OP, mesh,
+                                r"all_gather_matmul\(impl='fused'\): rank \d of axis "
+                                r"'tp' gave up .* waiting for row chunk 0 of rank 3")

@@ -159,9 +159,10 @@ def _host(rng, shape, dtype, scale=1.0):
     return a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
 
-def _ag_cfg(m):
+def _ag_cfg(m, pull=False):
     return dict(block_m=64 if m < 128 else 128, block_n=128, block_k=64, chunk_rows=64,
-                comm_programs=2, copy_rows=32, copy_cols=128, num_warps=4, num_stages=3)
+                comm_programs=2, copy_rows=32, copy_cols=128, num_warps=4, num_stages=3,
+                pull=pull)
 
 
 _TIMEOUT_MS = 10_000  # of the GPU's global timer
@@ -170,14 +171,15 @@ _TIMEOUT_MS = 10_000  # of the GPU's global timer
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", [(128, 512, 256), (100, 200, 300)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_ag_gemm_8_ranks_on_one_gpu(world, shape, dtype):
+@pytest.mark.parametrize("pull", [False, True], ids=["push", "pull"])
+def test_ag_gemm_8_ranks_on_one_gpu(world, shape, dtype, pull):
     m, k, n = shape
     reps = 200 if shape == (128, 512, 256) and dtype == "bfloat16" else 20
     rng = np.random.default_rng(0)
     for rep in range(reps):
         xs = [_host(rng, (m, k), dtype) for _ in range(_WORLD)]
         ws = [_host(rng, (k, n), dtype, k ** -0.5) for _ in range(_WORLD)]
-        ys, xgs, _ = world.ag_gemm(xs, ws, cfg=_ag_cfg(m), grid=world.programs_per_rank,
+        ys, xgs, _ = world.ag_gemm(xs, ws, cfg=_ag_cfg(m, pull), grid=world.programs_per_rank,
                                    timeout_ms=_TIMEOUT_MS, return_gathered=rep % 2 == 0,
                                    precision="ieee")
         xg = np.concatenate([x.astype(np.float32) for x in xs])

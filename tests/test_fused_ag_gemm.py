@@ -5,6 +5,8 @@ ranks only through the host-memory symmetric workspace, by the kernels' own
 pushes and signals.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,16 +22,22 @@ OP = "all_gather_matmul"
 # Small tiles and chunks so one tile spans several chunks and ragged edges abound.
 SMALL = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=5,
                               comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5)
+# PULL: each rank stages its shard in its own workspace and the peers' programs
+# copy it in; two communication programs, so one pulls while the other stages.
+SMALL_PULL = dataclasses.replace(SMALL, pull=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("m_local,k,n_local", [(13, 40, 7), (16, 16, 16), (1, 24, 3)])
-def test_ragged_shapes(m_local, k, n_local, dtype):
+@pytest.mark.parametrize("m_local,k,n_local,cfg", [
+    (13, 40, 7, SMALL), (16, 16, 16, SMALL), (1, 24, 3, SMALL),
+    (13, 40, 7, SMALL_PULL), (1, 24, 3, SMALL_PULL),
+], ids=lambda v: ("pull" if v.pull else "push") if isinstance(v, AllGatherMatmulConfig) else v)
+def test_ragged_shapes(m_local, k, n_local, cfg, dtype):
     mesh = mesh_of(8)
     x, w, x64, w64 = testing.random_operands(8 * m_local, k, 8 * n_local, dtype, seed=k)
     xs, ws = testing.place(OP, mesh, x, w)
-    out = fused_fn(OP, mesh, SMALL)(xs, ws)
+    out = fused_fn(OP, mesh, cfg)(xs, ws)
     assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
 
 
@@ -104,10 +112,11 @@ def test_lowered_program_has_our_call_and_no_collective():
         assert f"stablehlo.{name}" not in text, name
 
 
-def test_a_rank_that_skips_its_call_times_out_with_a_clear_error():
+@pytest.mark.parametrize("pull", [False, True], ids=["push", "pull"])
+def test_a_rank_that_skips_its_call_times_out_with_a_clear_error(pull):
     mesh = mesh_of(8)
     cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=8,
-                                timeout_s=0.25)
+                                timeout_s=0.25, pull=pull)
 
     def body(x, w):
         skip = lax.axis_index("tp") == 3
@@ -161,23 +170,6 @@ def test_the_gpu_default_config_is_right_too(m_local, k, n_local):
     assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5
 
 
-# PULL: each rank stages its shard in its own workspace and the peers' programs
-# copy it in; two communication programs, so one pulls while the other stages.
-SMALL_PULL = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=5,
-                                   comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5,
-                                   pull=True)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
-                         ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("m_local,k,n_local", [(13, 40, 7), (1, 24, 3)])
-def test_pull_ragged_shapes(m_local, k, n_local, dtype):
-    mesh = mesh_of(8)
-    x, w, x64, w64 = testing.random_operands(8 * m_local, k, 8 * n_local, dtype, seed=k)
-    xs, ws = testing.place(OP, mesh, x, w)
-    out = fused_fn(OP, mesh, SMALL_PULL)(xs, ws)
-    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
-
 
 @pytest.mark.parametrize("rotate", [True, False])
 def test_pull_back_to_back_calls_with_fresh_data_and_the_gathered_x(rotate):
@@ -195,22 +187,3 @@ def test_pull_back_to_back_calls_with_fresh_data_and_the_gathered_x(rotate):
         for r in range(8):
             np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
 
-
-def test_pull_a_rank_that_skips_its_call_times_out_with_a_clear_error():
-    mesh = mesh_of(8)
-    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=8,
-                                timeout_s=0.25, pull=True)
-
-    def body(x, w):
-        skip = lax.axis_index("tp") == 3
-        zeros = lax.pcast(jnp.zeros((8 * x.shape[0], w.shape[1]), x.dtype), "tp", to="varying")
-        return lax.cond(skip, lambda: zeros,
-                        lambda: jax_flux.all_gather_matmul(x, w, "tp", impl="fused",
-                                                           config=cfg))
-
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
-                              out_specs=P(None, "tp")))
-    x, w, _, _ = testing.random_operands(8 * 8, 16, 16, jnp.float32)
-    expect_timeout_then_recover(f, x, w, OP, mesh,
-                                r"all_gather_matmul\(impl='fused'\): rank \d of axis "
-                                r"'tp' gave up .* waiting for row chunk 0 of rank 3")

@@ -94,12 +94,12 @@ def programs_per_sm(kernel, capability: int, pointers: tuple, constexprs: tuple,
     thread can have) is assumed and ``regs_assumed`` is True."""
     c = compile_kernel(kernel, capability, pointers, constexprs, num_warps, num_stages)
     usage = assembly.resource_usage(c.cubin)
-    regs = usage.get("regs", -1)
+    assumed = usage.get("regs", -1) <= 0
+    regs = 255 if assumed else usage["regs"]
     shared = c.shared + usage.get("static_shared", 0)
     limits, known = assembly.sm_limits(capability)
-    fit = assembly.programs_per_sm(regs if regs > 0 else 255, shared, num_warps, limits)
-    return dict(fit, regs=regs if regs > 0 else 255, regs_assumed=regs <= 0, shared=shared,
-                limits_known=known)
+    fit = assembly.programs_per_sm(regs, shared, num_warps, limits)
+    return dict(fit, regs=regs, regs_assumed=assumed, shared=shared, limits_known=known)
 
 
 def check_resident(kernel, grid: int, *, sms: int, capability: int, pointers: tuple,

@@ -43,7 +43,6 @@ import ctypes
 import dataclasses
 import hashlib
 import itertools
-import mmap
 import os
 import threading
 from typing import Any, Hashable
@@ -226,8 +225,9 @@ def _allocate(key: tuple, slots, size: int, location: str):
         for group in slots:
             backend.connect(group)
         return buffers, {}
-    # One process per device group: allocate our ranks, publish their handles,
-    # map the peers of every group we have a rank in.
+    # Several processes: allocate our ranks and publish their handles (all of
+    # them before waiting on any peer's), then map the peers of every group
+    # we have a rank in.
     me = jax.process_index()
     client = _kv_client()
     prefix = "jax_flux/workspace/" + hashlib.sha1(repr((key, size)).encode()).hexdigest()
@@ -237,17 +237,16 @@ def _allocate(key: tuple, slots, size: int, location: str):
             if d.process_index == me:
                 buffers[g][r] = backend.allocate(d, size)
                 client.key_value_set_bytes(f"{prefix}/{g}/{r}", backend.export(buffers[g][r]))
-        # This process's own devices of a group reach each other's buffers
-        # directly (peer access), as in one process: the usual multi-host
-        # layout, one process per host with the tensor-parallel axis inside it.
-        local = [d for d in group if d.process_index == me]
-        if len(local) > 1:
-            backend.connect(local)
     views: dict[tuple[int, int], list[Buffer | None]] = {}
     for g, group in enumerate(slots):
         local = [v for v, d in enumerate(group) if d.process_index == me]
         if not local:
             continue
+        # This process's own devices of a group reach each other's buffers
+        # directly (peer access), as in one process: the usual multi-host
+        # layout, one process per host with the tensor-parallel axis inside it.
+        if len(local) > 1:
+            backend.connect([group[v] for v in local])
         # Per device where the backend's mappings are (CUDA IPC); else one, shared.
         viewers = local if backend.maps_per_device and len(local) > 1 else local[:1]
         seen = {v: list(buffers[g]) for v in viewers}
@@ -291,86 +290,11 @@ def _kv_client():
 # ------------------------------------------------------------------ backends
 
 
-class _Host:
-    """Host memory of this process (CPU devices, one process)."""
-
-    # A peer's memory opened once serves every device of this process.
-    maps_per_device = False
-
-    def allocate(self, device, nbytes: int) -> Buffer:
-        raw = np.zeros(nbytes + _ALIGN, np.uint8)
-        start = (-raw.ctypes.data) % _ALIGN
-        return Buffer(ptr=raw.ctypes.data + start, nbytes=nbytes, owned=True, keep=raw)
-
-    def connect(self, devices) -> None:
-        pass
-
-    def record(self, device) -> Record:
-        raw = np.zeros(_RECORD_BYTES * 2, np.uint8)
-        ptr = raw.ctypes.data + (-raw.ctypes.data) % _RECORD_BYTES
-        return Record(host_ptr=ptr, device_ptr=ptr, keep=raw)
-
-    def zero(self, b: Buffer) -> None:
-        (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * b.nbytes).from_address(b.ptr))
-         .fill(0))
-
-
-class _SharedHost(_Host):
-    """POSIX shared memory (CPU devices, one process per device group, one host)."""
-
-    _counter = itertools.count()
-
-    def allocate(self, device, nbytes: int) -> Buffer:
-        name = f"jax_flux-{os.getpid()}-{next(self._counter)}"
-        path = f"/dev/shm/{name}"
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, nbytes)  # zero-filled
-            mem = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
-        _unlink_at_exit(path)
-        return self._buffer(mem, nbytes, owned=True, name=name)
-
-    def export(self, b: Buffer) -> bytes:
-        return b.keep[1].encode()
-
-    def open(self, handle: bytes, device, nbytes: int) -> Buffer:
-        path = f"/dev/shm/{handle.decode()}"
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError as e:
-            raise RuntimeError(
-                f"jax_flux workspace: {path} (a peer's buffer) is not on this host; ranks of a "
-                f"fused axis across processes must share one host") from e
-        try:
-            mem = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
-        return self._buffer(mem, nbytes, owned=False, name=handle.decode())
-
-    @staticmethod
-    def _buffer(mem: mmap.mmap, nbytes: int, *, owned: bool, name: str) -> Buffer:
-        view = np.frombuffer(mem, np.uint8)
-        return Buffer(ptr=view.ctypes.data, nbytes=nbytes, owned=owned, keep=(mem, name, view))
-
-
-_to_unlink: list[str] = []
-
-
-def _unlink_at_exit(path: str) -> None:
-    import atexit
-
-    if not _to_unlink:
-        atexit.register(lambda: [os.path.exists(p) and os.unlink(p) for p in _to_unlink])
-    _to_unlink.append(path)
-
-
 def _backend(location: str):
-    if location == "host":
-        return _Host()
-    if location == "host-shared":
-        return _SharedHost()
+    if location in ("host", "host-shared"):
+        from jax_flux import _host_workspace
+
+        return _host_workspace.Host() if location == "host" else _host_workspace.SharedHost()
     from jax_flux import _cuda_workspace
 
     return _cuda_workspace.Cuda() if location == "cuda" else _cuda_workspace.CudaIpc()

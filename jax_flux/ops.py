@@ -9,7 +9,8 @@ input up front, dispatch on ``impl`` and are differentiable through one
 
 The forward of AG-GEMM keeps the gathered x it already has, so the weight
 gradient needs no second all-gather; the backward of GEMM-RS gets AG(dz) from
-the same AG-GEMM that computes dx.
+the same AG-GEMM that computes dx. The differentiated forwards tag their
+results (and the gathered x) for ``jax.checkpoint`` policies: ``jax_flux.remat``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any, Hashable
 
 import jax
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from custom_calls._jax_compat import varying_axes
-from jax_flux import _validate, ag_gemm, gemm_rs
+from jax_flux import _validate, ag_gemm, gemm_rs, remat
 from jax_flux._matmul import dot_tn
 
 _AG = "all_gather_matmul"
@@ -78,7 +80,10 @@ def _ag(x, w, axis_name, impl, size, config):
 
 def _ag_fwd(x, w, axis_name, impl, size, config):
     y, xg = _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True)
-    return y, (xg, w)
+    # Tagged for jax.checkpoint policies (jax_flux.remat): recomputing either
+    # one would run the collective again.
+    xg = checkpoint_name(xg, remat.AG_GATHERED)
+    return checkpoint_name(y, remat.AG_OUTPUT), (xg, w)
 
 
 def _ag_bwd(axis_name, impl, size, config, res, dy):
@@ -99,7 +104,8 @@ def _rs(x, w, axis_name, impl, size, config):
 
 
 def _rs_fwd(x, w, axis_name, impl, size, config):
-    return _rs_forward(x, w, axis_name, impl, size, config), (x, w)
+    z = _rs_forward(x, w, axis_name, impl, size, config)
+    return checkpoint_name(z, remat.RS_OUTPUT), (x, w)
 
 
 def _rs_bwd(axis_name, impl, size, config, res, dz):

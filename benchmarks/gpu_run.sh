@@ -11,7 +11,7 @@
 # step's output is kept even when a step fails; each step is cut after STEP_TIMEOUT_S (default
 # 300 s; the device tool allows 600 s a call, so split a full run over calls by naming steps); the
 # exit status is that of the first failing step. Steps: env compile pytest_gpu emulated
-# status_check gemm_gpt3 gemm_llama70b ops_gpt3 model_7b (tune with TUNE=1).
+# status_check gemm_gpt3 gemm_llama70b ops_gpt3 model_7b model_7b_remat (tune with TUNE=1).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -48,6 +48,7 @@ step gemm_gpt3 python -m benchmarks.gemm --sweep gpt3-175b --out "$OUT"
 step gemm_llama70b python -m benchmarks.gemm --sweep llama2-70b --out "$OUT"
 step ops_gpt3 python -m benchmarks.ops --sweep gpt3-175b --out "$OUT"
 step model_7b python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,ring,fused --out "$OUT"
+step model_7b_remat python -m benchmarks.model --preset llama2-7b --layers 2 --scan-layers --remat collective_matmuls --impls xla,fused --out "$OUT"
 # Optional (GPU time): autotune the GPT-3 sweep at this world size; add --ship to keep the winners.
 if [ "${TUNE:-0}" = "1" ] || [[ "$wanted" == *" tune "* ]]; then
   step tune python -m benchmarks.tune --sweep gpt3-175b --max-configs "${TUNE_MAX_CONFIGS:-16}" --out "$OUT"

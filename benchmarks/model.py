@@ -2,6 +2,7 @@
 
     python -m benchmarks.model --preset llama2-7b --layers 2        # on GPUs
     python -m benchmarks.model --quick                              # CPU smoke run
+    python -m benchmarks.model --preset llama2-7b --layers 4 --scan-layers --remat full
 
 For each impl: forward+backward time of one decoder block on [S, B, H]
 activations (sequence parallel), and the time and tokens/s of one AdamW
@@ -31,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from jax_flux import remat  # noqa: E402
 from models import PRESETS, Llama  # noqa: E402
 from models.data import progressions  # noqa: E402
 from models.llama import Block, cross_entropy  # noqa: E402
@@ -80,14 +82,18 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--impls", default="xla,ring,fused")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="train step: the blocks in one scan over stacked parameters")
+    p.add_argument("--remat", default="none", choices=remat.POLICIES,
+                   help="train step: rematerialise each block with this policy")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny model, 1 rep (CPU smoke run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     preset = "tiny" if a.quick else a.preset
     cfg = PRESETS[preset]
-    if a.layers:
-        cfg = dataclasses.replace(cfg, layers=a.layers)
+    cfg = dataclasses.replace(cfg, layers=a.layers or cfg.layers, scan_layers=a.scan_layers,
+                              remat=a.remat)
     seq = a.seq or (16 if a.quick else 2048)
     batch = a.batch or (2 if a.quick else 1)
     reps = 1 if a.quick else a.reps
@@ -106,9 +112,13 @@ def main(argv=None) -> int:
                              tokens_per_s=seq * batch / (t.median_ms * 1e-3), loss=loss,
                              loss_vs_xla=rel, status="ok" if rel < 2e-2 else "LOSS DIFFERS"))
             print(harness.format_row(rows[-1], COLUMNS))
-    base = os.path.join(a.out, f"model_{preset}_L{cfg.layers}_{env['platform']}{len(devices)}")
+    variant = ("_scan" if cfg.scan_layers else "") + (
+        "" if cfg.remat == "none" else f"_remat-{cfg.remat}")
+    base = os.path.join(a.out, f"model_{preset}_L{cfg.layers}{variant}_{env['platform']}"
+                               f"{len(devices)}")
     notes = [f"Model {preset} with {cfg.layers} layers, seq {seq}, batch {batch}, "
-             f"{cfg.dtype}; tensor parallel over {len(devices)} devices."]
+             f"{cfg.dtype}; tensor parallel over {len(devices)} devices; train step with "
+             f"scan_layers={cfg.scan_layers}, remat={cfg.remat!r}."]
     harness.write_report(base, f"jax_flux model benchmark: {preset}", env, rows, COLUMNS, notes,
                          bool(gpus))
     print(f"wrote {base}.csv/.md")

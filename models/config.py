@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax_flux import remat
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -27,6 +29,16 @@ class LlamaConfig:
       rope_theta: rotary base; norm_eps: RMSNorm epsilon.
       tie_embeddings: the output head reuses the embedding table.
       dtype: compute dtype; param_dtype: parameter dtype.
+      scan_layers: keep the blocks' parameters stacked along a leading layer
+        dim and run them with one ``scan`` (as MaxText does): the program
+        holds one block, so compile time no longer grows with depth. A
+        different parameter layout from the unscanned model (same values
+        when converted, see ``models.llama.stack_blocks``).
+      remat: rematerialise each block in the backward pass (``jax_flux.
+        remat.POLICIES``): "none"; "full", save only the block's input;
+        "collective_matmuls", save the jax_flux ops' results and gathered
+        inputs, recompute the rest, so the backward pass communicates no
+        more than without remat.
     """
 
     vocab: int = 256
@@ -42,6 +54,8 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         if self.hidden % self.heads:
@@ -50,6 +64,7 @@ class LlamaConfig:
             raise ValueError(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}")
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        remat.policy(self.remat)  # raises a ValueError naming the choices
 
     @property
     def head_dim(self) -> int:

@@ -27,7 +27,7 @@ from flax import nnx  # noqa: E402
 from jax_flux import errors  # noqa: E402
 from models.config import PRESETS  # noqa: E402
 from models.data import progressions  # noqa: E402
-from models.llama import KVCache  # noqa: E402
+from models.llama import KVCache, copy_parameters  # noqa: E402
 from models.train import build, train  # noqa: E402
 
 
@@ -82,25 +82,20 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=0,
                    help="train on synthetic data first (with --impl xla for speed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scan-layers", action="store_true",
+                   help="stack the blocks' parameters and run them in one scan")
     a = p.parse_args(argv)
+    model = build(a.preset, a.tp, a.impl, None, a.seed, scan_layers=a.scan_layers)
     if a.train_steps:
-        model, _ = train(a.preset, a.tp, a.train_steps, "xla", seed=a.seed, log=lambda s: None)
-        model = _with_impl(model, a.impl, a.preset, a.tp, a.seed)
-    else:
-        model = build(a.preset, a.tp, a.impl, None, a.seed)
+        trained, _ = train(a.preset, a.tp, a.train_steps, "xla", seed=a.seed,
+                           log=lambda s: None)
+        copy_parameters(trained, model)
     prompt = progressions(np.random.default_rng(a.seed + 7), a.batch, a.prompt_len,
                           model.cfg.vocab)
     out = generate(model, jnp.asarray(prompt), a.new_tokens)
     for b in range(a.batch):
         print(f"prompt {prompt[b].tolist()}\n  ->   {out[b].tolist()}")
     return 0
-
-
-def _with_impl(trained, impl, preset, tp, seed):
-    """The same parameters in a model whose layers use ``impl``."""
-    model = build(preset, tp, impl, None, seed)
-    nnx.update(model, nnx.state(trained, nnx.Param))
-    return model
 
 
 if __name__ == "__main__":

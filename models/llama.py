@@ -9,7 +9,9 @@ training and prefill (sequence parallelism), replicated during decode.
 Per block: RMSNorm -> attention (QKV column-parallel: AG-GEMM; whole
 grouped-query groups per rank; rotary embeddings; causal softmax in float32;
 output row-parallel: GEMM-RS) -> residual; RMSNorm -> MLP (SwiGLU gate/up
-column-parallel, down row-parallel) -> residual.
+column-parallel, down row-parallel) -> residual. The blocks run in a Python
+loop, or in one ``scan`` over stacked parameters (``cfg.scan_layers``), each
+optionally rematerialised (``cfg.remat``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_flux import remat
 from jax_flux.nn import ColumnParallelLinear, RowParallelLinear, axis_size, column_parallel
 from models.config import LlamaConfig
 
@@ -168,8 +171,11 @@ class Llama(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab, cfg.hidden), pdt),
                                out_sharding=(None, None), mesh=mesh)
-        self.blocks = nnx.List([Block(cfg, mesh, axis_name, impl, rngs)
-                                for _ in range(cfg.layers)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, mesh, axis_name, impl, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, mesh, axis_name, impl, rngs)
+                                    for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
         self.head = None if cfg.tie_embeddings else ColumnParallelLinear(
             cfg.hidden, cfg.vocab, mesh=mesh, axis_name=axis_name, impl=impl,
@@ -197,18 +203,29 @@ class Llama(nnx.Module):
                              f"tensor-parallel size {self.tp} (sequence parallelism)")
         h = jnp.swapaxes(self.embed[...].astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
         h = self._constrain(h, P(self.axis_name if sp else None, None, None))
-        new_k, new_v = [], []
-        for i, block in enumerate(self.blocks):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, kv = block(h, positions, kv, start, sequence_parallel=sp)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+
+        def apply(block, h, kv):
+            return block(h, positions, kv, start, sequence_parallel=sp)
+
+        use_remat, policy = remat.policy(self.cfg.remat)
+        if use_remat:
+            apply = nnx.remat(apply, policy=policy)
+        if self.cfg.scan_layers:
+            # One block in the program; parameters and cache slices are scanned
+            # along their leading (layer) dim, h is the carry.
+            kv = None if cache is None else (cache.k, cache.v)
+            h, kv = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+                self.blocks, h, kv)
+        else:
+            layer_kv = []
+            for i, block in enumerate(self.blocks):
+                h, kv = apply(block, h, None if cache is None else (cache.k[i], cache.v[i]))
+                layer_kv.append(kv)
+            kv = None if cache is None else tuple(map(jnp.stack, zip(*layer_kv)))
         logits = self._logits(self.norm(h), sp)
         if cache is None:
             return logits, None
-        return logits, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
-                               length=start + tokens.shape[1])
+        return logits, KVCache(k=kv[0], v=kv[1], length=start + tokens.shape[1])
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits [B, S, vocab] of tokens [B, S] (S divisible by the tp size)."""
@@ -223,6 +240,45 @@ class Llama(nnx.Module):
         (local matmuls and all-reduce)."""
         positions = cache.length + jnp.arange(tokens.shape[1])
         return self._run(tokens, positions, cache, cache.length, False)
+
+
+def _stacked_blocks(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str,
+                    rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters have a leading, unsharded dim of cfg.layers."""
+
+    @nnx.split_rngs(splits=cfg.layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def make(rngs):
+        return Block(cfg, mesh, axis_name, impl, rngs)
+
+    return make(rngs)
+
+
+def copy_parameters(src: Llama, dst: Llama) -> None:
+    """Copies ``src``'s parameters into ``dst``, placed as ``dst``'s are.
+
+    The two may differ in ``scan_layers`` (the blocks' parameters are then
+    stacked or unstacked along the layer dim), in mesh and in impl; not in
+    shapes. Use it to move a checkpoint between the two layouts.
+
+    Raises:
+      ValueError: when the models' parameter shapes differ.
+    """
+    params = nnx.to_pure_dict(nnx.state(src, nnx.Param))
+    blocks, layers = params["blocks"], src.cfg.layers
+    if src.cfg.scan_layers and not dst.cfg.scan_layers:
+        params["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(layers)}
+    elif dst.cfg.scan_layers and not src.cfg.scan_layers:
+        params["blocks"] = jax.tree.map(lambda *a: jnp.stack(a),
+                                        *[blocks[i] for i in range(layers)])
+    target = nnx.state(dst, nnx.Param)
+    placed = nnx.to_pure_dict(target)
+    if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, placed):
+        raise ValueError(f"copy_parameters: the models' parameters differ in shape "
+                         f"({src.cfg} vs {dst.cfg})")
+    placed = jax.tree.map(lambda a, t: jax.device_put(a, t.sharding), params, placed)
+    nnx.replace_by_pure_dict(target, placed)
+    nnx.update(dst, target)
 
 
 def cross_entropy(logits, targets):

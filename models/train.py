@@ -1,6 +1,7 @@
 """Train the decoder on synthetic tokens with optax AdamW, tensor + sequence parallel.
 
     python -m models.train --preset tiny --tp 8 --steps 20 --impl fused
+    python -m models.train --preset tiny --scan-layers --remat collective_matmuls
 
 Runs on the first --tp GPUs, or on emulated CPU devices when there are none
 (the fused kernels then run through Triton's interpreter: slow, but the real
@@ -10,6 +11,7 @@ protocol). Prints step, loss and tokens/s per step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -23,18 +25,19 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from jax_flux import errors  # noqa: E402
+from jax_flux import errors, remat  # noqa: E402
 from models._devices import pick_devices  # noqa: E402
 from models.config import PRESETS  # noqa: E402
 from models.data import progressions  # noqa: E402
 from models.llama import Llama, cross_entropy  # noqa: E402
 
 
-def build(preset: str, tp: int, impl: str, dtype: str | None, seed: int):
-    cfg = PRESETS[preset]
-    if dtype:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, dtype=dtype)
+def build(preset: str, tp: int, impl: str, dtype: str | None = None, seed: int = 0,
+          **overrides):
+    """The preset's model on the first ``tp`` devices; ``dtype`` and ``overrides``
+    (LlamaConfig fields: scan_layers, remat, ...) replace the preset's values."""
+    changes = dict(overrides, **({"dtype": dtype} if dtype else {}))
+    cfg = dataclasses.replace(PRESETS[preset], **changes)
     mesh = Mesh(np.asarray(pick_devices(tp)), ("tp",))
     return Llama(cfg, mesh=mesh, impl=impl, rngs=nnx.Rngs(seed))
 
@@ -51,9 +54,9 @@ def train_step(model, optimizer, tokens):
 
 
 def train(preset="tiny", tp=8, steps=20, impl="auto", batch=4, seq=32, lr=3e-3, dtype=None,
-          seed=0, checkpoint_dir=None, restore=False, log=print):
-    """Trains and returns (model, losses)."""
-    model = build(preset, tp, impl, dtype, seed)
+          seed=0, checkpoint_dir=None, restore=False, log=print, **overrides):
+    """Trains and returns (model, losses); ``overrides`` as in ``build``."""
+    model = build(preset, tp, impl, dtype, seed, **overrides)
     optimizer = nnx.Optimizer(model, optax.adamw(lr, weight_decay=0.01), wrt=nnx.Param)
     if restore:
         _restore(model, optimizer, checkpoint_dir)
@@ -100,13 +103,18 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scan-layers", action="store_true",
+                   help="stack the blocks' parameters and run them in one scan")
+    p.add_argument("--remat", default="none", choices=remat.POLICIES,
+                   help="rematerialise each block; collective_matmuls saves the jax_flux ops' "
+                        "results (no communication recomputed)")
     p.add_argument("--checkpoint-dir", default=None, help="save model+optimizer here at the end")
     p.add_argument("--restore", action="store_true", help="start from --checkpoint-dir")
     a = p.parse_args(argv)
     if a.restore and not a.checkpoint_dir:
         p.error("--restore needs --checkpoint-dir")
     _, losses = train(a.preset, a.tp, a.steps, a.impl, a.batch, a.seq, a.lr, a.dtype, a.seed,
-                      a.checkpoint_dir, a.restore)
+                      a.checkpoint_dir, a.restore, scan_layers=a.scan_layers, remat=a.remat)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0
 

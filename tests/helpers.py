@@ -89,3 +89,17 @@ def build_fake_libcuda(out_dir) -> str:
     subprocess.run([gcc, "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I", include,
                     src, "-o", out], check=True, capture_output=True, text=True)
     return out
+
+
+def count_equations(jaxpr, names) -> int:
+    """Equations of primitives ``names`` in ``jaxpr`` and every jaxpr nested in its
+    params (each time it is used)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += eqn.primitive.name in names
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += count_equations(inner, names)
+    return total

@@ -35,11 +35,14 @@ def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert text.startswith("# PROJECTION (not a measurement)")
 
 
-@pytest.mark.parametrize("impls", ["xla,ring"])
-def test_model_quick(tmp_path, impls):
-    assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path)]) == 0
-    rows = _rows(tmp_path / "model_tiny_L2_cpu8.csv")
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+@pytest.mark.parametrize("impls,extra,name", [
+    ("xla,ring", [], "model_tiny_L2_cpu8"),
+    ("xla", ["--scan-layers", "--remat", "collective_matmuls"],
+     "model_tiny_L2_scan_remat-collective_matmuls_cpu8")])
+def test_model_quick(tmp_path, impls, extra, name):
+    assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path), *extra]) == 0
+    rows = _rows(tmp_path / f"{name}.csv")
+    assert len(rows) == 2 * len(impls.split(",")) and all(r["status"] == "ok" for r in rows)
 
 
 def test_status_check_quick(tmp_path):

@@ -1,5 +1,7 @@
 """The Llama-style decoder: tp=8 against the same model and parameters on one device."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,9 @@ from jax_flux import testing
 from models import PRESETS, KVCache, Llama
 from models.data import progressions
 from models.generate import generate
-from models.llama import cross_entropy
+from models.llama import copy_parameters, cross_entropy
 from models.train import train
-from tests.helpers import mesh_of
+from tests.helpers import count_equations, mesh_of
 
 CFG = PRESETS["tiny"]
 
@@ -108,7 +110,6 @@ def test_prefill_and_decode_logits_match_a_full_forward():
 
 
 def test_tied_embeddings_and_gelu_mlp_match_one_device():
-    import dataclasses
     cfg = dataclasses.replace(CFG, tie_embeddings=True, mlp="gelu")
     tokens = _tokens(length=16)
     out = [np.asarray(nnx.jit(lambda m, t: m(t))(
@@ -133,3 +134,93 @@ def test_train_checkpoint_save_and_restore(tmp_path):
                         log=lambda s: None)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(_host(nnx.state(restored, nnx.Param)))):
         np.testing.assert_array_equal(a, b)
+
+
+def _scanned(impl, remat="none", mesh=None, seed=0):
+    """A scan_layers model on 8 devices holding the one-device model's parameters (seed)."""
+    cfg = dataclasses.replace(CFG, scan_layers=True, remat=remat)
+    model = Llama(cfg, mesh=mesh or mesh_of(8), impl=impl, rngs=nnx.Rngs(99))
+    copy_parameters(Llama(CFG, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(seed)), model)
+    return model
+
+
+def _stacked(state):
+    """A loop model's (host) state in the scanned layout."""
+    tree = nnx.to_pure_dict(state)
+    blocks = tree.pop("blocks")
+    tree["blocks"] = jax.tree.map(lambda *a: np.stack(a), *[blocks[i] for i in sorted(blocks)])
+    return tree
+
+
+@pytest.mark.parametrize("impl,remat", [("xla", "full"), ("ring", "none"),
+                                        ("fused", "collective_matmuls")])
+def test_scanned_rematerialised_model_matches_one_device(impl, remat, single_device):
+    logits, grads, params = _step(_scanned(impl, remat), _tokens())
+    ref_logits, ref_grads, ref_params = single_device
+    assert testing.relative_error(logits, ref_logits) < 1e-5
+    flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads))
+    ref = dict(jax.tree_util.tree_leaves_with_path(_stacked(ref_grads)))
+    assert len(flat) == len(ref) == 9  # 6 stacked block parameters, embed, norm, head
+    for path, g in flat:
+        assert g.shape == ref[path].shape
+        assert testing.relative_error(g, ref[path]) < 1e-4, jax.tree_util.keystr(path)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(params)),
+                    jax.tree.leaves(_stacked(ref_params))):
+        assert testing.relative_error(a, b) < 1e-5
+
+
+def _launches(model, grad):
+    tokens = _tokens(length=17)
+
+    def loss(m):
+        return cross_entropy(m(tokens[:, :-1]), tokens[:, 1:])
+
+    fn = nnx.grad(loss) if grad else loss
+    return count_equations(jax.make_jaxpr(lambda m: fn(m))(model).jaxpr,
+                           ("jax_flux_triton_call",))
+
+
+def test_scan_puts_one_block_in_the_program_and_remat_saves_the_collectives():
+    deep = dataclasses.replace(CFG, layers=4)
+    loop = Llama(deep, mesh=mesh_of(8), impl="fused", rngs=nnx.Rngs(0))
+    scanned = {r: Llama(dataclasses.replace(deep, scan_layers=True, remat=r), mesh=mesh_of(8),
+                        impl="fused", rngs=nnx.Rngs(0)) for r in ("none", "full",
+                                                                  "collective_matmuls")}
+    # Per block: qkv AG-GEMM, attention-out GEMM-RS, MLP up AG-GEMM, down GEMM-RS;
+    # then the head's AG-GEMM.
+    assert _launches(loop, grad=False) == 4 * 4 + 1
+    assert _launches(scanned["none"], grad=False) == 4 + 1
+    # The gradient runs each op again as the other's backward; a full remat also
+    # recomputes both AG-GEMMs and the attention GEMM-RS (the MLP's norm reads it).
+    plain = _launches(scanned["none"], grad=True)
+    assert plain == 2 * (4 + 1)
+    assert _launches(scanned["collective_matmuls"], grad=True) == plain
+    assert _launches(scanned["full"], grad=True) == plain + 3
+
+
+def test_scanned_model_generates_as_the_loop_model():
+    prompt = _tokens(batch=2, length=16, seed=4)
+    quiet = lambda s: None  # noqa: E731
+    one = Llama(CFG, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(1))
+    got = generate(_scanned("xla", seed=1), prompt, 6, log=quiet)
+    assert np.array_equal(got, generate(one, prompt, 6, log=quiet))
+
+
+def test_copy_parameters_round_trips_and_checks_shapes():
+    scanned = _scanned("xla")
+    loop = Llama(CFG, mesh=mesh_of(8), impl="xla", rngs=nnx.Rngs(7))
+    copy_parameters(scanned, loop)
+    want = _host(nnx.state(Llama(CFG, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(0)), nnx.Param))
+    for a, b in zip(jax.tree.leaves(_host(nnx.state(loop, nnx.Param))), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    kernel = nnx.state(loop, nnx.Param)["blocks"][0]["mlp"]["up"]["kernel"][...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)  # [H, F, 2]
+    wide = Llama(dataclasses.replace(CFG, ffn=256), mesh=mesh_of(8), impl="xla",
+                 rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="differ in shape"):
+        copy_parameters(loop, wide)
+
+
+def test_config_rejects_an_unknown_remat_policy():
+    with pytest.raises(ValueError, match="remat policy must be one of"):
+        dataclasses.replace(CFG, remat="dots")

@@ -19,23 +19,11 @@ from jax.sharding import PartitionSpec as P
 
 import jax_flux
 from jax_flux import remat, testing
+from tests.helpers import count_equations as _count
 from tests.helpers import mesh_of
 
 # Primitives of one collective matmul, by impl: the kernel launch, or the collective.
 _COUNTED = {"fused": ("jax_flux_triton_call",), "xla": ("all_gather", "reduce_scatter")}
-
-
-def _count(jaxpr, names) -> int:
-    """Equations of ``names`` in ``jaxpr`` and every jaxpr nested in its params."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += eqn.primitive.name in names
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    total += _count(inner, names)
-    return total
 
 
 def _block_grad(mesh, impl, policy_name):

@@ -117,15 +117,23 @@ def _rs_bwd(axis_name, impl, size, config, res, dz):
 _rs.defvjp(_rs_fwd, _rs_bwd)
 
 
-def _vary(a, axis_name):
-    """Marks ``a`` as varying over ``axis_name`` (e.g. a replicated weight under shard_map).
+def _vary(x, w, axis_name):
+    """``x`` and ``w`` marked as varying over the same mesh axes: ``axis_name`` and
+    every axis either one varies over.
 
-    The custom_vjp's gradients are per rank; casting a replicated operand to
-    varying first lets JAX's own transpose of that cast sum them over ranks.
+    The custom_vjp's gradients are per rank and vary over all of those axes
+    (with x split over a data-parallel axis, so does dW). Casting an operand
+    that is replicated along an axis (a weight along "tp", or along "dp") to
+    varying first lets JAX's own transpose of that cast sum its gradient over
+    that axis, as autodiff of the lax collective does.
     """
-    if axis_name in varying_axes(a):
-        return a
-    return lax.pcast(a, axis_name, to="varying")
+    axes = varying_axes(x) | varying_axes(w) | {axis_name}
+
+    def cast(a):
+        missing = tuple(sorted(axes - varying_axes(a), key=str))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return cast(x), cast(w)
 
 
 def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: str = "auto",
@@ -157,7 +165,7 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size)
     impl = _resolve(_AG, impl, config)
-    return _ag(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size, config)
+    return _ag(*_vary(x, w, axis_name), axis_name, impl, size, config)
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
@@ -188,4 +196,4 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     _validate.check_operands(_RS, x, w, axis_name, size)
     _validate.check_scatter_rows(_RS, x, axis_name, size)
     impl = _resolve(_RS, impl, config)
-    return _rs(_vary(x, axis_name), _vary(w, axis_name), axis_name, impl, size, config)
+    return _rs(*_vary(x, w, axis_name), axis_name, impl, size, config)

@@ -83,3 +83,51 @@ def test_replicated_weight_gradient_is_summed_over_ranks(impl):
     rdx, rdw = loss(lambda x, w: reference(x, w, "tp"))(x, w)
     assert testing.relative_error(dw, np.asarray(rdw, np.float64)) < 1e-5
     assert testing.relative_error(dx, np.asarray(rdx, np.float64)) < 1e-5
+
+
+# (x spec, w spec, out spec, x shape, w shape) on a ("dp", "tp") mesh, by op and
+# by which operand varies over "dp": x split over dp with a weight replicated along
+# it (data x tensor parallelism), or x replicated along dp with a weight per group.
+_DP_CASES = {
+    ("all_gather_matmul", "x"): ((("dp", "tp"), None), (None, "tp"), ("dp", "tp"),
+                                 (32, 24), (24, 16)),
+    ("all_gather_matmul", "w"): (("tp", None), ("dp", "tp"), ("dp", "tp"), (16, 24), (48, 16)),
+    ("matmul_reduce_scatter", "x"): (("dp", "tp"), ("tp", None), (("dp", "tp"), None),
+                                     (32, 24), (24, 16)),
+    ("matmul_reduce_scatter", "w"): ((None, "tp"), (("dp", "tp"), None),
+                                     (("dp", "tp"), None), (16, 24), (48, 16)),
+}
+
+
+@pytest.mark.parametrize("varying", ["x", "w"])
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_gradients_on_a_data_and_tensor_parallel_mesh(op, impl, varying):
+    # A gradient varies over "dp" where its operand does not: it must be summed
+    # over dp exactly where JAX's autodiff of the lax collective sums it.
+    import jax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from jax_flux.ag_gemm import reference as ag_reference
+    from jax_flux.gemm_rs import reference as rs_reference
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    x_spec, w_spec, out_spec, x_shape, w_shape = _DP_CASES[op, varying]
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape) / 5, jnp.float32)
+    ours = testing.OPS[op]
+    ref = {"all_gather_matmul": ag_reference, "matmul_reduce_scatter": rs_reference}[op]
+
+    def grads(fn):
+        f = jax.shard_map(fn, mesh=mesh, in_specs=(P(*x_spec), P(*w_spec)),
+                          out_specs=P(*out_spec))
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))),
+                                          argnums=(0, 1)))(x, w)
+
+    value, (dx, dw) = grads(lambda x, w: ours(x, w, "tp", impl=impl))
+    want, (rdx, rdw) = grads(lambda x, w: ref(x, w, "tp"))
+    assert abs(float(value) - float(want)) < 1e-4 * abs(float(want))
+    assert testing.relative_error(dx, np.asarray(rdx, np.float64)) < 1e-5
+    assert testing.relative_error(dw, np.asarray(rdw, np.float64)) < 1e-5

@@ -10,13 +10,14 @@ def emulate_cpu_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def pick_devices(tp: int):
-    """The first ``tp`` GPUs if JAX has them, else the first ``tp`` CPU devices."""
+def pick_devices(count: int, what: str = "--tp"):
+    """The first ``count`` GPUs if JAX has them, else the first ``count`` CPU devices;
+    ``what`` names the option that asked for them in the error."""
     import jax
 
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     pool = gpus or jax.devices("cpu")
-    if len(pool) < tp:
-        raise ValueError(f"--tp {tp} needs {tp} devices, found {len(pool)} "
+    if len(pool) < count:
+        raise ValueError(f"{what} needs {count} devices, found {len(pool)} "
                          f"{'GPUs' if gpus else 'CPU devices'}")
-    return pool[:tp]
+    return pool[:count]

@@ -49,7 +49,7 @@ def generate(model, prompt, new_tokens: int, log=print):
     if length + new_tokens > model.cfg.max_seq:
         raise ValueError(f"prompt {length} + {new_tokens} new tokens exceed max_seq "
                          f"{model.cfg.max_seq}")
-    cache = KVCache.empty(model.cfg, batch, model.mesh, model.axis_name)
+    cache = KVCache.empty(model.cfg, batch, model.mesh, model.axis_name, model.batch_axis)
     t0 = time.perf_counter()
     token, cache = _prefill(model, prompt, cache)
     token.block_until_ready()

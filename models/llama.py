@@ -17,6 +17,7 @@ optionally rematerialised (``cfg.remat``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,11 @@ class KVCache:
     length: jax.Array  # int32 scalar
 
     @classmethod
-    def empty(cls, cfg: LlamaConfig, batch: int, mesh: Mesh, axis_name: str = "tp"):
+    def empty(cls, cfg: LlamaConfig, batch: int, mesh: Mesh, axis_name: str = "tp",
+              batch_axis=None):
+        """Zeros, kv heads split over ``axis_name``, batch over ``batch_axis``."""
         shape = (cfg.layers, batch, cfg.max_seq, cfg.kv_heads, cfg.head_dim)
-        sharding = NamedSharding(mesh, P(None, None, None, axis_name, None))
+        sharding = NamedSharding(mesh, P(None, batch_axis, None, axis_name, None))
         zeros = jax.device_put(jnp.zeros(shape, cfg.dtype), sharding)
         return cls(k=zeros, v=zeros, length=jnp.zeros((), jnp.int32))
 
@@ -69,14 +72,21 @@ def rotary(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
+def _layer_options(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
+                   batch_axis) -> dict:
+    """Keyword arguments every parallel linear layer of the model gets."""
+    return dict(mesh=mesh, axis_name=axis_name, impl=impl, batch_axis=batch_axis,
+                dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention; each rank owns kv_heads / tp whole groups."""
 
-    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
+                 batch_axis=None):
         self.cfg = cfg
         self.group = cfg.heads // cfg.kv_heads  # query heads per kv head
-        common = dict(mesh=mesh, axis_name=axis_name, impl=impl, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        common = _layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis)
         # Per group: its query heads, then k, then v.
         self.qkv = ColumnParallelLinear(cfg.hidden, (cfg.kv_heads, self.group + 2, cfg.head_dim),
                                         **common)
@@ -108,10 +118,10 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
+                 batch_axis=None):
         self.kind = cfg.mlp
-        common = dict(mesh=mesh, axis_name=axis_name, impl=impl, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        common = _layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis)
         # SwiGLU: gate and up side by side per ffn unit, so each rank gets both halves.
         up_shape = (cfg.ffn, 2) if cfg.mlp == "swiglu" else (cfg.ffn,)
         self.up = ColumnParallelLinear(cfg.hidden, up_shape, **common)
@@ -127,12 +137,13 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
+                 batch_axis=None):
         pdt = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
-        self.attn = Attention(cfg, mesh, axis_name, impl, rngs)
+        self.attn = Attention(cfg, mesh, axis_name, impl, rngs, batch_axis)
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
-        self.mlp = MLP(cfg, mesh, axis_name, impl, rngs)
+        self.mlp = MLP(cfg, mesh, axis_name, impl, rngs, batch_axis)
 
     def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True):
         a, cache_kv = self.attn(self.attn_norm(x), positions, cache_kv, start,
@@ -149,6 +160,9 @@ class Llama(nnx.Module):
       cfg: hyper-parameters.
       mesh: device mesh with a tensor-parallel axis ``axis_name`` (size 1 for
         a single device).
+      batch_axis: mesh axis (or tuple of axes) the batch is split over (data
+        parallelism; parameters are replicated along it and their gradients
+        summed over it), or None.
       impl: jax_flux impl of every parallel layer ("xla", "ring", "fused",
         "auto").
       rngs: ``nnx.Rngs`` for initialisation (same seed, same parameters, on
@@ -156,30 +170,38 @@ class Llama(nnx.Module):
 
     Raises:
       ValueError: at construction, when heads, kv heads, ffn or vocab do not
-        split over the axis.
+        split over the axis, or ``batch_axis`` is not a mesh axis; at call,
+        when the batch does not split over ``batch_axis``.
     """
 
     def __init__(self, cfg: LlamaConfig, *, mesh: Mesh, axis_name: str = "tp",
-                 impl: str = "auto", rngs: nnx.Rngs):
+                 batch_axis=None, impl: str = "auto", rngs: nnx.Rngs):
         self.cfg = cfg
         self.mesh = mesh
         self.axis_name = axis_name
+        self.batch_axis = batch_axis
         self.impl = impl
         self.tp = axis_size(mesh, axis_name)
+        batch_axes = () if batch_axis is None else (
+            tuple(batch_axis) if isinstance(batch_axis, (tuple, list)) else (batch_axis,))
+        if axis_name in batch_axes or not set(batch_axes) <= set(mesh.axis_names):
+            raise ValueError(f"batch_axis {batch_axis!r} must name mesh axes other than the "
+                             f"tensor-parallel axis {axis_name!r}; the mesh has "
+                             f"{mesh.axis_names}")
+        self.dp = math.prod(mesh.shape[a] for a in batch_axes)
         cfg.check_tp(self.tp)
         pdt = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab, cfg.hidden), pdt),
                                out_sharding=(None, None), mesh=mesh)
         if cfg.scan_layers:
-            self.blocks = _stacked_blocks(cfg, mesh, axis_name, impl, rngs)
+            self.blocks = _stacked_blocks(cfg, mesh, axis_name, impl, rngs, batch_axis)
         else:
-            self.blocks = nnx.List([Block(cfg, mesh, axis_name, impl, rngs)
+            self.blocks = nnx.List([Block(cfg, mesh, axis_name, impl, rngs, batch_axis)
                                     for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
         self.head = None if cfg.tie_embeddings else ColumnParallelLinear(
-            cfg.hidden, cfg.vocab, mesh=mesh, axis_name=axis_name, impl=impl,
-            dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, rngs=rngs)
+            cfg.hidden, cfg.vocab, **_layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis))
 
     def _constrain(self, x, spec):
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
@@ -191,18 +213,21 @@ class Llama(nnx.Module):
             table = self.embed[...].astype(h.dtype).T  # [H, vocab], split over vocab
             fn = lambda h, k: column_parallel(h, k, None, axis_name=self.axis_name,  # noqa: E731
                                               sequence_parallel=sp, impl=self.impl)
-            ax = self.axis_name
+            ax, bx = self.axis_name, self.batch_axis
             logits = jax.shard_map(fn, mesh=self.mesh,
-                                   in_specs=(P(ax if sp else None, None, None), P(None, ax)),
-                                   out_specs=P(None, None, ax))(h, table)
+                                   in_specs=(P(ax if sp else None, bx, None), P(None, ax)),
+                                   out_specs=P(None, bx, ax))(h, table)
         return jnp.swapaxes(logits, 0, 1)  # [B, S, vocab]
 
     def _run(self, tokens, positions, cache, start, sp):
         if sp and tokens.shape[1] % self.tp:
             raise ValueError(f"sequence length {tokens.shape[1]} must be divisible by the "
                              f"tensor-parallel size {self.tp} (sequence parallelism)")
+        if tokens.shape[0] % self.dp:
+            raise ValueError(f"batch {tokens.shape[0]} must be divisible by the size "
+                             f"{self.dp} of batch_axis {self.batch_axis!r}")
         h = jnp.swapaxes(self.embed[...].astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
-        h = self._constrain(h, P(self.axis_name if sp else None, None, None))
+        h = self._constrain(h, P(self.axis_name if sp else None, self.batch_axis, None))
 
         def apply(block, h, kv):
             return block(h, positions, kv, start, sequence_parallel=sp)
@@ -243,13 +268,13 @@ class Llama(nnx.Module):
 
 
 def _stacked_blocks(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str,
-                    rngs: nnx.Rngs) -> Block:
+                    rngs: nnx.Rngs, batch_axis) -> Block:
     """One Block whose parameters have a leading, unsharded dim of cfg.layers."""
 
     @nnx.split_rngs(splits=cfg.layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
     def make(rngs):
-        return Block(cfg, mesh, axis_name, impl, rngs)
+        return Block(cfg, mesh, axis_name, impl, rngs, batch_axis)
 
     return make(rngs)
 

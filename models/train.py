@@ -2,8 +2,9 @@
 
     python -m models.train --preset tiny --tp 8 --steps 20 --impl fused
     python -m models.train --preset tiny --scan-layers --remat collective_matmuls
+    python -m models.train --preset tiny --dp 2 --tp 4 --impl fused
 
-Runs on the first --tp GPUs, or on emulated CPU devices when there are none
+Runs on the first --dp x --tp GPUs, or on emulated CPU devices when there are none
 (the fused kernels then run through Triton's interpreter: slow, but the real
 protocol). Prints step, loss and tokens/s per step.
 """
@@ -32,14 +33,16 @@ from models.data import progressions  # noqa: E402
 from models.llama import Llama, cross_entropy  # noqa: E402
 
 
-def build(preset: str, tp: int, impl: str, dtype: str | None = None, seed: int = 0,
+def build(preset: str, tp: int, impl: str, dtype: str | None = None, seed: int = 0, dp: int = 1,
           **overrides):
-    """The preset's model on the first ``tp`` devices; ``dtype`` and ``overrides``
-    (LlamaConfig fields: scan_layers, remat, ...) replace the preset's values."""
+    """The preset's model on a (dp, tp) mesh of the first dp * tp devices, the batch
+    split over "dp"; ``dtype`` and ``overrides`` (LlamaConfig fields: scan_layers,
+    remat, ...) replace the preset's values."""
     changes = dict(overrides, **({"dtype": dtype} if dtype else {}))
     cfg = dataclasses.replace(PRESETS[preset], **changes)
-    mesh = Mesh(np.asarray(pick_devices(tp)), ("tp",))
-    return Llama(cfg, mesh=mesh, impl=impl, rngs=nnx.Rngs(seed))
+    devices = pick_devices(dp * tp, "--dp x --tp" if dp > 1 else "--tp")
+    mesh = Mesh(np.asarray(devices).reshape(dp, tp), ("dp", "tp"))
+    return Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(seed))
 
 
 def loss_fn(model, tokens):
@@ -54,9 +57,9 @@ def train_step(model, optimizer, tokens):
 
 
 def train(preset="tiny", tp=8, steps=20, impl="auto", batch=4, seq=32, lr=3e-3, dtype=None,
-          seed=0, checkpoint_dir=None, restore=False, log=print, **overrides):
-    """Trains and returns (model, losses); ``overrides`` as in ``build``."""
-    model = build(preset, tp, impl, dtype, seed, **overrides)
+          seed=0, checkpoint_dir=None, restore=False, log=print, dp=1, **overrides):
+    """Trains and returns (model, losses); ``dp`` and ``overrides`` as in ``build``."""
+    model = build(preset, tp, impl, dtype, seed, dp, **overrides)
     optimizer = nnx.Optimizer(model, optax.adamw(lr, weight_decay=0.01), wrt=nnx.Param)
     if restore:
         _restore(model, optimizer, checkpoint_dir)
@@ -96,6 +99,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--tp", type=int, default=8, help="tensor-parallel size")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel size (the batch is split; dp * tp devices)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--impl", default="auto", choices=["auto", "xla", "ring", "fused"])
     p.add_argument("--batch", type=int, default=4)
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
     if a.restore and not a.checkpoint_dir:
         p.error("--restore needs --checkpoint-dir")
     _, losses = train(a.preset, a.tp, a.steps, a.impl, a.batch, a.seq, a.lr, a.dtype, a.seed,
-                      a.checkpoint_dir, a.restore, scan_layers=a.scan_layers, remat=a.remat)
+                      a.checkpoint_dir, a.restore, dp=a.dp, scan_layers=a.scan_layers,
+                      remat=a.remat)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0
 

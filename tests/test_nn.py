@@ -13,10 +13,11 @@ from models import Llama, LlamaConfig
 from tests.helpers import mesh_of
 
 
-def _pair(mesh, impl, use_bias=True):
+def _pair(mesh, impl, use_bias=True, **kw):
     col = ColumnParallelLinear(16, (32, 2), mesh=mesh, use_bias=use_bias, impl=impl,
-                               rngs=nnx.Rngs(0))
-    row = RowParallelLinear(32, 24, mesh=mesh, use_bias=use_bias, impl=impl, rngs=nnx.Rngs(1))
+                               rngs=nnx.Rngs(0), **kw)
+    row = RowParallelLinear(32, 24, mesh=mesh, use_bias=use_bias, impl=impl, rngs=nnx.Rngs(1),
+                            **kw)
     if use_bias:  # nonzero biases, so they are checked too
         col.bias[...] = jnp.linspace(-1, 1, 64).reshape(32, 2)
         row.bias[...] = jnp.linspace(1, 2, 24)
@@ -63,6 +64,31 @@ def test_global_view_under_jit(impl):
     # Sequence-sharded output, in true sequence order.
     assert out.sharding.spec[0] == "tp"
     assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_batch_split_over_a_data_parallel_axis(impl):
+    # A (dp, tp) mesh: the batch (dim 1) over "dp", parameters replicated along it,
+    # their gradients summed over it; against the same layers on one device.
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    col, row = _pair(mesh, impl, batch_axis="dp")
+    x = _x(b=4, seed=8)
+    out = nnx.jit(_mlp)(col, row, x)
+    assert tuple(out.sharding.spec)[:2] == ("tp", "dp")
+    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+
+    def grads(col, row):
+        loss = lambda c, r: jnp.sum(jnp.sin(_mlp(c, r, x)))  # noqa: E731
+        return jax.tree.leaves(nnx.to_pure_dict(nnx.state(
+            nnx.jit(nnx.grad(loss, argnums=(0, 1)))(col, row))))
+
+    want = grads(*_pair(mesh_of(1), "xla"))
+    got = grads(col, row)
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
 
 
 def test_replicated_decode_path():

@@ -5,9 +5,9 @@
     python -m benchmarks.model --preset llama2-7b --layers 4 --scan-layers --remat full
 
 For each impl: forward+backward time of one decoder block on [S, B, H]
-activations (sequence parallel), and the time and tokens/s of one AdamW
+activations (sequence parallel), the time and tokens/s of one AdamW
 training step of the model (--layers overrides the preset's depth so big
-shapes fit). Same process, same parameters; the loss of every impl is
+shapes fit), and of one decode step, replicated and token parallel. Same process, same parameters; the loss of every impl is
 checked against xla's before anything is timed.
 """
 
@@ -35,7 +35,7 @@ from benchmarks import harness  # noqa: E402
 from jax_flux import remat  # noqa: E402
 from models import PRESETS, Llama  # noqa: E402
 from models.data import progressions  # noqa: E402
-from models.llama import Block, cross_entropy  # noqa: E402
+from models.llama import Block, KVCache, cross_entropy  # noqa: E402
 
 
 def block_step(cfg, mesh, impl, seq, batch, reps):
@@ -71,6 +71,24 @@ def train_step(cfg, mesh, impl, seq, batch, reps):
     return first, harness.time_fn(step, (model, optimizer, tokens), warmup=1, reps=reps)
 
 
+def decode_step(cfg, mesh, impl, batch, token_parallel, reps):
+    """One decode step of ``batch`` sequences (an empty cache: the step's GEMMs and
+    communication do not depend on how full it is; attention reads all of it)."""
+    model = Llama(cfg, mesh=mesh, impl=impl, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab, (batch, 1)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, cfg.vocab, (batch, 1)), jnp.int32)
+    cache = KVCache.empty(cfg, batch, mesh)
+
+    @nnx.jit
+    def step(model, tokens, cache):
+        logits, _ = model.decode_step(tokens, cache, token_parallel=token_parallel)
+        return cross_entropy(logits, targets)
+
+    first = float(step(model, tokens, cache))
+    return first, harness.time_fn(step, (model, tokens, cache), reps=reps)
+
+
 COLUMNS = ["what", "impl", "median_ms", "spread_pct", "tokens_per_s", "loss", "loss_vs_xla",
            "status"]
 
@@ -86,6 +104,8 @@ def main(argv=None) -> int:
                    help="train step: the blocks in one scan over stacked parameters")
     p.add_argument("--remat", default="none", choices=remat.POLICIES,
                    help="train step: rematerialise each block with this policy")
+    p.add_argument("--decode-batch", type=int, default=None,
+                   help="sequences of the decode step (default 64; --quick: the device count)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny model, 1 rep (CPU smoke run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -102,14 +122,26 @@ def main(argv=None) -> int:
     mesh = Mesh(np.asarray(devices), ("tp",))
     env = harness.environment(devices)
     rows, ref = [], {}
+    decode_batch = a.decode_batch or (len(devices) if a.quick else 64)
+    benches = [("block fwd+bwd", seq * batch, lambda impl: block_step(
+                    cfg, mesh, impl, seq, batch, reps)),
+               ("train step", seq * batch, lambda impl: train_step(
+                    cfg, mesh, impl, seq, batch, reps)),
+               ("decode step", decode_batch, lambda impl: decode_step(
+                    cfg, mesh, impl, decode_batch, False, reps))]
+    if decode_batch % len(devices) == 0:
+        benches.append(("decode step, token parallel", decode_batch, lambda impl: decode_step(
+            cfg, mesh, impl, decode_batch, True, reps)))
     for impl in [i for i in a.impls.split(",") if i]:
-        for what, fn in (("block fwd+bwd", block_step), ("train step", train_step)):
+        for what, tokens, fn in benches:
             row = {"what": what, "impl": impl}
-            loss, t = fn(cfg, mesh, impl, seq, batch, reps)
-            ref.setdefault(what, loss)
-            rel = abs(loss - ref[what]) / max(abs(ref[what]), 1e-30)
+            loss, t = fn(impl)
+            # Decode rows compare with xla's replicated decode (the same logits).
+            key = "decode step" if what.startswith("decode") else what
+            ref.setdefault(key, loss)
+            rel = abs(loss - ref[key]) / max(abs(ref[key]), 1e-30)
             rows.append(dict(row, median_ms=t.median_ms, spread_pct=t.spread_pct,
-                             tokens_per_s=seq * batch / (t.median_ms * 1e-3), loss=loss,
+                             tokens_per_s=tokens / (t.median_ms * 1e-3), loss=loss,
                              loss_vs_xla=rel, status="ok" if rel < 2e-2 else "LOSS DIFFERS"))
             print(harness.format_row(rows[-1], COLUMNS))
     variant = ("_scan" if cfg.scan_layers else "") + (
@@ -118,7 +150,11 @@ def main(argv=None) -> int:
                                f"{len(devices)}")
     notes = [f"Model {preset} with {cfg.layers} layers, seq {seq}, batch {batch}, "
              f"{cfg.dtype}; tensor parallel over {len(devices)} devices; train step with "
-             f"scan_layers={cfg.scan_layers}, remat={cfg.remat!r}."]
+             f"scan_layers={cfg.scan_layers}, remat={cfg.remat!r}. Decode: one step of "
+             f"{decode_batch} sequences on an empty cache, activations replicated (local "
+             f"matmuls + all-reduce) or, token parallel, split over the ranks (AG-GEMM / "
+             f"GEMM-RS); its loss is the cross entropy against random targets, compared with "
+             f"xla's replicated step."]
     harness.write_report(base, f"jax_flux model benchmark: {preset}", env, rows, COLUMNS, notes,
                          bool(gpus))
     print(f"wrote {base}.csv/.md")

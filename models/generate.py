@@ -1,10 +1,13 @@
 """Greedy generation with a KV cache: sequence-parallel prefill, then replicated decode.
 
     python -m models.generate --preset tiny --tp 8 --impl fused
+    python -m models.generate --impl fused --batch 8 --token-parallel-decode
 
 Prefill runs the prompt through AG-GEMM / GEMM-RS (sequence parallel); each
 decode step runs one token per sequence with replicated activations (local
-column-parallel matmuls, all-reduce after the row-parallel ones). Prints the
+column-parallel matmuls, all-reduce after the row-parallel ones), or with
+--token-parallel-decode the batch's tokens split over the ranks, through
+AG-GEMM / GEMM-RS again (as Flux does for decode). Prints the
 tokens/s of each phase and the generated tokens. Weights are random unless
 --train-steps trains them first (on the synthetic progressions, which the
 model then continues).
@@ -37,14 +40,19 @@ def _prefill(model, tokens, cache):
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
-@nnx.jit
-def _decode(model, token, cache):
-    logits, cache = model.decode_step(token[:, None], cache)
+@nnx.jit(static_argnames="token_parallel")
+def _decode(model, token, cache, token_parallel=False):
+    logits, cache = model.decode_step(token[:, None], cache, token_parallel=token_parallel)
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
-def generate(model, prompt, new_tokens: int, log=print):
-    """Greedy continuation of prompt [B, S]: returns int32 [B, new_tokens]."""
+def generate(model, prompt, new_tokens: int, log=print, token_parallel: bool = False):
+    """Greedy continuation of prompt [B, S]: returns int32 [B, new_tokens].
+
+    ``token_parallel``: decode steps split the B tokens over the tensor-parallel
+    axis and run AG-GEMM / GEMM-RS (``Llama.decode_step``); B divisible by
+    dp x tp.
+    """
     batch, length = prompt.shape
     if length + new_tokens > model.cfg.max_seq:
         raise ValueError(f"prompt {length} + {new_tokens} new tokens exceed max_seq "
@@ -57,7 +65,7 @@ def generate(model, prompt, new_tokens: int, log=print):
     out = [token]
     t0 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token, cache = _decode(model, token, cache)
+        token, cache = _decode(model, token, cache, token_parallel=token_parallel)
         out.append(token)
     out = jnp.stack(out, axis=1)
     out.block_until_ready()
@@ -84,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scan-layers", action="store_true",
                    help="stack the blocks' parameters and run them in one scan")
+    p.add_argument("--token-parallel-decode", action="store_true",
+                   help="decode with the batch's tokens split over --tp (AG-GEMM / GEMM-RS "
+                        "instead of all-reduce; --batch divisible by --tp)")
     a = p.parse_args(argv)
     model = build(a.preset, a.tp, a.impl, None, a.seed, scan_layers=a.scan_layers)
     if a.train_steps:
@@ -92,7 +103,8 @@ def main(argv=None) -> int:
         copy_parameters(trained, model)
     prompt = progressions(np.random.default_rng(a.seed + 7), a.batch, a.prompt_len,
                           model.cfg.vocab)
-    out = generate(model, jnp.asarray(prompt), a.new_tokens)
+    out = generate(model, jnp.asarray(prompt), a.new_tokens,
+                   token_parallel=a.token_parallel_decode)
     for b in range(a.batch):
         print(f"prompt {prompt[b].tolist()}\n  ->   {out[b].tolist()}")
     return 0

@@ -86,15 +86,22 @@ class Attention(nnx.Module):
                  batch_axis=None):
         self.cfg = cfg
         self.group = cfg.heads // cfg.kv_heads  # query heads per kv head
+        self.dp = _axes_size(mesh, batch_axis)
         common = _layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis)
         # Per group: its query heads, then k, then v.
         self.qkv = ColumnParallelLinear(cfg.hidden, (cfg.kv_heads, self.group + 2, cfg.head_dim),
                                         **common)
         self.out = RowParallelLinear((cfg.heads, cfg.head_dim), cfg.hidden, **common)
 
-    def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True):
+    def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True,
+                 token_parallel=False):
+        """x [S, B, H]; with ``token_parallel`` a decode step's tokens as rows
+        (``tokens_to_rows``), whose projections run sequence-parallel."""
         cfg, r = self.cfg, self.group
-        qkv = self.qkv(x, sequence_parallel=sequence_parallel)  # [S, B, G, r + 2, hd]
+        sp = sequence_parallel or token_parallel
+        qkv = self.qkv(x, sequence_parallel=sp)  # [S, B, G, r + 2, hd]
+        if token_parallel:
+            qkv = rows_to_tokens(qkv)
         q = rotary(qkv[..., :r, :], positions, cfg.rope_theta)
         k = rotary(qkv[..., r, :], positions, cfg.rope_theta)  # [S, B, G, hd]
         v = qkv[..., r + 1, :]
@@ -114,7 +121,9 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         attn = jnp.einsum("bgrst,btgd->sbgrd", probs, values.astype(jnp.float32))
         attn = attn.astype(x.dtype).reshape(*attn.shape[:2], -1, cfg.head_dim)  # [S, B, heads, hd]
-        return self.out(attn, sequence_parallel=sequence_parallel), cache_kv
+        if token_parallel:
+            attn = tokens_to_rows(attn, self.dp)
+        return self.out(attn, sequence_parallel=sp), cache_kv
 
 
 class MLP(nnx.Module):
@@ -145,11 +154,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
         self.mlp = MLP(cfg, mesh, axis_name, impl, rngs, batch_axis)
 
-    def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True):
+    def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True,
+                 token_parallel=False):
         a, cache_kv = self.attn(self.attn_norm(x), positions, cache_kv, start,
-                                sequence_parallel=sequence_parallel)
+                                sequence_parallel=sequence_parallel,
+                                token_parallel=token_parallel)
         x = x + a
-        x = x + self.mlp(self.mlp_norm(x), sequence_parallel=sequence_parallel)
+        x = x + self.mlp(self.mlp_norm(x), sequence_parallel=sequence_parallel or token_parallel)
         return x, cache_kv
 
 
@@ -188,7 +199,7 @@ class Llama(nnx.Module):
             raise ValueError(f"batch_axis {batch_axis!r} must name mesh axes other than the "
                              f"tensor-parallel axis {axis_name!r}; the mesh has "
                              f"{mesh.axis_names}")
-        self.dp = math.prod(mesh.shape[a] for a in batch_axes)
+        self.dp = _axes_size(mesh, batch_axis)
         cfg.check_tp(self.tp)
         pdt = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(0.02)
@@ -207,6 +218,7 @@ class Llama(nnx.Module):
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def _logits(self, h, sp):
+        """[S, B, vocab] (split over vocab) of the final hidden states h [S, B, H]."""
         if self.head is not None:
             logits = self.head(h, sequence_parallel=sp)
         else:
@@ -217,20 +229,28 @@ class Llama(nnx.Module):
             logits = jax.shard_map(fn, mesh=self.mesh,
                                    in_specs=(P(ax if sp else None, bx, None), P(None, ax)),
                                    out_specs=P(None, bx, ax))(h, table)
-        return jnp.swapaxes(logits, 0, 1)  # [B, S, vocab]
+        return logits
 
-    def _run(self, tokens, positions, cache, start, sp):
+    def _run(self, tokens, positions, cache, start, sp, token_parallel=False):
         if sp and tokens.shape[1] % self.tp:
             raise ValueError(f"sequence length {tokens.shape[1]} must be divisible by the "
                              f"tensor-parallel size {self.tp} (sequence parallelism)")
         if tokens.shape[0] % self.dp:
             raise ValueError(f"batch {tokens.shape[0]} must be divisible by the size "
                              f"{self.dp} of batch_axis {self.batch_axis!r}")
+        if token_parallel and (tokens.shape[1] != 1 or tokens.shape[0] % (self.dp * self.tp)):
+            raise ValueError(f"a token-parallel decode step takes tokens [B, 1] with B divisible "
+                             f"by {self.dp * self.tp} (batch_axis x tensor-parallel size), got "
+                             f"{tuple(tokens.shape)}")
         h = jnp.swapaxes(self.embed[...].astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
-        h = self._constrain(h, P(self.axis_name if sp else None, self.batch_axis, None))
+        if token_parallel:
+            h = tokens_to_rows(h, self.dp)
+        h = self._constrain(h, P(self.axis_name if sp or token_parallel else None,
+                                 self.batch_axis, None))
 
         def apply(block, h, kv):
-            return block(h, positions, kv, start, sequence_parallel=sp)
+            return block(h, positions, kv, start, sequence_parallel=sp,
+                         token_parallel=token_parallel)
 
         use_remat, policy = remat.policy(self.cfg.remat)
         if use_remat:
@@ -247,7 +267,10 @@ class Llama(nnx.Module):
                 h, kv = apply(block, h, None if cache is None else (cache.k[i], cache.v[i]))
                 layer_kv.append(kv)
             kv = None if cache is None else tuple(map(jnp.stack, zip(*layer_kv)))
-        logits = self._logits(self.norm(h), sp)
+        logits = self._logits(self.norm(h), sp or token_parallel)
+        if token_parallel:
+            logits = rows_to_tokens(logits)
+        logits = jnp.swapaxes(logits, 0, 1)  # [B, S, vocab]
         if cache is None:
             return logits, None
         return logits, KVCache(k=kv[0], v=kv[1], length=start + tokens.shape[1])
@@ -260,11 +283,39 @@ class Llama(nnx.Module):
         """Runs the prompt sequence-parallel (AG-GEMM / GEMM-RS), filling the cache."""
         return self._run(tokens, jnp.arange(tokens.shape[1]), cache, 0, True)
 
-    def decode_step(self, tokens: jax.Array, cache: KVCache):
-        """One token per sequence, tokens [B, 1], replicated activations
-        (local matmuls and all-reduce)."""
+    def decode_step(self, tokens: jax.Array, cache: KVCache, *, token_parallel: bool = False):
+        """One token per sequence, tokens [B, 1].
+
+        By default the activations are replicated over the tensor-parallel
+        axis: local column-parallel matmuls, all-reduce after the row-parallel
+        ones. With ``token_parallel`` (B divisible by dp x tp) the B tokens
+        are split over that axis instead and run through AG-GEMM / GEMM-RS,
+        as Flux does for decode: the reduce-scatter + all-gather pair replaces
+        the all-reduce, and norms and residuals run on B / tp tokens a rank.
+        """
         positions = cache.length + jnp.arange(tokens.shape[1])
-        return self._run(tokens, positions, cache, cache.length, False)
+        return self._run(tokens, positions, cache, cache.length, False, token_parallel)
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+    """Devices along mesh axis (or tuple of axes) ``axes``; 1 for None."""
+    names = () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def tokens_to_rows(h, dp: int):
+    """A decode step's activations [1, B, ...] as rows [B / dp, dp, ...].
+
+    The sequence-parallel layers split dim 0 over the tensor-parallel axis and
+    dim 1 over the batch axis: so each dp group's B / dp tokens (a contiguous
+    block of the batch) become the rows its tp ranks share.
+    """
+    return h[0].reshape(dp, -1, *h.shape[2:]).swapaxes(0, 1)
+
+
+def rows_to_tokens(rows):
+    """The inverse of ``tokens_to_rows``: [B / dp, dp, ...] -> [1, B, ...]."""
+    return rows.swapaxes(0, 1).reshape(1, -1, *rows.shape[2:])
 
 
 def _stacked_blocks(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str,

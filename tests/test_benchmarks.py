@@ -42,7 +42,9 @@ def test_gemm_quick_and_the_projection_from_it(tmp_path):
 def test_model_quick(tmp_path, impls, extra, name):
     assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path), *extra]) == 0
     rows = _rows(tmp_path / f"{name}.csv")
-    assert len(rows) == 2 * len(impls.split(",")) and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 4 * len(impls.split(",")) and all(r["status"] == "ok" for r in rows)
+    assert {r["what"] for r in rows} == {"block fwd+bwd", "train step", "decode step",
+                                         "decode step, token parallel"}
 
 
 def test_status_check_quick(tmp_path):

@@ -181,7 +181,7 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
         # Rows that never arrived give NaN, not a plausible product of stale data.
         acc = tl.where(arrived, acc, float("nan"))
         out_rows = tl.cast(src, tl.int64) * M_LOCAL + rows
-        tl.store(y_ptr + out_rows[:, None] * N + cols[None, :], acc.to(dtype),
+        tl.store(y_ptr + out_rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M_LOCAL) & (cols[None, :] < N))
         if RETURN_GATHERED:
             if tile_n == 0:
@@ -223,10 +223,11 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
     signals.end_call(base, epoch)
 
 
-def pointer_types(t: str) -> dict:
-    """Triton types of ``ag_gemm_kernel``'s pointer parameters, elements of type ``t``."""
+def pointer_types(t: str, out: str | None = None) -> dict:
+    """Triton types of ``ag_gemm_kernel``'s pointer parameters: operands of element
+    type ``t``, the result of ``out`` (default ``t``)."""
     return {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
-            "y_ptr": f"*{t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"}
+            "y_ptr": f"*{out or t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"}
 
 
 def workspace_bytes(world: int, m_local: int, k: int, itemsize: int, chunk_rows: int):
@@ -241,12 +242,13 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             group_m: int, copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
             rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False,
-            pull: bool = False):
-    """Launches ``ag_gemm_kernel``; returns (y [P*m, n], status [5] int32, xg or a dummy [1])."""
+            pull: bool = False, out_dtype=None):
+    """Launches ``ag_gemm_kernel``; returns (y [P*m, n] in ``out_dtype`` (default
+    x's), status [5] int32, xg or a dummy [1])."""
     m, k = x.shape
     n = w.shape[1]
     out_shape = [
-        jax.ShapeDtypeStruct((world * m, n), x.dtype),
+        jax.ShapeDtypeStruct((world * m, n), out_dtype or x.dtype),
         jax.ShapeDtypeStruct((signals.STATUS_WORDS,), "int32"),
         jax.ShapeDtypeStruct((world * m, k) if return_gathered else (1,), x.dtype),
     ]

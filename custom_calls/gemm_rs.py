@@ -2,8 +2,8 @@
 
 Rank r holds x [M, k] and w [k, N], M = P * m, and computes
 z = (sum over ranks of x @ w)[r * m : (r + 1) * m], [m, N]. Each rank's
-workspace holds a reduce buffer of P slots [P, m, N] (slot s: the partial
-from rank s) and one signal per (source, tile).
+workspace holds a reduce buffer of P slots [P, m, N] in z's dtype (slot s:
+the partial from rank s) and one signal per (source, tile).
 
 Programs [0, GEMM) compute output tiles in rank-rotated order: the rows owned
 by rank r+1 first, then r+2, ..., and this rank's own rows last, so ranks do
@@ -81,7 +81,7 @@ def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, p
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                 REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, TIMED: tl.constexpr):
-    dtype = x_ptr.dtype.element_ty
+    dtype = z_ptr.dtype.element_ty  # partials travel in the result's dtype
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_owner = tiles_m * tiles_n
@@ -104,14 +104,14 @@ def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, p
             reduce_here = owner == rank
         if reduce_here:
             # This rank's own tile: sum it with the peers' partials right here.
-            partials = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
+            partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
             _sum_partials(z_ptr, partials, signals.as_ptr(base, SIG_OFF, tl.int32), acc,
                           status_ptr, table_ptr, rank, epoch, patience, M_OWN, N, per_owner,
                           tile, rows, cols, WORLD, True, REMOTE_CACHE, TIMED)
         elif signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
                                     signals.RS_PEER_IDLE, WORLD, TIMED):
             owner_ws = signals.peer_base(table_ptr, owner)
-            slot = (signals.rebase(x_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
+            slot = (signals.rebase(z_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
                     rank.to(tl.int64) * M_OWN * N)
             tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
                      mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
@@ -164,10 +164,11 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     signals.end_call(base, epoch)
 
 
-def pointer_types(t: str) -> dict:
-    """Triton types of ``gemm_rs_kernel``'s pointer parameters, elements of type ``t``."""
+def pointer_types(t: str, out: str | None = None) -> dict:
+    """Triton types of ``gemm_rs_kernel``'s pointer parameters: operands of element
+    type ``t``, the result (and the partials) of ``out`` (default ``t``)."""
     return {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
-            "z_ptr": f"*{t}", "status_ptr": "*i32"}
+            "z_ptr": f"*{out or t}", "status_ptr": "*i32"}
 
 
 def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int, block_n: int):
@@ -180,12 +181,14 @@ def workspace_bytes(world: int, m_own: int, n: int, itemsize: int, block_m: int,
 def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_programs: int,
             reduce_programs: int, block_m: int, block_n: int, block_k: int, group_m: int,
             num_warps: int, num_stages: int, upcast: bool, input_precision: str,
-            remote_cache: str, rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False):
-    """Launches ``gemm_rs_kernel``; returns (z [M/P, N], status [5] int32)."""
+            remote_cache: str, rotate: bool, on_timeout, status_check: str = "sync",
+            timed: bool = False, out_dtype=None):
+    """Launches ``gemm_rs_kernel``; returns (z [M/P, N] in ``out_dtype`` (default
+    x's; the partials travel in it too), status [5] int32)."""
     m_total, k = x.shape
     n = w.shape[1]
     m_own = m_total // world
-    out_shape = [jax.ShapeDtypeStruct((m_own, n), x.dtype),
+    out_shape = [jax.ShapeDtypeStruct((m_own, n), out_dtype or x.dtype),
                  jax.ShapeDtypeStruct((signals.STATUS_WORDS,), "int32")]
     return triton_call(
         x, w, ctx, table, kernel=gemm_rs_kernel, out_shape=out_shape,

@@ -79,19 +79,26 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
         status_check=status_check)
 
 
-def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype):
-    """The autotuned config for this problem on this device kind, else the heuristic."""
+def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype,
+                     out_dtype=None):
+    """The autotuned config for this problem on this device kind, else the heuristic.
+
+    Tuning covers results in the operands' dtype; another ``out_dtype``
+    (preferred_element_type) gets the heuristic, told both item sizes.
+    """
     from jax_flux import autotune
 
-    # The abstract mesh of a shard_map may not know its device kind; the
-    # default backend's devices are the ones a fused kernel can run on.
-    device_kind = (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
-                   jax.devices()[0].device_kind)
-    tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world)
-    if tuned is not None:
-        return tuned
+    out_dtype = jnp.dtype(out_dtype or dtype)
+    if out_dtype == jnp.dtype(dtype):
+        # The abstract mesh of a shard_map may not know its device kind; the
+        # default backend's devices are the ones a fused kernel can run on.
+        device_kind = (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
+                       jax.devices()[0].device_kind)
+        tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world)
+        if tuned is not None:
+            return tuned
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
-                       itemsize=jnp.dtype(dtype).itemsize)
+                       itemsize=jnp.dtype(dtype).itemsize, out_itemsize=out_dtype.itemsize)
 
 
 def persistent_grid(num_programs: int | None, tiles: int, helpers: int,

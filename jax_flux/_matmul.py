@@ -1,4 +1,5 @@
-"""The local matmul every impl uses: float32 accumulation, result in the operand dtype."""
+"""The local matmul every impl uses: float32 accumulation, result in the operand dtype
+(or the op's ``preferred_element_type``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ def dot_f32(a, b):
                            preferred_element_type=jnp.float32)
 
 
-def dot(a, b):
-    """``a @ b`` accumulated in float32, returned in ``a``'s dtype."""
-    return dot_f32(a, b).astype(a.dtype)
+def dot(a, b, out_dtype=None):
+    """``a @ b`` accumulated in float32, returned in ``out_dtype`` (default ``a``'s)."""
+    return dot_f32(a, b).astype(out_dtype or a.dtype)
 
 
 def dot_tn(a, b):

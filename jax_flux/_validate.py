@@ -45,6 +45,22 @@ def check_operands(op: str, x, w, axis_name: Hashable, size: int) -> None:
         raise ValueError(f"{op}: dtype {x.dtype} is not supported (one of {names}) {where}")
 
 
+def result_dtype(op: str, x, preferred_element_type):
+    """The op's result dtype: ``preferred_element_type`` (a supported dtype) or x's."""
+    if preferred_element_type is None:
+        return jnp.dtype(x.dtype)
+    try:
+        dtype = jnp.dtype(preferred_element_type)
+    except TypeError as e:
+        raise ValueError(f"{op}: preferred_element_type {preferred_element_type!r} is not a "
+                         f"dtype") from e
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(d.name for d in SUPPORTED_DTYPES)
+        raise ValueError(f"{op}: preferred_element_type {dtype} is not supported (one of "
+                         f"{names}); x is {x.dtype}")
+    return dtype
+
+
 def check_scatter_rows(op: str, x, axis_name: Hashable, size: int) -> None:
     if x.shape[0] % size:
         raise ValueError(f"{op}: x{tuple(x.shape)} has {x.shape[0]} rows, not divisible by the "

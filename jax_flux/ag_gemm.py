@@ -26,17 +26,20 @@ from jax_flux._matmul import dot
 from jax_flux.config import AllGatherMatmulConfig
 
 
-def reference(x, w, axis_name: Hashable, *, return_gathered: bool = False):
-    """``lax.all_gather`` then matmul; also returns the gathered x if asked."""
+def reference(x, w, axis_name: Hashable, *, return_gathered: bool = False, out_dtype=None):
+    """``lax.all_gather`` then matmul (result in ``out_dtype``, default x's); also
+    returns the gathered x if asked."""
     xg = lax.all_gather(x, axis_name, axis=0, tiled=True)
-    y = dot(xg, w)
+    y = dot(xg, w, out_dtype)
     return (y, xg) if return_gathered else y
 
 
-def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False):
+def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False,
+         out_dtype=None):
     """Bidirectional collective-permute ring; lowers to collective_permute only."""
+    out_dtype = out_dtype or x.dtype
     if size == 1:
-        y = dot(x, w)
+        y = dot(x, w, out_dtype)
         return (y, x) if return_gathered else y
     m = x.shape[0]
     idx = lax.axis_index(axis_name)
@@ -45,12 +48,12 @@ def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False)
     # P - 1 remote shards: P // 2 arrive going forward, (P - 1) // 2 backward.
     n_fwd, n_bwd = size // 2, (size - 1) // 2
 
-    y = jnp.zeros((size * m, w.shape[1]), x.dtype)
+    y = jnp.zeros((size * m, w.shape[1]), out_dtype)
     xg = jnp.zeros((size * m, x.shape[1]), x.dtype) if return_gathered else None
 
     def place(y, xg, chunk, src):
         row = src * m
-        y = lax.dynamic_update_slice_in_dim(y, dot(chunk, w), row, axis=0)
+        y = lax.dynamic_update_slice_in_dim(y, dot(chunk, w, out_dtype), row, axis=0)
         if xg is not None:
             xg = lax.dynamic_update_slice_in_dim(xg, chunk, row, axis=0)
         return y, xg
@@ -70,13 +73,13 @@ def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False)
 
 
 def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | None = None, *,
-          return_gathered: bool = False):
+          return_gathered: bool = False, out_dtype=None):
     """The Flux kernel: one Triton launch that gathers x through the workspace and
     multiplies tile by tile as rows arrive."""
     m, k = x.shape
     n = w.shape[1]
     cfg = config or _fused.tuned_or_default(AllGatherMatmulConfig, "all_gather_matmul", m, k, n,
-                                            size, x.dtype)
+                                            size, x.dtype, out_dtype)
     if not isinstance(cfg, AllGatherMatmulConfig):
         raise ValueError(f"all_gather_matmul(impl='fused') takes an AllGatherMatmulConfig, "
                          f"got {type(cfg).__name__}")
@@ -95,5 +98,5 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
         upcast=launch.upcast, input_precision=_fused.input_precision(cfg, x.dtype),
         remote_cache=launch.remote_cache, rotate=cfg.rotate, pull=cfg.pull,
         on_timeout=launch.on_timeout,
-        status_check=launch.status_check, timed=not launch.interpreting)
+        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype)
     return (y, xg) if return_gathered else y

@@ -135,10 +135,11 @@ class AllGatherMatmulConfig(_Common):
 
     @classmethod
     def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool, *,
-                sms: int = 132, itemsize: int = 2):
+                sms: int = 132, itemsize: int = 2, out_itemsize: int | None = None):
         """Heuristic: tiles no larger than the problem; chunks of about a GEMM tile;
         communication programs as the push rate wants, fewer where that saves a
-        wave of GEMM tiles on ``sms`` SMs."""
+        wave of GEMM tiles on ``sms`` SMs. ``itemsize``: the operands' (what is
+        copied); the result's (``out_itemsize``) changes nothing here."""
         if interpreting:
             return cls(block_m=_clamp_pow2(m_local, 16, 64), block_n=_clamp_pow2(n, 16, 64),
                        block_k=_clamp_pow2(k, 16, 64), chunk_rows=max(1, min(m_local, 32)),
@@ -202,10 +203,11 @@ class MatmulReduceScatterConfig(_Common):
 
     @classmethod
     def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool, *,
-                sms: int = 132, itemsize: int = 2):
+                sms: int = 132, itemsize: int = 2, out_itemsize: int | None = None):
         """Heuristic: tiles no larger than a rank's rows; small M gets small tiles;
-        8 warps for 4-byte types (with 4, the epilogue's float32 sum spills into
-        the K loop)."""
+        8 warps for 4-byte operands or results (with 4, the epilogue's float32
+        sum spills into the K loop: seen for float32 and for bfloat16 operands
+        with a float32 result)."""
         if interpreting:
             return cls(block_m=_clamp_pow2(m_local, 16, 64), block_n=_clamp_pow2(n, 16, 64),
                        block_k=_clamp_pow2(k, 16, 64), reduce_programs=2)
@@ -218,4 +220,5 @@ class MatmulReduceScatterConfig(_Common):
         # programs: there the epilogue reduction runs as one program a rank.
         block_m = _clamp_pow2(m_local, 16, 128)
         return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
-                   reduce_programs=0, num_warps=8 if itemsize >= 4 else 4)
+                   reduce_programs=0,
+                   num_warps=8 if max(itemsize, out_itemsize or itemsize) >= 4 else 4)

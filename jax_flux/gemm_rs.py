@@ -5,13 +5,14 @@ x [M, k], w [k, N]; rank r receives rows [r * M/P, (r + 1) * M/P) of the sum
 over ranks of ``x @ w``, shape [M / P, N].
 
 * ``reference``: matmul then ``lax.psum_scatter`` (what users write today);
-  also the ``"xla"`` impl. Partials travel in the operand dtype.
+  also the ``"xla"`` impl. Partials travel in the result dtype (x's, or the
+  op's ``preferred_element_type``).
 * ``ring``: medium-grained decomposition. Partial sums for each destination
   block travel a bidirectional ``ppermute`` ring (P // 2 hops forward,
   (P - 1) // 2 backward, ending together at the owner); at each step a rank
   adds its own chunk matmul (float32) to what it received and sends it on,
   so the next chunk's matmul overlaps the permute. Partials travel in the
-  operand dtype, like the reference's reduce-scatter.
+  result dtype, like the reference's reduce-scatter.
 * ``fused``: the Flux kernel (``custom_calls``), one Triton launch per call.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from typing import Hashable
 
+import jax.numpy as jnp
 from jax import lax
 
 from custom_calls import gemm_rs as kernel
@@ -27,15 +29,17 @@ from jax_flux._matmul import dot, dot_f32
 from jax_flux.config import MatmulReduceScatterConfig
 
 
-def reference(x, w, axis_name: Hashable):
-    """Matmul then ``lax.psum_scatter``."""
-    return lax.psum_scatter(dot(x, w), axis_name, scatter_dimension=0, tiled=True)
+def reference(x, w, axis_name: Hashable, *, out_dtype=None):
+    """Matmul (result in ``out_dtype``, default x's) then ``lax.psum_scatter``."""
+    return lax.psum_scatter(dot(x, w, out_dtype), axis_name, scatter_dimension=0, tiled=True)
 
 
-def ring(x, w, axis_name: Hashable, size: int):
-    """Bidirectional collective-permute ring; lowers to collective_permute only."""
+def ring(x, w, axis_name: Hashable, size: int, *, out_dtype=None):
+    """Bidirectional collective-permute ring; lowers to collective_permute only.
+    Partials travel in ``out_dtype`` (default x's)."""
+    out_dtype = out_dtype or x.dtype
     if size == 1:
-        return dot(x, w)
+        return dot(x, w, out_dtype)
     rows = x.shape[0] // size
     idx = lax.axis_index(axis_name)
     fwd_perm = [(i, (i + 1) % size) for i in range(size)]
@@ -54,19 +58,19 @@ def ring(x, w, axis_name: Hashable, size: int):
     for step in range(n_fwd):
         # The forward chain for block b is at rank b - n_fwd + step, the backward
         # chain at rank b + n_fwd - step; both reach b after step n_fwd - 1.
-        fwd = hop(fwd, (idx + n_fwd - step) % size).astype(x.dtype)
+        fwd = hop(fwd, (idx + n_fwd - step) % size).astype(out_dtype)
         fwd = lax.ppermute(fwd, axis_name, fwd_perm)
         if step >= n_fwd - n_bwd:
-            bwd = hop(bwd, (idx - n_fwd + step) % size).astype(x.dtype)
+            bwd = hop(bwd, (idx - n_fwd + step) % size).astype(out_dtype)
             bwd = lax.ppermute(bwd, axis_name, bwd_perm)
     total = partial(idx) + fwd.astype("float32")
     if bwd is not None:
         total = total + bwd.astype("float32")
-    return total.astype(x.dtype)
+    return total.astype(out_dtype)
 
 
 def fused(x, w, axis_name: Hashable, size: int,
-          config: MatmulReduceScatterConfig | None = None):
+          config: MatmulReduceScatterConfig | None = None, *, out_dtype=None):
     """The Flux kernel: one Triton launch whose GEMM epilogue stores each tile into
     its owner's reduce buffer; the owner sums the P partials in rank order (in
     reduction programs, or with ``reduce_programs=0`` in the epilogue of its own
@@ -74,12 +78,13 @@ def fused(x, w, axis_name: Hashable, size: int,
     m_total, k = x.shape
     n = w.shape[1]
     m_own = m_total // size
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
     cfg = config or _fused.tuned_or_default(MatmulReduceScatterConfig, "matmul_reduce_scatter",
-                                            m_own, k, n, size, x.dtype)
+                                            m_own, k, n, size, x.dtype, out_dtype)
     if not isinstance(cfg, MatmulReduceScatterConfig):
         raise ValueError(f"matmul_reduce_scatter(impl='fused') takes a "
                          f"MatmulReduceScatterConfig, got {type(cfg).__name__}")
-    sig_off, data_off, nbytes = kernel.workspace_bytes(size, m_own, n, x.dtype.itemsize,
+    sig_off, data_off, nbytes = kernel.workspace_bytes(size, m_own, n, out_dtype.itemsize,
                                                        cfg.block_m, cfg.block_n)
     launch = _fused.prepare("matmul_reduce_scatter", axis_name, size, nbytes, cfg, x.dtype)
     tiles = size * _fused.cdiv(m_own, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
@@ -97,5 +102,5 @@ def fused(x, w, axis_name: Hashable, size: int,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
         input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,
-        status_check=launch.status_check, timed=not launch.interpreting)
+        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype)
     return z

@@ -52,42 +52,48 @@ def _resolve(op: str, impl: str, config: Any) -> str:
     return impl
 
 
-def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False):
+def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
+                out_dtype=None):
+    kw = dict(return_gathered=return_gathered, out_dtype=out_dtype)
     if impl == "fused":
-        return ag_gemm.fused(x, w, axis_name, size, config, return_gathered=return_gathered)
+        return ag_gemm.fused(x, w, axis_name, size, config, **kw)
     if impl == "ring":
-        return ag_gemm.ring(x, w, axis_name, size, return_gathered=return_gathered)
-    return ag_gemm.reference(x, w, axis_name, return_gathered=return_gathered)
+        return ag_gemm.ring(x, w, axis_name, size, **kw)
+    return ag_gemm.reference(x, w, axis_name, **kw)
 
 
-def _rs_forward(x, w, axis_name, impl, size, config=None):
+def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None):
     if impl == "fused":
-        return gemm_rs.fused(x, w, axis_name, size, config)
+        return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype)
     if impl == "ring":
-        return gemm_rs.ring(x, w, axis_name, size)
-    return gemm_rs.reference(x, w, axis_name)
+        return gemm_rs.ring(x, w, axis_name, size, out_dtype=out_dtype)
+    return gemm_rs.reference(x, w, axis_name, out_dtype=out_dtype)
 
 
 # ------------------------------------------------------------ AG-GEMM vjp
 # The config tunes the op it was given to; the other op in the backward pass
-# uses its own default.
+# uses its own default. With a preferred_element_type other than the operands'
+# dtype, the cotangent is cast to the operands' dtype: the backward pass runs
+# in it, as the forward's GEMM does.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _ag(x, w, axis_name, impl, size, config):
-    return _ag_forward(x, w, axis_name, impl, size, config)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _ag(x, w, axis_name, impl, size, config, out_dtype):
+    return _ag_forward(x, w, axis_name, impl, size, config, out_dtype=out_dtype)
 
 
-def _ag_fwd(x, w, axis_name, impl, size, config):
-    y, xg = _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True)
+def _ag_fwd(x, w, axis_name, impl, size, config, out_dtype):
+    y, xg = _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True,
+                        out_dtype=out_dtype)
     # Tagged for jax.checkpoint policies (jax_flux.remat): recomputing either
     # one would run the collective again.
     xg = checkpoint_name(xg, remat.AG_GATHERED)
     return checkpoint_name(y, remat.AG_OUTPUT), (xg, w)
 
 
-def _ag_bwd(axis_name, impl, size, config, res, dy):
+def _ag_bwd(axis_name, impl, size, config, out_dtype, res, dy):
     xg, w = res
+    dy = dy.astype(xg.dtype)
     dx = _rs_forward(dy, w.T, axis_name, impl, size)
     return dx, dot_tn(xg, dy)
 
@@ -98,18 +104,19 @@ _ag.defvjp(_ag_fwd, _ag_bwd)
 # ------------------------------------------------------------ GEMM-RS vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _rs(x, w, axis_name, impl, size, config):
-    return _rs_forward(x, w, axis_name, impl, size, config)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _rs(x, w, axis_name, impl, size, config, out_dtype):
+    return _rs_forward(x, w, axis_name, impl, size, config, out_dtype)
 
 
-def _rs_fwd(x, w, axis_name, impl, size, config):
-    z = _rs_forward(x, w, axis_name, impl, size, config)
+def _rs_fwd(x, w, axis_name, impl, size, config, out_dtype):
+    z = _rs_forward(x, w, axis_name, impl, size, config, out_dtype)
     return checkpoint_name(z, remat.RS_OUTPUT), (x, w)
 
 
-def _rs_bwd(axis_name, impl, size, config, res, dz):
+def _rs_bwd(axis_name, impl, size, config, out_dtype, res, dz):
     x, w = res
+    dz = dz.astype(x.dtype)
     dx, dzg = _ag_forward(dz, w.T, axis_name, impl, size, return_gathered=True)
     return dx, dot_tn(x, dzg)
 
@@ -137,7 +144,7 @@ def _vary(x, w, axis_name):
 
 
 def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: str = "auto",
-                      config: Any = None) -> jax.Array:
+                      config: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """All-gathers ``x`` over ``axis_name`` (tiled, along rows) and multiplies by ``w``.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
@@ -154,22 +161,29 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
         Flux Triton kernel) or ``"auto"`` (fused where supported, else xla).
       config: ``AllGatherMatmulConfig`` for impl ``"fused"``; None picks a
         default by shape.
+      preferred_element_type: the result's dtype (bfloat16, float16 or
+        float32), as in ``lax.dot_general``; None: x's. The product is
+        accumulated in float32 either way.
 
     Returns:
-      [m * P, n] in x's dtype; rank r's rows at [r * m, (r + 1) * m).
+      [m * P, n] in x's dtype (or ``preferred_element_type``); rank r's rows
+      at [r * m, (r + 1) * m).
 
     Raises:
       ValueError: operands not 2-D, contraction sizes or dtypes differ, an
-        unsupported dtype, an unknown impl, or no such bound axis.
+        unsupported dtype or preferred_element_type, an unknown impl, or no
+        such bound axis.
     """
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size)
+    out_dtype = _validate.result_dtype(_AG, x, preferred_element_type)
     impl = _resolve(_AG, impl, config)
-    return _ag(*_vary(x, w, axis_name), axis_name, impl, size, config)
+    return _ag(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype)
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
-                          impl: str = "auto", config: Any = None) -> jax.Array:
+                          impl: str = "auto", config: Any = None,
+                          preferred_element_type: Any = None) -> jax.Array:
     """Multiplies ``x @ w`` and reduce-scatters the sum over ``axis_name`` along rows.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
@@ -184,10 +198,14 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
         ``all_gather_matmul``.
       config: ``MatmulReduceScatterConfig`` for impl ``"fused"``; None picks
         a default by shape.
+      preferred_element_type: the result's dtype, as in
+        ``all_gather_matmul``; the partial sums travel in it too (float32
+        partials: twice the bytes of bfloat16 ones, no rounding before the
+        sum).
 
     Returns:
-      [M / P, N] in x's dtype: rank r gets rows [r * M/P, (r + 1) * M/P) of
-      the sum over ranks.
+      [M / P, N] in x's dtype (or ``preferred_element_type``): rank r gets
+      rows [r * M/P, (r + 1) * M/P) of the sum over ranks.
 
     Raises:
       ValueError: as ``all_gather_matmul``, and when M is not divisible by P.
@@ -195,5 +213,6 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     size = _validate.axis_size(_RS, axis_name)
     _validate.check_operands(_RS, x, w, axis_name, size)
     _validate.check_scatter_rows(_RS, x, axis_name, size)
+    out_dtype = _validate.result_dtype(_RS, x, preferred_element_type)
     impl = _resolve(_RS, impl, config)
-    return _rs(*_vary(x, w, axis_name), axis_name, impl, size, config)
+    return _rs(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype)

@@ -22,7 +22,23 @@ from custom_calls.compiler import (TRITON_TYPE, Compiled, check_resident,  # noq
                                    compile_kernel, ptx_param_count)
 
 
+def _ag(precision: str, pull: bool) -> dict:
+    return dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
+                CHUNK_ROWS=128, COMM_PROGRAMS=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
+                COPY_ROWS=32, COPY_COLS=256, RETURN_GATHERED=True, UPCAST=False,
+                INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True, PULL=pull,
+                TIMED=True)
+
+
+def _rs(precision: str, reducers: int) -> dict:
+    return dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
+                REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8, BLOCK_N=128, BLOCK_K=64,
+                UPCAST=False, INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True,
+                TIMED=True)
+
+
 def cases():
+    """(name, kernel, pointer types, constexprs, dtype[, num_warps: default 4])."""
     for dtype, t in TRITON_TYPE.items():
         precision = "tf32" if dtype == "float32" else "ieee"
         yield ("matmul", gemm.matmul_kernel, gemm.pointer_types(t),
@@ -33,22 +49,22 @@ def cases():
         for name, pull in (("ag_gemm", False), ("ag_pull", True)):
             if pull and dtype != "bfloat16":
                 continue
-            yield (name, ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t),
-                   dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
-                        CHUNK_ROWS=128, COMM_PROGRAMS=8,
-                        BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, COPY_ROWS=32,
-                        COPY_COLS=256,
-                        RETURN_GATHERED=True, UPCAST=False, INPUT_PRECISION=precision,
-                        REMOTE_CACHE=".cg", ROTATE=True, PULL=pull, TIMED=True), dtype)
+            yield (name, ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t), _ag(precision, pull),
+                   dtype)
         # REDUCE_PROGRAMS=0: the own tiles' epilogue reduces (16-bit only, to keep it short).
         for name, reducers in (("gemm_rs", 8), ("gemm_rs0", 0)):
             if reducers == 0 and dtype != "bfloat16":
                 continue
             yield (name, gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t),
-                   dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
-                        REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8,
-                        BLOCK_N=128, BLOCK_K=64, UPCAST=False, INPUT_PRECISION=precision,
-                        REMOTE_CACHE=".cg", ROTATE=True, TIMED=True), dtype)
+                   _rs(precision, reducers), dtype)
+        if dtype == "bfloat16":
+            # A float32 result (preferred_element_type). GEMM-RS's epilogue then
+            # sums float32 partials into the float32 tile: with 4 warps that
+            # spills into the K loop, so its default takes 8.
+            yield ("ag_f32out", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t, "fp32"),
+                   _ag(precision, False), dtype)
+            yield ("rs0_f32out", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t, "fp32"),
+                   _rs(precision, 0), dtype, 8)
 
 
 def main(argv) -> int:
@@ -56,9 +72,9 @@ def main(argv) -> int:
         print("run without TRITON_INTERPRET: this compiles for a GPU", file=sys.stderr)
         return 2
     arch = int(argv[0]) if argv else 90
-    for name, kernel, pointers, constexprs, dtype in cases():
+    for name, kernel, pointers, constexprs, dtype, *warps in cases():
         c = compile_kernel(kernel, arch, tuple(pointers.items()), tuple(sorted(constexprs.items())),
-                           num_warps=4, num_stages=3)
+                           num_warps=warps[0] if warps else 4, num_stages=3)
         # The one-GPU rank emulation launches through the driver: runtime
         # parameters in order, then Triton's scratch pointers.
         params = ptx_param_count(c.ptx, c.name)
@@ -72,9 +88,10 @@ def main(argv) -> int:
             sass["fit"] = programs_per_sm(sass["regs"], c.shared + sass["static_shared"],
                                           c.num_warps)["fit"]
         s = " ".join(f"{k}={v}" for k, v in sass.items())
-        print(f"sm_{arch} {name:<8} {dtype:<9} ok: {len(c.ptx)} bytes of PTX, "
+        print(f"sm_{arch} {name:<10} {dtype:<9} ok: {len(c.ptx)} bytes of PTX, "
               f"{len(c.cubin)} bytes of cubin, {params} parameters, {c.shared} bytes shared, "
-              f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']} {s}".rstrip())
+              f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']} warps={c.num_warps} "
+              f"{s}".rstrip())
     return check_residency(arch)
 
 
@@ -83,7 +100,7 @@ def check_residency(arch: int) -> int:
     bf16 GEMM-RS programs of 4 warps fit an SM of sm_90, one float32 (its 3 stages
     take 192 KiB of shared memory); a grid of one more is refused."""
     fits = {}
-    for name, kernel, pointers, constexprs, dtype in cases():
+    for name, kernel, pointers, constexprs, dtype, *_ in cases():
         if (name, dtype) not in (("gemm_rs0", "bfloat16"), ("gemm_rs", "float32")):
             continue
         args = dict(sms=132, capability=arch, pointers=tuple(pointers.items()),

@@ -58,6 +58,18 @@ def test_default_configs_are_valid(interpreting, m, k, n):
         assert cfg.patience(interpreting) >= 1
 
 
+def test_float32_results_get_the_gemm_rs_default_that_does_not_spill():
+    # GEMM-RS's epilogue sums float32 partials into a float32 tile: 4 warps spill
+    # into the K loop (tests/compile_for_gpu.py: rs0_f32out), so 8; the AG-GEMM
+    # default depends on what it copies (the operands) only.
+    rs = MatmulReduceScatterConfig.default
+    assert rs(512, 6144, 12288, 8, False).num_warps == 4
+    assert rs(512, 6144, 12288, 8, False, itemsize=2, out_itemsize=4).num_warps == 8
+    ag = AllGatherMatmulConfig.default
+    assert ag(512, 12288, 6144, 8, False, itemsize=2, out_itemsize=4) == ag(512, 12288, 6144, 8,
+                                                                            False, itemsize=2)
+
+
 def test_wrong_config_type_is_rejected():
     mesh = mesh_of(8)
     x, w, _, _ = testing.random_operands(16, 16, 16, jnp.float32)

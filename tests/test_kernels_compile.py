@@ -19,7 +19,7 @@ def test_kernels_compile_for_sm90(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("sm_90")]
-    assert len(lines) == 11 and all(" ok: " in line for line in lines), r.stdout
+    assert len(lines) == 13 and all(" ok: " in line for line in lines), r.stdout
     # Every kernel's GEMM operands are pipelined into shared memory (cp.async,
     # 3 stages of 128x64 + 64x128 tiles) and its wide accesses vectorized: a
     # workspace pointer Triton cannot prove aligned used to lose both for
@@ -37,9 +37,13 @@ def test_kernels_compile_for_sm90(tmp_path):
         # MMAs and cp.async copies per iteration, and nothing spills in it.
         assert "loop" in fields, "no SASS features (Triton's cuobjdump/nvdisasm missing?): " + line
         kernel, dtype = line.split()[1:3]
-        loops[kernel, dtype] = {k: int(fields[k]) for k in ("loop", "loop_mma", "loop_ldgsts")}
         assert int(fields["loop_local"]) == 0, line
-        assert int(fields["loop_mma"]) == (16 if itemsize == 4 else 8), line
+        # 8 warps (GEMM-RS with a float32 result): two warpgroups share the MMAs.
+        warpgroups = int(fields["warps"]) // 4
+        assert int(fields["loop_mma"]) * warpgroups == (16 if itemsize == 4 else 8), line
+        if warpgroups == 1:
+            loops[kernel, dtype] = {k: int(fields[k]) for k in ("loop", "loop_mma",
+                                                                "loop_ldgsts")}
     # A persistent grid beyond what co-resides is refused (custom_calls.compiler):
     # two bf16 GEMM-RS programs fit an SM, one float32 (192 KiB of shared memory).
     assert ("residency on sm_90 ok: programs an SM {('gemm_rs0', 'bfloat16'): 2, "

@@ -131,3 +131,51 @@ def test_gradients_on_a_data_and_tensor_parallel_mesh(op, impl, varying):
     assert abs(float(value) - float(want)) < 1e-4 * abs(float(want))
     assert testing.relative_error(dx, np.asarray(rdx, np.float64)) < 1e-5
     assert testing.relative_error(dw, np.asarray(rdw, np.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("out", [jnp.float32, jnp.bfloat16], ids=["bf16->f32", "f32->bf16"])
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_preferred_element_type(op, impl, out):
+    # The result (and GEMM-RS's partials) in the preferred dtype: bf16 operands
+    # with a float32 result are exact to float32 accumulation (a bf16 rounding
+    # anywhere would give ~4e-3); float32 operands with a bf16 result round once.
+    import jax
+
+    src = jnp.bfloat16 if out == jnp.float32 else jnp.float32
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(104, 72, 24, src, seed=13)
+    in_specs, out_spec = testing._SPECS[op]
+    fn = testing.OPS[op]
+
+    def run(g):
+        f = jax.shard_map(lambda x, w: fn(x, w, "tp", impl=impl, preferred_element_type=out),
+                          mesh=mesh, in_specs=in_specs, out_specs=out_spec)
+        y, vjp = jax.vjp(f, x, w)
+        return (y, *vjp(g))
+
+    g = jnp.asarray(np.random.default_rng(2).standard_normal((104, 24)), out)
+    y, dx, dw = jax.jit(run)(g)
+    assert y.dtype == jnp.dtype(out) and dx.dtype == dw.dtype == jnp.dtype(src)
+    assert testing.relative_error(y, x64 @ w64) < (2e-5 if out == jnp.float32 else 1e-2)
+    # The backward pass runs in the operands' dtype (the cotangent cast to it).
+    g64 = np.asarray(g.astype(src), np.float64)
+    tol = testing.TOLERANCE[jnp.dtype(src)]
+    assert testing.relative_error(dx, g64 @ w64.T) < tol
+    assert testing.relative_error(dw, x64.T @ g64) < tol
+
+
+def test_preferred_element_type_must_be_a_supported_dtype():
+    import jax
+
+    mesh = mesh_of(8)
+    x, w, _, _ = testing.random_operands(16, 8, 8, jnp.float32)
+    for bad, match in ((jnp.float64, "preferred_element_type float64 is not supported"),
+                       (jnp.int8, "preferred_element_type int8 is not supported"),
+                       ("nonsense", "preferred_element_type 'nonsense' is not a dtype")):
+        f = jax.shard_map(lambda x, w: testing.OPS["all_gather_matmul"](
+            x, w, "tp", preferred_element_type=bad), mesh=mesh,
+            in_specs=testing._SPECS["all_gather_matmul"][0],
+            out_specs=testing._SPECS["all_gather_matmul"][1])
+        with pytest.raises(ValueError, match=match):
+            f(x, w)

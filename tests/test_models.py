@@ -258,19 +258,21 @@ def test_data_parallel_generation_and_errors():
         Llama(CFG, mesh=_dp_tp_mesh(), batch_axis="tp", rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("impl,dp", [("xla", 1), ("fused", 2)])
-def test_token_parallel_decode_matches_one_device(impl, dp):
+@pytest.mark.parametrize("impl,dp,tied", [("xla", 1, True), ("fused", 2, False)])
+def test_token_parallel_decode_matches_one_device(impl, dp, tied):
     # Decode steps with the 8 tokens split over the tp ranks (AG-GEMM / GEMM-RS
-    # instead of local matmuls + all-reduce), against the one-device model.
+    # instead of local matmuls + all-reduce), against the one-device model; the
+    # head's AG-GEMM, or the tied embedding's.
     from jax.sharding import Mesh
 
+    cfg = dataclasses.replace(CFG, tie_embeddings=tied)
     mesh = Mesh(np.asarray(jax.devices()).reshape(dp, 8 // dp), ("dp", "tp"))
-    model = Llama(CFG, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(2))
-    one = Llama(CFG, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(2))
+    model = Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(2))
+    one = Llama(cfg, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(2))
     tokens = _tokens(batch=8, length=19, seed=9)
     prefill = nnx.jit(lambda m, t, c: m.prefill(t, c))
-    _, cache = prefill(model, tokens[:, :16], KVCache.empty(CFG, 8, mesh, "tp", "dp"))
-    _, ref_cache = prefill(one, tokens[:, :16], KVCache.empty(CFG, 8, one.mesh))
+    _, cache = prefill(model, tokens[:, :16], KVCache.empty(cfg, 8, mesh, "tp", "dp"))
+    _, ref_cache = prefill(one, tokens[:, :16], KVCache.empty(cfg, 8, one.mesh))
     step = nnx.jit(lambda m, t, c: m.decode_step(t, c, token_parallel=True))
     ref_step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
     for pos in range(16, 19):
@@ -283,5 +285,5 @@ def test_token_parallel_decode_matches_one_device(impl, dp):
             model, tokens[:, :1], cache).jaxpr
         assert count_equations(jaxpr, ("jax_flux_triton_call",)) == 4 * CFG.layers + 1
     with pytest.raises(ValueError, match=r"B divisible by 8 .* got \(4, 1\)"):
-        model.decode_step(tokens[:4, :1], KVCache.empty(CFG, 4, mesh, "tp", "dp"),
+        model.decode_step(tokens[:4, :1], KVCache.empty(cfg, 4, mesh, "tp", "dp"),
                           token_parallel=True)

@@ -39,10 +39,10 @@ from models.llama import Block, KVCache, cross_entropy  # noqa: E402
 
 
 def block_step(cfg, mesh, impl, seq, batch, reps):
-    block = Block(cfg, mesh, "tp", impl, nnx.Rngs(0))
+    block = Block(cfg, mesh, "tp", impl, nnx.Rngs(0), batch_axis="dp")
     x = jax.device_put(
         jnp.asarray(np.random.default_rng(0).standard_normal((seq, batch, cfg.hidden)), cfg.dtype),
-        NamedSharding(mesh, P("tp")))
+        NamedSharding(mesh, P("tp", "dp")))
     positions = jnp.arange(seq)
 
     @nnx.jit
@@ -56,7 +56,7 @@ def block_step(cfg, mesh, impl, seq, batch, reps):
 
 
 def train_step(cfg, mesh, impl, seq, batch, reps):
-    model = Llama(cfg, mesh=mesh, impl=impl, rngs=nnx.Rngs(0))
+    model = Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
     tokens = jnp.asarray(progressions(np.random.default_rng(0), batch, seq + 1, cfg.vocab))
 
@@ -74,11 +74,11 @@ def train_step(cfg, mesh, impl, seq, batch, reps):
 def decode_step(cfg, mesh, impl, batch, token_parallel, reps):
     """One decode step of ``batch`` sequences (an empty cache: the step's GEMMs and
     communication do not depend on how full it is; attention reads all of it)."""
-    model = Llama(cfg, mesh=mesh, impl=impl, rngs=nnx.Rngs(0))
+    model = Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab, (batch, 1)), jnp.int32)
     targets = jnp.asarray(rng.integers(0, cfg.vocab, (batch, 1)), jnp.int32)
-    cache = KVCache.empty(cfg, batch, mesh)
+    cache = KVCache.empty(cfg, batch, mesh, "tp", "dp")
 
     @nnx.jit
     def step(model, tokens, cache):
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--impls", default="xla,ring,fused")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel size: a (dp, tp) mesh over the devices, the batch split "
+                        "over dp")
     p.add_argument("--scan-layers", action="store_true",
                    help="train step: the blocks in one scan over stacked parameters")
     p.add_argument("--remat", default="none", choices=remat.POLICIES,
@@ -115,14 +118,18 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, layers=a.layers or cfg.layers, scan_layers=a.scan_layers,
                               remat=a.remat)
     seq = a.seq or (16 if a.quick else 2048)
-    batch = a.batch or (2 if a.quick else 1)
+    batch = a.batch or (2 if a.quick else 1) * a.dp
     reps = 1 if a.quick else a.reps
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     devices = gpus or jax.devices("cpu")[:8]
-    mesh = Mesh(np.asarray(devices), ("tp",))
+    if len(devices) % a.dp or batch % a.dp:
+        p.error(f"--dp {a.dp} must divide the {len(devices)} devices and the batch {batch}")
+    mesh = Mesh(np.asarray(devices).reshape(a.dp, -1), ("dp", "tp"))
     env = harness.environment(devices)
     rows, ref = [], {}
     decode_batch = a.decode_batch or (len(devices) if a.quick else 64)
+    if decode_batch % a.dp:
+        p.error(f"--decode-batch {decode_batch} must be divisible by --dp {a.dp}")
     benches = [("block fwd+bwd", seq * batch, lambda impl: block_step(
                     cfg, mesh, impl, seq, batch, reps)),
                ("train step", seq * batch, lambda impl: train_step(
@@ -144,12 +151,13 @@ def main(argv=None) -> int:
                              tokens_per_s=tokens / (t.median_ms * 1e-3), loss=loss,
                              loss_vs_xla=rel, status="ok" if rel < 2e-2 else "LOSS DIFFERS"))
             print(harness.format_row(rows[-1], COLUMNS))
-    variant = ("_scan" if cfg.scan_layers else "") + (
+    variant = ("" if a.dp == 1 else f"_dp{a.dp}") + ("_scan" if cfg.scan_layers else "") + (
         "" if cfg.remat == "none" else f"_remat-{cfg.remat}")
     base = os.path.join(a.out, f"model_{preset}_L{cfg.layers}{variant}_{env['platform']}"
                                f"{len(devices)}")
     notes = [f"Model {preset} with {cfg.layers} layers, seq {seq}, batch {batch}, "
-             f"{cfg.dtype}; tensor parallel over {len(devices)} devices; train step with "
+             f"{cfg.dtype}; {a.dp} data-parallel group(s) x tensor parallel over "
+             f"{len(devices) // a.dp} devices; train step with "
              f"scan_layers={cfg.scan_layers}, remat={cfg.remat!r}. Decode: one step of "
              f"{decode_batch} sequences on an empty cache, activations replicated (local "
              f"matmuls + all-reduce) or, token parallel, split over the ranks (AG-GEMM / "

@@ -37,8 +37,8 @@ def test_gemm_quick_and_the_projection_from_it(tmp_path):
 
 @pytest.mark.parametrize("impls,extra,name", [
     ("xla,ring", [], "model_tiny_L2_cpu8"),
-    ("xla", ["--scan-layers", "--remat", "collective_matmuls"],
-     "model_tiny_L2_scan_remat-collective_matmuls_cpu8")])
+    ("xla", ["--dp", "2", "--scan-layers", "--remat", "collective_matmuls"],
+     "model_tiny_L2_dp2_scan_remat-collective_matmuls_cpu8")])
 def test_model_quick(tmp_path, impls, extra, name):
     assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path), *extra]) == 0
     rows = _rows(tmp_path / f"{name}.csv")

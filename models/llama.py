@@ -4,7 +4,9 @@ Written in global view: call it under ``jax.jit`` with parameters sharded on
 ``mesh`` (they are created sharded); each parallel layer runs its jax_flux op
 in a shard_map of its own. Activations between blocks are ``[S, B, H]``
 (sequence first), sharded along S over the tensor-parallel axis during
-training and prefill (sequence parallelism), replicated during decode.
+training and prefill (sequence parallelism), and along B over ``batch_axis``
+(data parallelism) if given; replicated over the tensor-parallel axis during
+decode, or split by token (``decode_step(token_parallel=True)``).
 
 Per block: RMSNorm -> attention (QKV column-parallel: AG-GEMM; whole
 grouped-query groups per rank; rotary embeddings; causal softmax in float32;
@@ -193,8 +195,7 @@ class Llama(nnx.Module):
         self.batch_axis = batch_axis
         self.impl = impl
         self.tp = axis_size(mesh, axis_name)
-        batch_axes = () if batch_axis is None else (
-            tuple(batch_axis) if isinstance(batch_axis, (tuple, list)) else (batch_axis,))
+        batch_axes = _axis_names(batch_axis)
         if axis_name in batch_axes or not set(batch_axes) <= set(mesh.axis_names):
             raise ValueError(f"batch_axis {batch_axis!r} must name mesh axes other than the "
                              f"tensor-parallel axis {axis_name!r}; the mesh has "
@@ -297,10 +298,14 @@ class Llama(nnx.Module):
         return self._run(tokens, positions, cache, cache.length, False, token_parallel)
 
 
+def _axis_names(axes) -> tuple:
+    """A mesh axis, a tuple of them or None, as a tuple of names."""
+    return () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+
+
 def _axes_size(mesh: Mesh, axes) -> int:
     """Devices along mesh axis (or tuple of axes) ``axes``; 1 for None."""
-    names = () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
-    return math.prod(mesh.shape[a] for a in names)
+    return math.prod(mesh.shape[a] for a in _axis_names(axes))
 
 
 def tokens_to_rows(h, dp: int):

@@ -14,6 +14,7 @@ from custom_calls import interpreter_ready, signals  # noqa: F401 (re-exported)
 from custom_calls.binding import LoweredConstant
 from custom_calls.gemm import upcast_operands
 from jax_flux import errors, workspace
+from jax_flux._axes import axis_names
 
 # Persistent grid cap in Triton's interpreter (programs run one after another).
 _INTERPRETER_PROGRAMS = 4
@@ -37,13 +38,14 @@ def _groups(op: str, axis_name: Hashable):
     """(number of groups, this rank's group index) for the workspace."""
     mesh = jax.sharding.get_abstract_mesh()
     names, sizes = tuple(mesh.axis_names), tuple(mesh.axis_sizes)
-    if axis_name not in names:
+    tp = axis_names(axis_name)
+    if not set(tp) <= set(names):
         raise ValueError(f"{op}(impl='fused') must run inside jax.shard_map over a mesh with "
                          f"axis {axis_name!r}; the current mesh has axes {names}")
     manual = set(getattr(mesh, "manual_axes", names))
     group, groups = 0, 1
     for name, size in zip(names, sizes):
-        if name == axis_name or size == 1:
+        if name in tp or size == 1:
             continue
         if name not in manual:
             raise ValueError(f"{op}(impl='fused') needs shard_map to be manual over every mesh "

@@ -7,20 +7,28 @@ from typing import Hashable
 import jax.numpy as jnp
 from jax import lax
 
+from jax_flux._axes import axis_names
+
 IMPLS = ("auto", "xla", "ring", "fused")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 def axis_size(op: str, axis_name: Hashable) -> int:
-    """Size of the mesh axis ``axis_name``; a ValueError outside ``shard_map``."""
-    if isinstance(axis_name, (tuple, list)):
-        raise ValueError(f"{op}: axis_name must name one mesh axis, got {axis_name!r}")
-    try:
-        return int(lax.axis_size(axis_name))
-    except NameError as e:
-        raise ValueError(
-            f"{op}: unbound axis name {axis_name!r}; call it inside jax.shard_map over a mesh "
-            f"with that axis") from e
+    """Size of the mesh axis (or tuple of axes) ``axis_name``; a ValueError outside
+    ``shard_map``."""
+    names = axis_names(axis_name)
+    if isinstance(axis_name, list) or not names or len(set(names)) != len(names):
+        raise ValueError(f"{op}: axis_name must be a mesh axis or a tuple of distinct ones, "
+                         f"got {axis_name!r}")
+    size = 1
+    for name in names:
+        try:
+            size *= int(lax.axis_size(name))
+        except NameError as e:
+            raise ValueError(
+                f"{op}: unbound axis name {name!r}; call it inside jax.shard_map over a mesh "
+                f"with that axis") from e
+    return size
 
 
 def check_impl(op: str, impl: str) -> None:

@@ -22,6 +22,7 @@ from jax import lax
 
 from custom_calls import ag_gemm as kernel
 from jax_flux import _fused
+from jax_flux._axes import ppermute
 from jax_flux._matmul import dot
 from jax_flux.config import AllGatherMatmulConfig
 
@@ -58,13 +59,13 @@ def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False,
             xg = lax.dynamic_update_slice_in_dim(xg, chunk, row, axis=0)
         return y, xg
 
-    fwd = lax.ppermute(x, axis_name, fwd_perm)
-    bwd = lax.ppermute(x, axis_name, bwd_perm) if n_bwd else None
+    fwd = ppermute(x, axis_name, fwd_perm)
+    bwd = ppermute(x, axis_name, bwd_perm) if n_bwd else None
     y, xg = place(y, xg, x, idx)  # own rows first, while the first permutes fly
     for step in range(1, n_fwd + 1):
         # Invariant: fwd holds the shard of rank idx - step, bwd that of idx + step.
-        nxt_fwd = lax.ppermute(fwd, axis_name, fwd_perm) if step < n_fwd else None
-        nxt_bwd = lax.ppermute(bwd, axis_name, bwd_perm) if step < n_bwd else None
+        nxt_fwd = ppermute(fwd, axis_name, fwd_perm) if step < n_fwd else None
+        nxt_bwd = ppermute(bwd, axis_name, bwd_perm) if step < n_bwd else None
         y, xg = place(y, xg, fwd, (idx - step) % size)
         if step <= n_bwd:
             y, xg = place(y, xg, bwd, (idx + step) % size)

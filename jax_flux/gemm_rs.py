@@ -25,6 +25,7 @@ from jax import lax
 
 from custom_calls import gemm_rs as kernel
 from jax_flux import _fused
+from jax_flux._axes import ppermute
 from jax_flux._matmul import dot, dot_f32
 from jax_flux.config import MatmulReduceScatterConfig
 
@@ -59,10 +60,10 @@ def ring(x, w, axis_name: Hashable, size: int, *, out_dtype=None):
         # The forward chain for block b is at rank b - n_fwd + step, the backward
         # chain at rank b + n_fwd - step; both reach b after step n_fwd - 1.
         fwd = hop(fwd, (idx + n_fwd - step) % size).astype(out_dtype)
-        fwd = lax.ppermute(fwd, axis_name, fwd_perm)
+        fwd = ppermute(fwd, axis_name, fwd_perm)
         if step >= n_fwd - n_bwd:
             bwd = hop(bwd, (idx - n_fwd + step) % size).astype(out_dtype)
-            bwd = lax.ppermute(bwd, axis_name, bwd_perm)
+            bwd = ppermute(bwd, axis_name, bwd_perm)
     total = partial(idx) + fwd.astype("float32")
     if bwd is not None:
         total = total + bwd.astype("float32")

@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_flux._matmul import dot_f32
+from jax_flux._axes import axis_names
 from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 
 Shape = int | Sequence[int]
@@ -51,16 +52,18 @@ def _as_shape(features: Shape) -> tuple[int, ...]:
 
 
 def axis_size(mesh: Mesh, axis_name: Hashable) -> int:
-    if axis_name not in mesh.axis_names:
+    """Devices along the tensor-parallel axis (or tuple of axes) of ``mesh``."""
+    names = axis_names(axis_name)
+    if not set(names) <= set(mesh.axis_names):
         raise ValueError(f"mesh has axes {mesh.axis_names}, not the tensor-parallel axis "
                          f"{axis_name!r}")
-    return int(mesh.shape[axis_name])
+    return math.prod(int(mesh.shape[a]) for a in names)
 
 
 def in_manual_context(axis_name: Hashable) -> bool:
     """True inside a shard_map that is manual over ``axis_name`` (local shards)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return axis_name in getattr(mesh, "manual_axes", ())
+    return set(axis_names(axis_name)) <= set(getattr(mesh, "manual_axes", ()))
 
 
 def _batch_spec(batch_axis) -> Any:

@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from custom_calls._jax_compat import varying_axes
 from jax_flux import _validate, ag_gemm, gemm_rs, remat
+from jax_flux._axes import axis_names
 from jax_flux._matmul import dot_tn
 
 _AG = "all_gather_matmul"
@@ -134,7 +135,7 @@ def _vary(x, w, axis_name):
     varying first lets JAX's own transpose of that cast sum its gradient over
     that axis, as autodiff of the lax collective does.
     """
-    axes = varying_axes(x) | varying_axes(w) | {axis_name}
+    axes = varying_axes(x) | varying_axes(w) | set(axis_names(axis_name))
 
     def cast(a):
         missing = tuple(sorted(axes - varying_axes(a), key=str))
@@ -155,7 +156,8 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     Args:
       x: this rank's rows, [m, K]; bfloat16, float16 or float32.
       w: [K, n], same dtype as x (typically this rank's column shard).
-      axis_name: the mesh axis to gather over (size P).
+      axis_name: the mesh axis to gather over (size P), or a tuple of axes
+        (one axis of their sizes' product, the first major, as in ``lax``).
       impl: ``"xla"`` (all-gather then matmul), ``"ring"`` (bidirectional
         collective-permute ring overlapping chunk matmuls), ``"fused"`` (the
         Flux Triton kernel) or ``"auto"`` (fused where supported, else xla).
@@ -193,7 +195,8 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     Args:
       x: [M, k], M divisible by the axis size P; bfloat16, float16 or float32.
       w: [k, N], same dtype as x (typically this rank's row shard).
-      axis_name: the mesh axis to reduce and scatter over (size P).
+      axis_name: the mesh axis (or tuple of axes) to reduce and scatter over
+        (size P).
       impl: ``"xla"``, ``"ring"``, ``"fused"`` or ``"auto"``, as in
         ``all_gather_matmul``.
       config: ``MatmulReduceScatterConfig`` for impl ``"fused"``; None picks

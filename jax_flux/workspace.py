@@ -51,6 +51,7 @@ import jax
 import numpy as np
 
 from custom_calls import signals
+from jax_flux._axes import axis_names
 
 _ALIGN = 256
 _RECORD_BYTES = 64
@@ -174,7 +175,8 @@ def _mesh_signature(mesh) -> tuple:
 
 def _slots(req: TableRequest, mesh, platform: str) -> list[list[Any]]:
     """The device of every (group, rank), in the group order of ``_fused._groups``."""
-    if mesh is None or getattr(mesh, "empty", False) or req.axis_name not in mesh.axis_names:
+    tp = axis_names(req.axis_name)
+    if mesh is None or getattr(mesh, "empty", False) or not set(tp) <= set(mesh.axis_names):
         if platform != "cpu" or jax.process_count() > 1:
             raise ValueError(
                 f"{req.op}(impl='fused') could not see the devices of the shard_map it runs "
@@ -182,8 +184,10 @@ def _slots(req: TableRequest, mesh, platform: str) -> list[list[Any]]:
                 f"jax.sharding.Mesh with axis {req.axis_name!r}")
         return [[None] * req.world for _ in range(req.groups)]
     names = list(mesh.axis_names)
-    devices = np.moveaxis(mesh.devices, names.index(req.axis_name), -1)
-    slots = devices.reshape(-1, devices.shape[-1])  # other axes row-major, as _groups numbers them
+    # The axis (or axes, in the tuple's order: lax.axis_index numbers ranks so)
+    # last; the other axes row-major, as _groups numbers the groups.
+    devices = np.moveaxis(mesh.devices, [names.index(a) for a in tp], range(-len(tp), 0))
+    slots = devices.reshape(-1, int(np.prod(devices.shape[len(names) - len(tp):])))
     if slots.shape != (req.groups, req.world):
         raise ValueError(f"{req.op}(impl='fused'): mesh {dict(zip(names, mesh.devices.shape))} "
                          f"does not give {req.groups} groups of {req.world} ranks on axis "

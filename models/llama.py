@@ -196,7 +196,8 @@ class Llama(nnx.Module):
         self.impl = impl
         self.tp = axis_size(mesh, axis_name)
         batch_axes = _axis_names(batch_axis)
-        if axis_name in batch_axes or not set(batch_axes) <= set(mesh.axis_names):
+        if set(_axis_names(axis_name)) & set(batch_axes) or not (set(batch_axes) <=
+                                                                set(mesh.axis_names)):
             raise ValueError(f"batch_axis {batch_axis!r} must name mesh axes other than the "
                              f"tensor-parallel axis {axis_name!r}; the mesh has "
                              f"{mesh.axis_names}")

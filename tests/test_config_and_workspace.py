@@ -90,9 +90,10 @@ def test_workspace_is_inspectable_and_grows():
         out = testing.sharded("all_gather_matmul", mesh, "fused")(xs, ws)
         assert testing.relative_error(out, x64 @ w64) < 1e-5
 
-    def current():
+    def current():  # this mesh's: other tests' meshes may have an axis "tp" of 4 too
         live = [ws for ws in workspace.info()
-                if not ws["retired"] and ws["key"][1] == axis and ws["world"] == 4]
+                if not ws["retired"] and ws["key"][1] == axis and ws["world"] == 4
+                and ws["key"][2] == workspace._mesh_signature(mesh)]
         assert len(live) == 1
         return live[0]
 
@@ -132,3 +133,31 @@ def test_workspace_follows_the_concrete_mesh_axis_order_and_device_order():
     assert testing.relative_error(f(x, w), x64 @ w64) < 1e-5
     keys = [ws["key"] for ws in workspace.info() if not ws["retired"]]
     assert any(k[2] and k[2][1] == tuple(int(d.id) for d in devices.flat) for k in keys)
+
+
+@pytest.mark.parametrize("axes", [("a", "b"), ("b", "a"), "b"])
+def test_workspace_slots_put_each_rank_on_its_own_device(axes):
+    # The device of (group, rank) in the workspace is the one whose shard_map
+    # program has that group (the other axes, row-major) and that
+    # lax.axis_index(axes): on GPUs each rank's buffer is its own GPU's memory.
+    from jax import lax
+    from jax.sharding import Mesh
+
+    from jax_flux._axes import axis_names
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("dp", "a", "b"))
+    tp = axis_names(axes)
+    others = [n for n in mesh.axis_names if n not in tp]
+
+    def body():
+        group = lax.axis_index(tuple(others)) if others else 0
+        return jnp.stack([group, lax.axis_index(axes)])[None]
+
+    out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(),
+                                out_specs=P(("dp", "a", "b"))))()
+    where = {s.device: tuple(int(v) for v in np.asarray(s.data)[0])
+             for s in out.addressable_shards}
+    world = int(np.prod([mesh.shape[n] for n in tp]))
+    req = workspace.TableRequest("all_gather_matmul", axes, world, 8 // world, 1024)
+    slots = workspace._slots(req, mesh, "cpu")
+    assert {d: (g, r) for g, row in enumerate(slots) for r, d in enumerate(row)} == where

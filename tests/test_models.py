@@ -287,3 +287,17 @@ def test_token_parallel_decode_matches_one_device(impl, dp, tied):
     with pytest.raises(ValueError, match=r"B divisible by 8 .* got \(4, 1\)"):
         model.decode_step(tokens[:4, :1], KVCache.empty(cfg, 4, mesh, "tp", "dp"),
                           token_parallel=True)
+
+
+def test_tensor_parallel_over_a_tuple_of_axes_matches_one_device():
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("x", "y"))
+    tokens = _tokens(length=16)
+    forward = nnx.jit(lambda m, t: m(t))
+    got = forward(Llama(CFG, mesh=mesh, axis_name=("x", "y"), impl="ring", rngs=nnx.Rngs(3)),
+                  tokens)
+    want = forward(Llama(CFG, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(3)), tokens)
+    assert testing.relative_error(got, np.asarray(want, np.float64)) < 1e-5
+    with pytest.raises(ValueError, match="must name mesh axes other than"):
+        Llama(CFG, mesh=mesh, axis_name=("x", "y"), batch_axis="y", rngs=nnx.Rngs(0))

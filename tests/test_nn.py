@@ -91,6 +91,19 @@ def test_batch_split_over_a_data_parallel_axis(impl):
         assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["ring", "fused"])
+def test_tensor_parallel_over_a_tuple_of_axes(impl):
+    # axis_name=("x", "y"): one tensor-parallel axis of 8 over a 2 x 4 mesh.
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("x", "y"))
+    col, row = _pair(mesh, impl, axis_name=("x", "y"))
+    assert col.kernel[...].sharding.shard_shape((16, 32, 2)) == (16, 4, 2)
+    x = _x(seed=6)
+    out = nnx.jit(_mlp)(col, row, x)
+    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+
+
 def test_replicated_decode_path():
     col, row = _pair(mesh_of(8), "xla")
     x = _x(s=1, seed=3)  # one position: cannot be split over 8 ranks

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 from jax.experimental import io_callback
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 from custom_calls import _interpreter_shim, _mode
 from custom_calls._host_tensor import HostTensor
@@ -95,6 +95,28 @@ def _jitted_bind(params: tuple):
 def _eager_impl(*args, **params):
     # Outside jit: compile the one call (cached by its static parameters).
     return _jitted_bind(tuple(sorted(params.items())))(*args)
+
+
+def _batch(args, dims, **params):
+    """``jax.vmap``: one launch per batch element, in a loop (``lax.map``).
+
+    A kernel is written for one problem; its grid, workspace offsets and
+    signals are per call. Every rank runs the same program, so the ranks'
+    calls stay in step (each iteration is a call with its own epoch).
+    """
+    mapped = [d is not None for d in dims]  # None: batching's "not mapped"
+    xs = [jnp.moveaxis(a, d, 0) for a, d, m in zip(args, dims, mapped) if m]
+
+    def one(slices):
+        it = iter(slices)
+        return triton_call_p.bind(*[next(it) if m else a for a, m in zip(args, mapped)],
+                                  **params)
+
+    outs = jax.lax.map(one, xs)
+    return outs, [0] * len(outs)
+
+
+batching.primitive_batchers[triton_call_p] = _batch
 
 
 def triton_call(

@@ -221,3 +221,41 @@ def test_a_tuple_of_axes_is_one_axis(op, impl, axes):
 
     _assert_close(_out_and_grads(lambda x, w: ours(x, w, axes, impl=impl), mesh, *specs, x, w),
                   _out_and_grads(lambda x, w: ref(x, w, axes), mesh, *specs, x, w))
+
+
+@pytest.mark.parametrize("batched", ["x", "x,w"])
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_vmap_over_the_op(op, impl, batched):
+    # jax.vmap of the global-view function (shard_map pushes it inside): a batch of
+    # problems, with the weight shared or batched too; the fused kernel runs once
+    # an element. Output and gradients for a random cotangent against the reference.
+    import jax
+
+    from jax_flux.ag_gemm import reference as ag_reference
+    from jax_flux.gemm_rs import reference as rs_reference
+
+    mesh = mesh_of(8)
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(rng.standard_normal((3, 32, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3 if "w" in batched else 1, 24, 16)) / 5, jnp.float32)
+    w = w if "w" in batched else w[0]
+    in_specs, out_spec = testing._SPECS[op]
+    w_axis = 0 if "w" in batched else None
+
+    def run(fn):
+        f = jax.vmap(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec),
+                     in_axes=(0, w_axis))
+        g = jnp.asarray(np.random.default_rng(5).standard_normal((3, 32, 16)), jnp.float32)
+
+        def with_grads(x, w):
+            out, vjp = jax.vjp(f, x, w)
+            return (out, *vjp(g))
+
+        return jax.jit(with_grads)(x, w)
+
+    ref = {"all_gather_matmul": ag_reference, "matmul_reduce_scatter": rs_reference}[op]
+    got = run(lambda x, w: testing.OPS[op](x, w, "tp", impl=impl))
+    want = run(lambda x, w: ref(x, w, "tp"))
+    assert got[0].shape == (3, 32, 16)
+    _assert_close(got, want)

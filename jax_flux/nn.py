@@ -71,40 +71,46 @@ def _batch_spec(batch_axis) -> Any:
 
 
 def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
-                    impl: str = "auto", config=None):
+                    impl: str = "auto", config=None, preferred_element_type=None):
     """Local-shard column-parallel matmul: ``x [S_local, ..., in] @ kernel [in, out_local...]``.
 
     With ``sequence_parallel`` the leading (sequence) dim of x is this rank's
     shard and the result covers the whole sequence; otherwise x is replicated.
+    The result is in ``preferred_element_type`` (default x's dtype).
     """
     lead, k_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_in)
     k2 = kernel.reshape(kernel.shape[0], -1)
     if sequence_parallel:
-        y = all_gather_matmul(x2, k2, axis_name, impl=impl, config=config)
+        y = all_gather_matmul(x2, k2, axis_name, impl=impl, config=config,
+                              preferred_element_type=preferred_element_type)
         lead = (y.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
-        y = dot_f32(x2, k2).astype(x.dtype)
+        y = dot_f32(x2, k2).astype(preferred_element_type or x.dtype)
     y = y.reshape(*lead, *kernel.shape[1:])
     return y if bias is None else y + bias.astype(y.dtype)
 
 
 def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
-                 impl: str = "auto", config=None):
+                 impl: str = "auto", config=None, preferred_element_type=None):
     """Local-shard row-parallel matmul: ``x [S, ..., in_local...] @ kernel [in_local..., out]``.
 
     With ``sequence_parallel`` the sum over ranks is scattered along the
     leading (sequence) dim; otherwise it is all-reduced (replicated result).
+    The result (and the partial sums) in ``preferred_element_type`` (default
+    x's dtype).
     """
     n_in = kernel.ndim - 1
     lead = x.shape[:x.ndim - n_in]
     x2 = x.reshape(math.prod(lead), -1)
     k2 = kernel.reshape(-1, kernel.shape[-1])
+    out_dtype = preferred_element_type or x.dtype
     if sequence_parallel:
-        z = matmul_reduce_scatter(x2, k2, axis_name, impl=impl, config=config)
+        z = matmul_reduce_scatter(x2, k2, axis_name, impl=impl, config=config,
+                                  preferred_element_type=preferred_element_type)
         lead = (z.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
-        z = lax.psum(dot_f32(x2, k2), axis_name).astype(x.dtype)
+        z = lax.psum(dot_f32(x2, k2).astype(out_dtype), axis_name)
     z = z.reshape(*lead, kernel.shape[-1])
     return z if bias is None else z + bias.astype(z.dtype)
 
@@ -115,7 +121,8 @@ class _ParallelLinear(nnx.Module):
     def __init__(self, in_features: Shape, out_features: Shape, *, mesh: Mesh,
                  axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
                  config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
-                 param_dtype=jnp.float32, kernel_init=default_kernel_init,
+                 param_dtype=jnp.float32, preferred_element_type=None,
+                 kernel_init=default_kernel_init,
                  bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
         self.in_shape = _as_shape(in_features)
         self.out_shape = _as_shape(out_features)
@@ -133,6 +140,7 @@ class _ParallelLinear(nnx.Module):
         self.batch_axis = batch_axis
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.preferred_element_type = preferred_element_type
         self.use_bias = use_bias
         kernel_shape = self.in_shape + self.out_shape
         fan_shape = (math.prod(self.in_shape), math.prod(self.out_shape))
@@ -186,7 +194,9 @@ class ColumnParallelLinear(_ParallelLinear):
       batch_axis: mesh axis (or axes) of dim 1 of x in the global view (data
         parallelism), or None.
       dtype: compute dtype (default: promote x and params); param_dtype: of
-        the parameters.
+        the parameters; preferred_element_type: the result's dtype (default:
+        the compute dtype), as in ``nnx.Linear``: float32 logits from
+        bfloat16 operands, say.
       kernel_init, bias_init: initialisers; rngs: ``nnx.Rngs``.
 
     Raises:
@@ -214,7 +224,8 @@ class ColumnParallelLinear(_ParallelLinear):
     def _local_fn(self, sp):
         def fn(x, kernel, bias):
             return column_parallel(x, kernel, bias, axis_name=self.axis_name,
-                                   sequence_parallel=sp, impl=self.impl, config=self.config)
+                                   sequence_parallel=sp, impl=self.impl, config=self.config,
+                                   preferred_element_type=self.preferred_element_type)
         return fn
 
     def _activation_specs(self, ndim, sp):
@@ -231,7 +242,7 @@ class RowParallelLinear(_ParallelLinear):
       in_features: int or tuple, the trailing dims of x; the first is split
         over the axis (the sharded output of a ColumnParallelLinear).
       out_features: output features.
-      mesh, axis_name, impl, config, batch_axis, dtype, param_dtype,
+      mesh, axis_name, impl, config, batch_axis, dtype, param_dtype, preferred_element_type,
         kernel_init, bias_init, rngs: as ColumnParallelLinear (impl/config go
         to ``matmul_reduce_scatter``).
       use_bias: add a (replicated) bias after the reduction.
@@ -264,7 +275,8 @@ class RowParallelLinear(_ParallelLinear):
     def _local_fn(self, sp):
         def fn(x, kernel, bias):
             return row_parallel(x, kernel, bias, axis_name=self.axis_name,
-                                sequence_parallel=sp, impl=self.impl, config=self.config)
+                                sequence_parallel=sp, impl=self.impl, config=self.config,
+                                preferred_element_type=self.preferred_element_type)
         return fn
 
     def _activation_specs(self, ndim, sp):

@@ -213,20 +213,24 @@ class Llama(nnx.Module):
             self.blocks = nnx.List([Block(cfg, mesh, axis_name, impl, rngs, batch_axis)
                                     for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
+        # Logits in float32 straight from the head's GEMM (float32 accumulation,
+        # no rounding to a 16-bit compute dtype before the softmax).
         self.head = None if cfg.tie_embeddings else ColumnParallelLinear(
-            cfg.hidden, cfg.vocab, **_layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis))
+            cfg.hidden, cfg.vocab, preferred_element_type=jnp.float32,
+            **_layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis))
 
     def _constrain(self, x, spec):
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def _logits(self, h, sp):
-        """[S, B, vocab] (split over vocab) of the final hidden states h [S, B, H]."""
+        """[S, B, vocab] float32 (split over vocab) of the final hidden states h [S, B, H]."""
         if self.head is not None:
             logits = self.head(h, sequence_parallel=sp)
         else:
             table = self.embed[...].astype(h.dtype).T  # [H, vocab], split over vocab
             fn = lambda h, k: column_parallel(h, k, None, axis_name=self.axis_name,  # noqa: E731
-                                              sequence_parallel=sp, impl=self.impl)
+                                              sequence_parallel=sp, impl=self.impl,
+                                              preferred_element_type=jnp.float32)
             ax, bx = self.axis_name, self.batch_axis
             logits = jax.shard_map(fn, mesh=self.mesh,
                                    in_specs=(P(ax if sp else None, bx, None), P(None, ax)),
@@ -278,7 +282,7 @@ class Llama(nnx.Module):
         return logits, KVCache(k=kv[0], v=kv[1], length=start + tokens.shape[1])
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits [B, S, vocab] of tokens [B, S] (S divisible by the tp size)."""
+        """Logits [B, S, vocab] (float32) of tokens [B, S] (S divisible by the tp size)."""
         return self._run(tokens, jnp.arange(tokens.shape[1]), None, None, True)[0]
 
     def prefill(self, tokens: jax.Array, cache: KVCache):

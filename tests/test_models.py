@@ -301,3 +301,15 @@ def test_tensor_parallel_over_a_tuple_of_axes_matches_one_device():
     assert testing.relative_error(got, np.asarray(want, np.float64)) < 1e-5
     with pytest.raises(ValueError, match="must name mesh axes other than"):
         Llama(CFG, mesh=mesh, axis_name=("x", "y"), batch_axis="y", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_are_float32_in_a_bfloat16_model(tied):
+    cfg = dataclasses.replace(CFG, dtype="bfloat16", tie_embeddings=tied)
+    model = Llama(cfg, mesh=mesh_of(8), impl="ring", rngs=nnx.Rngs(0))
+    tokens = _tokens(length=16)
+    logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+    assert logits.dtype == jnp.float32
+    one = Llama(cfg, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(0))
+    want = nnx.jit(lambda m, t: m(t))(one, tokens)
+    assert testing.relative_error(logits, np.asarray(want, np.float64)) < 2e-2

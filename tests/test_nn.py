@@ -160,3 +160,27 @@ def test_wrong_input_width_is_a_clear_error():
     col, _ = _pair(mesh_of(8), "xla")
     with pytest.raises(ValueError, match=r"expected x \[S, ..., 16\], got \(16, 2, 8\)"):
         col(jnp.ones((16, 2, 8)))
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_float32_results_from_bfloat16_compute(impl):
+    # preferred_element_type, as nnx.Linear has it: bf16 operands, f32 results
+    # (no bf16 rounding of the output), both paths: sequence parallel and decode.
+    mesh = mesh_of(8)
+    kw = dict(dtype=jnp.bfloat16, preferred_element_type=jnp.float32, impl=impl)
+    col = ColumnParallelLinear(16, 32, mesh=mesh, rngs=nnx.Rngs(0), **kw)
+    row = RowParallelLinear(32, 24, mesh=mesh, rngs=nnx.Rngs(1), **kw)
+    x = _x().astype(jnp.bfloat16)
+
+    def f64(a):
+        return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+
+    for sp in (True, False):
+        h = nnx.jit(lambda c, x: c(x, sequence_parallel=sp))(col, x)
+        assert h.dtype == jnp.float32
+        want = np.einsum("sbi,io->sbo", f64(x), f64(col.kernel[...]))
+        assert testing.relative_error(h, want) < 2e-5
+        h16 = h.astype(jnp.bfloat16)
+        z = nnx.jit(lambda r, h: r(h, sequence_parallel=sp))(row, h16)
+        assert z.dtype == jnp.float32
+        assert testing.relative_error(z, f64(h16) @ f64(row.kernel[...])) < 2e-5

@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--tp", type=int, default=8)
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel size (the batch is split; dp * tp devices)")
     p.add_argument("--impl", default="auto", choices=["auto", "xla", "ring", "fused"])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=16, help="divisible by --tp")
@@ -96,10 +98,12 @@ def main(argv=None) -> int:
                    help="decode with the batch's tokens split over --tp (AG-GEMM / GEMM-RS "
                         "instead of all-reduce; --batch divisible by --tp)")
     a = p.parse_args(argv)
-    model = build(a.preset, a.tp, a.impl, None, a.seed, scan_layers=a.scan_layers)
+    if a.batch % a.dp:
+        p.error(f"--batch {a.batch} must be divisible by --dp {a.dp}")
+    model = build(a.preset, a.tp, a.impl, None, a.seed, a.dp, scan_layers=a.scan_layers)
     if a.train_steps:
         trained, _ = train(a.preset, a.tp, a.train_steps, "xla", seed=a.seed,
-                           log=lambda s: None)
+                           log=lambda s: None, dp=a.dp)
         copy_parameters(trained, model)
     prompt = progressions(np.random.default_rng(a.seed + 7), a.batch, a.prompt_len,
                           model.cfg.vocab)

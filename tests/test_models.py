@@ -313,3 +313,16 @@ def test_logits_are_float32_in_a_bfloat16_model(tied):
     one = Llama(cfg, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(0))
     want = nnx.jit(lambda m, t: m(t))(one, tokens)
     assert testing.relative_error(logits, np.asarray(want, np.float64)) < 2e-2
+
+
+def test_command_lines_with_every_layout_option(capsys):
+    from models import generate as generate_cli
+    from models import train as train_cli
+
+    assert train_cli.main(["--steps", "2", "--impl", "xla", "--dp", "2", "--tp", "4",
+                           "--scan-layers", "--remat", "collective_matmuls"]) == 0
+    assert generate_cli.main(["--impl", "xla", "--dp", "2", "--tp", "4", "--batch", "8",
+                              "--scan-layers", "--token-parallel-decode",
+                              "--new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and out.count("prompt") == 8

@@ -66,6 +66,7 @@ def main() -> int:
     # No device to ask: compile for an H100.
     triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: 90
 
+    import jax
     import jax.numpy as jnp
 
     from jax_flux import errors, testing
@@ -73,24 +74,36 @@ def main() -> int:
     from tests.helpers import fused_fn, mesh_of
 
     mesh = mesh_of(4)
-    cases = [("all_gather_matmul", jnp.bfloat16, (512, 256, 1024)),
-             ("matmul_reduce_scatter", jnp.bfloat16, (512, 1024, 256)),
-             ("all_gather_matmul", jnp.float32, (512, 256, 1024)),
-             ("matmul_reduce_scatter", jnp.float16, (512, 1024, 256))]
-    for op, dtype, (m, k, n) in cases:
+    f32 = {"preferred_element_type": jnp.float32}
+    # (op, dtype, (m, k, n), op keywords, vmapped): a float32 result from bf16
+    # operands (its own pointer types), and a vmapped call (a loop of launches).
+    cases = [("all_gather_matmul", jnp.bfloat16, (512, 256, 1024), {}, False),
+             ("matmul_reduce_scatter", jnp.bfloat16, (512, 1024, 256), {}, False),
+             ("all_gather_matmul", jnp.float32, (512, 256, 1024), {}, False),
+             ("matmul_reduce_scatter", jnp.float16, (512, 1024, 256), {}, False),
+             ("all_gather_matmul", jnp.bfloat16, (512, 256, 1024), f32, False),
+             ("matmul_reduce_scatter", jnp.bfloat16, (512, 1024, 256), f32, False),
+             ("all_gather_matmul", jnp.bfloat16, (512, 256, 1024), {}, True)]
+    for op, dtype, (m, k, n), kw, vmapped in cases:
         x, w, _, _ = testing.random_operands(m, k, n, dtype)
         xs, ws = testing.place(op, mesh, x, w)
-        text = fused_fn(op, mesh).trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
+        fn = fused_fn(op, mesh, **kw)
+        if vmapped:
+            fn, xs = jax.jit(jax.vmap(fn, in_axes=(0, None))), jnp.stack([xs, xs])
+        text = fn.trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
         for name in ("all-gather", "all_gather", "reduce-scatter", "reduce_scatter"):
             assert f"stablehlo.{name}" not in text, (op, name)
         assert "stablehlo.case" not in text and "callback" not in text, op  # async: no check
+        assert ("stablehlo.while" in text) == vmapped, op
         config = _backend_config(text).decode("latin1")
         ptx = config[config.index(".version"):]
         entry = re.findall(r"\.entry (\w+)", ptx)
         target = re.findall(r"\.target (\S+)", ptx)
         f = ptx_features(ptx)
-        print(f"{op:22s} {jnp.dtype(dtype).name:9s} kernel={entry[0]} target={target[0]} "
-              f"cp.async={f['cp.async']} wgmma={f['wgmma']} timer={f['timer']}")
+        out = jnp.dtype(kw.get("preferred_element_type", dtype)).name
+        print(f"{op:22s} {jnp.dtype(dtype).name:9s}-> {out:9s} {'vmap ' if vmapped else ''}"
+              f"kernel={entry[0]} target={target[0]} cp.async={f['cp.async']} "
+              f"wgmma={f['wgmma']} timer={f['timer']}")
         assert target == ["sm_90a"] and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)
     check_residency(mesh)
     errors.watchdog.stop()

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_flux._matmul import dot_f32
@@ -64,6 +64,24 @@ def in_manual_context(axis_name: Hashable) -> bool:
     """True inside a shard_map that is manual over ``axis_name`` (local shards)."""
     mesh = jax.sharding.get_abstract_mesh()
     return set(axis_names(axis_name)) <= set(getattr(mesh, "manual_axes", ()))
+
+
+def place(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+    """``x`` laid out as ``spec`` on ``mesh``, in global view under jit.
+
+    On a mesh with ``Explicit`` axes (``jax.make_mesh``'s default) a layout
+    is part of the type: ``jax.sharding.reshard`` moves the data, and
+    ``shard_map`` requires its inputs to match ``in_specs`` already. On
+    ``Auto`` axes it is a ``with_sharding_constraint``.
+    """
+    sharding = NamedSharding(mesh, spec)
+    explicit = set(getattr(mesh, "explicit_axes", ()))
+    if explicit:
+        # reshard takes explicit axes only; auto ones are left to the compiler.
+        keep = lambda entry: tuple(a for a in axis_names(entry) if a in explicit) or None  # noqa: E731
+        return jax.sharding.reshard(x, NamedSharding(mesh, P(*(
+            None if e is None else keep(e) for e in spec))))
+    return lax.with_sharding_constraint(x, sharding)
 
 
 def _batch_spec(batch_axis) -> Any:
@@ -173,8 +191,9 @@ class _ParallelLinear(nnx.Module):
         x_spec, out_spec = self._activation_specs(x.ndim, sp)
         specs = (x_spec, P(*self.kernel_sharding()),
                  None if bias is None else P(*self.bias_sharding()))
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_spec)(
-            x, kernel, bias)
+        args = [a if a is None else place(a, self.mesh, s) for a, s in zip((x, kernel, bias),
+                                                                          specs)]
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_spec)(*args)
 
 
 class ColumnParallelLinear(_ParallelLinear):

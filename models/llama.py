@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_flux import remat
-from jax_flux.nn import ColumnParallelLinear, RowParallelLinear, axis_size, column_parallel
+from jax_flux.nn import (ColumnParallelLinear, RowParallelLinear, axis_size, column_parallel,
+                         place)
 from models.config import LlamaConfig
 
 
@@ -219,8 +220,6 @@ class Llama(nnx.Module):
             cfg.hidden, cfg.vocab, preferred_element_type=jnp.float32,
             **_layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis))
 
-    def _constrain(self, x, spec):
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def _logits(self, h, sp):
         """[S, B, vocab] float32 (split over vocab) of the final hidden states h [S, B, H]."""
@@ -232,9 +231,10 @@ class Llama(nnx.Module):
                                               sequence_parallel=sp, impl=self.impl,
                                               preferred_element_type=jnp.float32)
             ax, bx = self.axis_name, self.batch_axis
-            logits = jax.shard_map(fn, mesh=self.mesh,
-                                   in_specs=(P(ax if sp else None, bx, None), P(None, ax)),
-                                   out_specs=P(None, bx, ax))(h, table)
+            specs = (P(ax if sp else None, bx, None), P(None, ax))
+            logits = jax.shard_map(fn, mesh=self.mesh, in_specs=specs,
+                                   out_specs=P(None, bx, ax))(
+                *(place(a, self.mesh, s) for a, s in zip((h, table), specs)))
         return logits
 
     def _run(self, tokens, positions, cache, start, sp, token_parallel=False):
@@ -248,11 +248,15 @@ class Llama(nnx.Module):
             raise ValueError(f"a token-parallel decode step takes tokens [B, 1] with B divisible "
                              f"by {self.dp * self.tp} (batch_axis x tensor-parallel size), got "
                              f"{tuple(tokens.shape)}")
+        # The lookup from replicated token ids (a few bytes): a gather of the
+        # replicated table by ids split over the batch axis has no unambiguous
+        # sharding on a mesh with explicit axes. Then laid out as the blocks want.
+        tokens = place(tokens, self.mesh, P())
         h = jnp.swapaxes(self.embed[...].astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
         if token_parallel:
             h = tokens_to_rows(h, self.dp)
-        h = self._constrain(h, P(self.axis_name if sp or token_parallel else None,
-                                 self.batch_axis, None))
+        h = place(h, self.mesh, P(self.axis_name if sp or token_parallel else None,
+                                  self.batch_axis, None))
 
         def apply(block, h, kv):
             return block(h, positions, kv, start, sequence_parallel=sp,
@@ -325,7 +329,9 @@ def tokens_to_rows(h, dp: int):
 
 def rows_to_tokens(rows):
     """The inverse of ``tokens_to_rows``: [B / dp, dp, ...] -> [1, B, ...]."""
-    return rows.swapaxes(0, 1).reshape(1, -1, *rows.shape[2:])
+    # Merge first, then add the leading dim: JAX infers the merged dim's sharding
+    # on explicit axes (dp major), not that of a reshape doing both at once.
+    return rows.swapaxes(0, 1).reshape(-1, *rows.shape[2:])[None]
 
 
 def _stacked_blocks(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str,
@@ -370,4 +376,7 @@ def copy_parameters(src: Llama, dst: Llama) -> None:
 def cross_entropy(logits, targets):
     """Mean next-token cross entropy in float32."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    # A one-hot product, not a gather: the vocabulary axis may be sharded (a
+    # gather along it has no unambiguous sharding on a mesh with explicit axes).
+    return -jnp.mean(jnp.sum(logp * jax.nn.one_hot(targets, logits.shape[-1], dtype=logp.dtype),
+                             axis=-1))

@@ -326,3 +326,27 @@ def test_command_lines_with_every_layout_option(capsys):
                               "--new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "loss" in out and out.count("prompt") == 8
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_a_mesh_from_make_mesh_with_explicit_axes(impl, single_device):
+    # jax.make_mesh gives Explicit axes by default: layouts are part of the types
+    # (reshard, no with_sharding_constraint; gathers and reshapes of sharded dims
+    # must be unambiguous). Training step and both decodes against one device.
+    mesh = jax.make_mesh((2, 4), ("dp", "tp"))
+    assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    model = Llama(CFG, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(0))
+    logits, grads, _ = _step(model, _tokens())
+    ref_logits, ref_grads, _ = single_device
+    assert testing.relative_error(logits, ref_logits) < 1e-5
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert testing.relative_error(g, r) < 1e-4
+    prompt = _tokens(batch=8, length=16, seed=4)
+    quiet = lambda s: None  # noqa: E731
+    want = generate(Llama(CFG, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(1)), prompt, 3,
+                    log=quiet)
+    model = Llama(CFG, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(1))
+    with jax.set_mesh(mesh):
+        for token_parallel in (False, True):
+            got = generate(model, prompt, 3, log=quiet, token_parallel=token_parallel)
+            assert np.array_equal(got, want), token_parallel

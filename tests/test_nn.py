@@ -18,9 +18,10 @@ def _pair(mesh, impl, use_bias=True, **kw):
                                rngs=nnx.Rngs(0), **kw)
     row = RowParallelLinear(32, 24, mesh=mesh, use_bias=use_bias, impl=impl, rngs=nnx.Rngs(1),
                             **kw)
-    if use_bias:  # nonzero biases, so they are checked too
-        col.bias[...] = jnp.linspace(-1, 1, 64).reshape(32, 2)
-        row.bias[...] = jnp.linspace(1, 2, 24)
+    if use_bias:  # nonzero biases, so they are checked too (placed as the parameters are)
+        col.bias[...] = jax.device_put(jnp.linspace(-1, 1, 64).reshape(32, 2),
+                                       col.bias[...].sharding)
+        row.bias[...] = jax.device_put(jnp.linspace(1, 2, 24), row.bias[...].sharding)
     return col, row
 
 
@@ -101,6 +102,20 @@ def test_tensor_parallel_over_a_tuple_of_axes(impl):
     assert col.kernel[...].sharding.shard_shape((16, 32, 2)) == (16, 4, 2)
     x = _x(seed=6)
     out = nnx.jit(_mlp)(col, row, x)
+    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_a_mesh_with_explicit_axes(impl):
+    # jax.make_mesh's default: shard_map wants its inputs laid out as in_specs
+    # already, so the layers reshard them (jax_flux.nn.place).
+    mesh = jax.make_mesh((8,), ("tp",))
+    col, row = _pair(mesh, impl)
+    x = _x(seed=7)
+    out = nnx.jit(_mlp)(col, row, x)
+    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+    with jax.set_mesh(mesh):
+        out = nnx.jit(_mlp)(col, row, x)
     assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
 
 

@@ -7,7 +7,7 @@ depends on the platform the program is compiled for:
   without a CUDA jaxlib), which compiles the kernel and emits one custom call
   launched on XLA's stream.
 * CPU: a host callback that runs the very same ``@triton.jit`` source through
-  Triton's interpreter on numpy buffers (wrapped as ``HostTensor``). Inside a
+  Triton's interpreter on numpy buffers (``_interpreter_launch``). Inside a
   ``shard_map`` over emulated CPU devices, XLA runs each device's callback on
   its own thread, so the ranks' kernels run concurrently, as on GPUs.
 
@@ -33,8 +33,8 @@ from jax.extend import core as jax_core
 from jax.experimental import io_callback
 from jax.interpreters import batching, mlir
 
-from custom_calls import _interpreter_shim, _mode
-from custom_calls._host_tensor import HostTensor
+from custom_calls import _mode
+from custom_calls._interpreter_launch import interleave, run_interpreted
 from custom_calls._jax_compat import varying_axes_of_aval as _varying_axes
 
 Grid = tuple[int, ...]
@@ -47,11 +47,6 @@ class PeerTimeoutError(RuntimeError):
 def _raise_on_status(status: np.ndarray, on_status) -> None:
     if int(status[0]) != 0:
         raise PeerTimeoutError(on_status(np.asarray(status)))
-
-
-# Value written into every output before a CPU launch, so a tile the kernel
-# never writes shows up in a comparison instead of passing as stale memory.
-_POISON_INT = -0x5A5A5A5A
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,61 +237,7 @@ def _with_lowered_constants(ctx, lowered: tuple, platform: str):
     return substitute, dtypes
 
 
-def _interleave(arrays: Sequence[Any], scalars: tuple) -> list:
-    """Rebuilds the kernel's operand list: scalars back at their positions."""
-    out, it = [], iter(arrays)
-    positions = dict(scalars)
-    for i in range(len(arrays) + len(scalars)):
-        out.append(positions[i] if i in positions else next(it))
-    return out
-
-
 # --------------------------------------------------------------------- CPU
-
-
-def _poison(a: np.ndarray) -> None:
-    if np.issubdtype(a.dtype, np.integer):
-        a.fill(np.array(_POISON_INT).astype(a.dtype))
-    else:
-        a.fill(np.nan)
-
-
-_ALIGN = 16
-
-
-def aligned(a: np.ndarray) -> np.ndarray:
-    """``a`` at a 16-byte aligned address (copied if it is not): kernels rely on
-    operand alignment as on a GPU (jax-triton assumes it of XLA's buffers)."""
-    if a.ctypes.data % _ALIGN == 0:
-        return a
-    raw = np.empty(a.nbytes + _ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    np.copyto(out, a)
-    return out
-
-
-def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars: tuple,
-                    out_shapes: Sequence[jax.ShapeDtypeStruct], input_output_aliases: tuple,
-                    zeroed_outputs: tuple, metaparams: tuple) -> list[np.ndarray]:
-    """Runs one kernel launch through Triton's interpreter on host arrays."""
-    if not hasattr(kernel, "rewrite"):  # triton.runtime.interpreter.InterpretedFunction
-        raise RuntimeError(
-            "jax_flux runs Triton kernels on CPU devices through Triton's interpreter, but "
-            "triton was imported in compiled mode before jax_flux. Set TRITON_INTERPRET=1 "
-            "before anything imports triton, or import jax_flux first.")
-    _interpreter_shim.install()
-    inputs = [aligned(np.ascontiguousarray(a)) for a in arrays]
-    outputs = [aligned(np.empty(s.shape, s.dtype)) for s in out_shapes]
-    for o in outputs:
-        _poison(o)
-    for i in zeroed_outputs:
-        outputs[i].fill(0)
-    for i, o in input_output_aliases:
-        np.copyto(outputs[o], inputs[i])
-    operands = _interleave([HostTensor(a) for a in inputs], scalars)
-    kernel[grid](*operands, *[HostTensor(o) for o in outputs], **dict(metaparams))
-    return outputs
 
 
 def _cpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
@@ -375,7 +316,7 @@ def _check_resident(kernel, grid: Grid, dtypes: list, scalars: tuple,
 
     sms, capability = target
     names = [n for n in kernel.arg_names if n not in dict(metaparams)]
-    runtime = _interleave([np.dtype(d) for d in dtypes], scalars) + [
+    runtime = interleave([np.dtype(d) for d in dtypes], scalars) + [
         np.dtype(s.dtype) for s in out_shapes]
     pointers = tuple((name, compiler.pointer_type(d)) for name, d in zip(names, runtime)
                      if isinstance(d, np.dtype))
@@ -397,7 +338,7 @@ def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_wa
     def call(*arrays):
         arrays = substitute(arrays)
         outs = jt.triton_call(
-            *_interleave(arrays, scalars), kernel=kernel, out_shape=list(out_shapes), grid=grid,
+            *interleave(arrays, scalars), kernel=kernel, out_shape=list(out_shapes), grid=grid,
             num_warps=num_warps, num_stages=num_stages,
             input_output_aliases=dict(input_output_aliases),
             zeroed_outputs=zeroed_outputs, **dict(metaparams))

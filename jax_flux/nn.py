@@ -75,12 +75,8 @@ def place(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
     ``Auto`` axes it is a ``with_sharding_constraint``.
     """
     sharding = NamedSharding(mesh, spec)
-    explicit = set(getattr(mesh, "explicit_axes", ()))
-    if explicit:
-        # reshard takes explicit axes only; auto ones are left to the compiler.
-        keep = lambda entry: tuple(a for a in axis_names(entry) if a in explicit) or None  # noqa: E731
-        return jax.sharding.reshard(x, NamedSharding(mesh, P(*(
-            None if e is None else keep(e) for e in spec))))
+    if getattr(mesh, "explicit_axes", ()):  # JAX refuses meshes mixing the two kinds
+        return jax.sharding.reshard(x, sharding)
     return lax.with_sharding_constraint(x, sharding)
 
 

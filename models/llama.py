@@ -19,7 +19,6 @@ optionally rematerialised (``cfg.remat``).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_flux import remat
+from jax_flux._axes import axis_names
 from jax_flux.nn import (ColumnParallelLinear, RowParallelLinear, axis_size, column_parallel,
                          place)
 from models.config import LlamaConfig
@@ -308,13 +308,13 @@ class Llama(nnx.Module):
 
 
 def _axis_names(axes) -> tuple:
-    """A mesh axis, a tuple of them or None, as a tuple of names."""
-    return () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+    """A mesh axis, a tuple (or list) of them or None, as a tuple of names."""
+    return () if axes is None else axis_names(tuple(axes) if isinstance(axes, list) else axes)
 
 
 def _axes_size(mesh: Mesh, axes) -> int:
     """Devices along mesh axis (or tuple of axes) ``axes``; 1 for None."""
-    return math.prod(mesh.shape[a] for a in _axis_names(axes))
+    return 1 if axes is None else axis_size(mesh, _axis_names(axes))
 
 
 def tokens_to_rows(h, dp: int):

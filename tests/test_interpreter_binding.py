@@ -12,7 +12,7 @@ import triton.language as tl
 
 from custom_calls import _mode, interpreter_ready
 from custom_calls._host_tensor import HostTensor
-from custom_calls.binding import aligned, run_interpreted
+from custom_calls._interpreter_launch import aligned, run_interpreted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

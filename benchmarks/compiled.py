@@ -141,10 +141,11 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
     tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=precision)
     fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
-                                            ROTATE=cfg.rotate, TIMED=True), cfg, cc)
-    gm, gk, gn = gemm_mkn
-    plain = _compile(gemm.matmul_kernel, gemm.pointer_types(t), dict(M=gm, N=gn, K=gk, **tile),
+                                            ROTATE=cfg.rotate, W_TRANS=False, TIMED=True),
                      cfg, cc)
+    gm, gk, gn = gemm_mkn
+    plain = _compile(gemm.matmul_kernel, gemm.pointer_types(t),
+                     dict(M=gm, N=gn, K=gk, **tile, B_TRANS=False), cfg, cc)
     # The persistent grid as the ops size it on a GPU.
     tiles = world * -(-m_local // cfg.block_m) * -(-n // cfg.block_n)
     gemm_programs = persistent_grid(cfg.num_programs, tiles, helpers,

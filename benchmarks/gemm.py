@@ -1,6 +1,7 @@
 """The fused kernels' GEMM tile loop against XLA's dot, one device, the sweeps' per-rank shapes.
 
     python -m benchmarks.gemm --sweep gpt3-175b --dtype bfloat16     # on a GPU
+    python -m benchmarks.gemm --sweep gpt3-175b --b-transposed       # the backward's layout
     python -m benchmarks.gemm --quick                                # CPU smoke run
 
 ``custom_calls.gemm.matmul`` runs the same ``gemm_tile`` loop the fused
@@ -8,6 +9,9 @@ kernels extend, without communication; the ratio to XLA's dot (cuBLAS on a
 GPU) in the same process bounds what the fused kernels can reach. A few tile
 configs are tried per shape (each checked against a float64 reference on
 small shapes, against XLA's result otherwise) and the best is reported.
+``--b-transposed`` gives b as b^T [N, K], read in place by both (XLA's dot of
+``a @ bt.T``, the Triton GEMM's transposed-operand path): the layout the fused
+kernels read w in during the backward pass.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--b-transposed", action="store_true", help="b given as b^T [N, K]")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     device = ([d for d in jax.devices() if d.platform == "gpu"] or jax.devices("cpu"))[0]
@@ -56,14 +61,15 @@ def main(argv=None) -> int:
             continue
         seen.add((m, k, n))
         x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=m)
-        x, w = jax.device_put(x, device), jax.device_put(w, device)
-        xla = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+        bt = a.b_transposed
+        x, w = jax.device_put(x, device), jax.device_put(w.T if bt else w, device)
+        xla = jax.jit(lambda x, w: jnp.dot(x, w.T if bt else w, preferred_element_type=jnp.float32)
                       .astype(x.dtype))
         ref = np.asarray(xla(x, w), np.float64) if m * k * n > 2**31 else x64 @ w64
         t_xla = harness.time_fn(xla, (x, w), reps=reps)
         best = None
         for cfg in configs:
-            fn = jax.jit(lambda x, w, cfg=cfg: matmul(x, w, **cfg))
+            fn = jax.jit(lambda x, w, cfg=cfg: matmul(x, w, b_transposed=bt, **cfg))
             err = testing.relative_error(fn(x, w), ref)
             if not err < testing.TOLERANCE[dtype]:
                 print(f"{shape.name} {cfg}: WRONG (rel err {err:.2e}), not timed")
@@ -82,11 +88,14 @@ def main(argv=None) -> int:
                        best_config=" ".join(f"{k}={v}" for k, v in cfg.items()), rel_err=err)
         rows.append(row)
         print(harness.format_row(row, COLUMNS))
-    base = os.path.join(a.out, f"gemm_{sweep}_{dtype.name}_{device.platform}")
+    layout = "_bT" if a.b_transposed else ""
+    base = os.path.join(a.out, f"gemm_{sweep}{layout}_{dtype.name}_{device.platform}")
     notes = ["ratio_vs_xla > 1: the Triton GEMM is faster than XLA's dot."]
+    if a.b_transposed:
+        notes.append("b given as b^T [N, K] (K contiguous) to both, as the backward pass reads w.")
     if not on_gpu:
         notes.append("CPU: Triton's interpreter against XLA's CPU dot.")
-    harness.write_report(base, f"Triton GEMM vs XLA dot: {sweep}, {dtype.name}", env, rows,
+    harness.write_report(base, f"Triton GEMM vs XLA dot: {sweep}{layout}, {dtype.name}", env, rows,
                          COLUMNS, notes, on_gpu)
     print(f"wrote {base}.csv/.md")
     return 0

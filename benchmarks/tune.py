@@ -2,6 +2,7 @@
 
     python -m benchmarks.tune --sweep gpt3-175b --dtype bfloat16          # on the GPUs here
     python -m benchmarks.tune --sweep gpt3-175b --ship                    # ... and ship them
+    python -m benchmarks.tune --sweep gpt3-175b --backward                # the backward's kernels
     python -m benchmarks.tune --quick                                     # CPU smoke run
 
 For every shape of the sweep (the same ones ``benchmarks.ops`` times), over
@@ -11,6 +12,12 @@ user cache (``$JAX_FLUX_AUTOTUNE_CACHE`` or ~/.cache/jax_flux/autotune.json).
 ``--ship`` also merges those entries into ``jax_flux/tuned_defaults.json``,
 the defaults every install uses for this device kind, shapes and axis size.
 A CSV/markdown report lists the winner and how many candidates failed.
+
+``--backward`` tunes the kernels a training step's backward pass launches for
+each shape instead: dx of AG-GEMM is a GEMM-RS of dy with w^T, dx of GEMM-RS an
+AG-GEMM of dz with w^T (k and n swapped, w read transposed in place).
+``--out-dtype`` tunes for a result dtype other than the operands' (the ops'
+preferred_element_type). Both are part of the cache key.
 """
 
 from __future__ import annotations
@@ -24,11 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
-from benchmarks.ops import AG, sweep_shapes
+from benchmarks.ops import AG, RS, sweep_shapes
 from jax_flux import autotune, testing
 
-COLUMNS = ["op", "name", "M", "K", "N", "P", "dtype", "best_ms", "candidates", "failed", "config",
-           "first_failure"]
+COLUMNS = ["op", "name", "M", "K", "N", "P", "dtype", "out", "w", "best_ms", "candidates",
+           "failed", "config", "first_failure"]
 
 
 def per_rank(shape, world: int) -> tuple[int, int, int]:
@@ -37,6 +44,12 @@ def per_rank(shape, world: int) -> tuple[int, int, int]:
     if shape.op == AG:
         return m // world, k, n // world
     return m // world, k // world, n
+
+
+def backward_problem(op: str, m_local: int, k: int, n: int) -> tuple[str, int, int, int]:
+    """(op, m_local, k, n) of the fused launch that computes dx in the backward
+    pass of ``op`` on that per-rank problem; its w is read transposed."""
+    return (RS if op == AG else AG), m_local, n, k
 
 
 def ship(entries: dict, path: str = autotune.SHIPPED) -> None:
@@ -58,6 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="one tiny shape per op, one config (CPU smoke run)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--out-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="result dtype (preferred_element_type); default: the operands'")
+    p.add_argument("--backward", action="store_true",
+                   help="tune the backward pass's launches (other op, w transposed)")
     p.add_argument("--max-configs", type=int, default=None)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--ship", action="store_true", help="merge the winners into tuned_defaults.json")
@@ -71,21 +88,28 @@ def main(argv=None) -> int:
     world = len(devices)
     mesh = testing.mesh(devices)
     dtype = jnp.dtype(a.dtype)
+    out_dtype = jnp.dtype(a.out_dtype or a.dtype)
     device_kind = devices[0].device_kind
     rows, winners = [], {}
     shapes = sweep_shapes(sweep)
     if a.quick:
         shapes = [next(s for s in shapes if s.op == op) for op in dict.fromkeys(s.op for s in shapes)]
     for shape in shapes:
-        m_local, k, n = per_rank(shape, world)
+        op, (m_local, k, n) = shape.op, per_rank(shape, world)
+        if a.backward:
+            op, m_local, k, n = backward_problem(op, m_local, k, n)
         if m_local < 1:
             continue
-        best, results = autotune.tune(shape.op, mesh, m_local, k, n, dtype,
-                                      max_configs=max_configs, reps=reps, log=lambda s: None)
+        variant = dict(out_dtype=out_dtype, w_transposed=a.backward)
+        best, results = autotune.tune(op, mesh, m_local, k, n, dtype, max_configs=max_configs,
+                                      reps=reps, log=lambda s: None, **variant)
         ok = [r for r in results if r["status"] == "ok"]
         M, K, N = shape.global_operands(world)
-        row = {"op": shape.op, "name": shape.name, "M": M, "K": K, "N": N, "P": world,
-               "dtype": dtype.name, "candidates": len(results),
+        if a.backward:
+            K, N = N, K
+        row = {"op": op, "name": shape.name, "M": M, "K": K, "N": N, "P": world,
+               "dtype": dtype.name, "out": out_dtype.name, "w": "w^T" if a.backward else "w",
+               "candidates": len(results),
                "failed": sum(r["status"].startswith(("failed", "wrong")) for r in results),
                "best_ms": round(min(r["median_ms"] for r in ok), 4) if ok else None,
                "config": repr(best) if best else "none passed",
@@ -93,14 +117,16 @@ def main(argv=None) -> int:
         rows.append(row)
         print(harness.format_row(row, COLUMNS), flush=True)
         if best is not None:
-            entry_key = autotune.key(shape.op, device_kind, m_local, k, n, dtype, world)
+            entry_key = autotune.key(op, device_kind, m_local, k, n, dtype, world, **variant)
             winners[entry_key] = autotune.cached_entry(entry_key)
     if a.ship and winners:
         ship(winners, a.shipped_path)
         print(f"shipped {len(winners)} entries to {a.shipped_path}")
     on_gpu = devices[0].platform == "gpu"
     harness.write_report(
-        os.path.join(a.out, f"tune_{sweep}_{dtype.name}_{devices[0].platform}{world}"),
+        os.path.join(a.out, f"tune_{sweep}{'_backward' if a.backward else ''}_{dtype.name}"
+                            f"{'' if out_dtype == dtype else '_' + out_dtype.name}"
+                            f"_{devices[0].platform}{world}"),
         f"Autotuned fused kernels ({sweep})", harness.environment(devices), rows, COLUMNS,
         [f"jax_flux.autotune.tune per shape over {world} device(s), median of {reps} timed "
          f"runs per verified candidate."], on_gpu=on_gpu)

@@ -3,7 +3,8 @@
 Rank r holds x [m, K] and w [K, n] and computes y = all_gather(x) @ w,
 [P * m, n], reading peers' rows from its own gather buffer in the symmetric
 workspace (``signals.py`` has the layout), into which the peers push them
-(or from whose staged copies this rank pulls them, with PULL).
+(or from whose staged copies this rank pulls them, with PULL). With W_TRANS,
+w is stored transposed, [n, K] (the backward pass's dy @ w^T reads w in place).
 
 Programs [0, COMM_PROGRAMS) communicate: they push this rank's shard to peers
 r+1, r+2, ... (so at step d every rank sends to rank + d and receives from
@@ -147,7 +148,7 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr,
                 COPY_COLS: tl.constexpr, RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                ROTATE: tl.constexpr, TIMED: tl.constexpr):
+                ROTATE: tl.constexpr, W_TRANS: tl.constexpr, TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     gather = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
@@ -177,7 +178,7 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
                                               c, WORLD, TIMED)
             a_ptr = gather + tl.cast(src, tl.int64) * M_LOCAL * K
         acc = gemm_tile(a_ptr, w_ptr, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
-                        INPUT_PRECISION, REMOTE_CACHE)
+                        INPUT_PRECISION, REMOTE_CACHE, W_TRANS)
         # Rows that never arrived give NaN, not a plausible product of stale data.
         acc = tl.where(arrived, acc, float("nan"))
         out_rows = tl.cast(src, tl.int64) * M_LOCAL + rows
@@ -198,7 +199,8 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr,
                    RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                   ROTATE: tl.constexpr, PULL: tl.constexpr, TIMED: tl.constexpr):
+                   ROTATE: tl.constexpr, PULL: tl.constexpr, W_TRANS: tl.constexpr,
+                   TIMED: tl.constexpr):
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
@@ -218,8 +220,7 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, COPY_ROWS, COPY_COLS, RETURN_GATHERED,
-                    UPCAST,
-                    INPUT_PRECISION, REMOTE_CACHE, ROTATE, TIMED)
+                    UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, TIMED)
     signals.end_call(base, epoch)
 
 
@@ -242,11 +243,12 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             group_m: int, copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
             rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False,
-            pull: bool = False, out_dtype=None):
+            pull: bool = False, out_dtype=None, w_transposed: bool = False):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n] in ``out_dtype`` (default
-    x's), status [5] int32, xg or a dummy [1])."""
+    x's), status [5] int32, xg or a dummy [1]). With ``w_transposed``, w is
+    given as w^T [n, K] and read in place."""
     m, k = x.shape
-    n = w.shape[1]
+    n = w.shape[0] if w_transposed else w.shape[1]
     out_shape = [
         jax.ShapeDtypeStruct((world * m, n), out_dtype or x.dtype),
         jax.ShapeDtypeStruct((signals.STATUS_WORDS,), "int32"),
@@ -263,4 +265,4 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         GROUP_M=group_m,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
         UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,
-        ROTATE=rotate, PULL=pull, TIMED=timed)
+        ROTATE=rotate, PULL=pull, W_TRANS=w_transposed, TIMED=timed)

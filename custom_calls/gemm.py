@@ -5,7 +5,7 @@ masking ragged edges in M, N and K. ``matmul_kernel`` launches one program per
 output tile in grouped (L2-friendly) order; ``matmul`` wraps it for JAX
 arrays through ``custom_calls.binding.triton_call``.
 
-Operands are row-major: a [M, K], b [K, N], c [M, N].
+Operands are row-major: a [M, K], b [K, N] (or, with B_TRANS, b^T [N, K]), c [M, N].
 """
 
 from __future__ import annotations
@@ -22,18 +22,25 @@ from custom_calls.binding import triton_call
 @triton.jit
 def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-              A_CACHE: tl.constexpr):
+              A_CACHE: tl.constexpr, B_TRANS: tl.constexpr):
     """float32 tile of a[rows, :] @ b[:, cols]; rows >= M / cols >= N read as 0.
 
     UPCAST casts operands to float32 before tl.dot: set only on the interpreter
     path, whose tl.dot is wrong for bfloat16 operands. A_CACHE is the load
     cache modifier for a (".cg" where peers wrote it: bypass a stale L1).
+    B_TRANS: b is stored transposed, [N, K] row-major (K contiguous), as a
+    weight is in a backward pass (dx = dy @ w^T reads w [K_fwd, N_fwd] as is).
     """
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < N
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * N + cols[None, :]
+    if B_TRANS:
+        b_ptrs = b_ptr + cols[None, :].to(tl.int64) * K + offs_k[:, None]
+        b_step = BLOCK_K
+    else:
+        b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * N + cols[None, :]
+        b_step = BLOCK_K * N
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k + k0 < K
@@ -44,7 +51,7 @@ def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * N
+        b_ptrs += b_step
     return acc
 
 
@@ -71,11 +78,13 @@ def group_order(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 @triton.jit
 def matmul_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                  GROUP_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  B_TRANS: tl.constexpr):
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "")
+    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "",
+                    B_TRANS)
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -92,13 +101,16 @@ def upcast_operands(dtype) -> bool:
 
 def matmul(a: jax.Array, b: jax.Array, *, block_m: int = 64, block_n: int = 64,
            block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 3,
-           input_precision: str = "ieee", out_dtype=None) -> jax.Array:
+           input_precision: str = "ieee", out_dtype=None,
+           b_transposed: bool = False) -> jax.Array:
     """``a @ b`` by ``matmul_kernel``: row-major 2-D operands of one dtype, float32 accumulate.
 
-    Shapes are not checked here beyond rank and contraction size; jax_flux
-    validates user input before it reaches a kernel.
+    With ``b_transposed``, ``b`` is given as b^T [N, K] and read in place
+    (``a @ b.T`` without a transposed copy). Shapes are not checked here
+    beyond rank and contraction size; jax_flux validates user input before it
+    reaches a kernel.
     """
-    (m, k), (k2, n) = a.shape, b.shape
+    (m, k), (k2, n) = a.shape, b.shape[::-1] if b_transposed else b.shape
     if k != k2 or a.dtype != b.dtype:
         raise ValueError(f"matmul needs a [M, K] and b [K, N] of one dtype, "
                          f"got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
@@ -109,4 +121,4 @@ def matmul(a: jax.Array, b: jax.Array, *, block_m: int = 64, block_n: int = 64,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=grid,
         num_warps=num_warps, num_stages=num_stages, M=m, N=n, K=k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        UPCAST=upcast_operands(a.dtype), INPUT_PRECISION=input_precision)
+        UPCAST=upcast_operands(a.dtype), INPUT_PRECISION=input_precision, B_TRANS=b_transposed)

@@ -184,7 +184,7 @@ class OneGpuWorld:
                           RETURN_GATHERED=return_gathered, UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
                           ROTATE=cfg.get("rotate", True), PULL=cfg.get("pull", False),
-                          TIMED=True)
+                          W_TRANS=False, TIMED=True)
         loaded = _load(ag_gemm.ag_gemm_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         y_bytes = self.world * m * n * dtype.itemsize
@@ -213,7 +213,7 @@ class OneGpuWorld:
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
                           GROUP_M=cfg.get("group_m", 8), UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
-                          ROTATE=cfg.get("rotate", True), TIMED=True)
+                          ROTATE=cfg.get("rotate", True), W_TRANS=False, TIMED=True)
         loaded = _load(gemm_rs.gemm_rs_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         z_bytes = m_own * n * dtype.itemsize
@@ -232,7 +232,7 @@ class OneGpuWorld:
         dtype, (m, k), n = a_s[0].dtype, a_s[0].shape, b_s[0].shape[1]
         pointers = tuple(gemm.pointer_types(TRITON_TYPE[dtype.name]).items())
         constexprs = dict(M=m, N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                          GROUP_M=8, UPCAST=False, INPUT_PRECISION=precision)
+                          GROUP_M=8, UPCAST=False, INPUT_PRECISION=precision, B_TRANS=False)
         loaded = _load(gemm.matmul_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), num_warps, num_stages)
         c_bytes = m * n * dtype.itemsize

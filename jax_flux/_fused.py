@@ -82,23 +82,24 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
 
 
 def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype,
-                     out_dtype=None):
+                     out_dtype=None, w_transposed: bool = False):
     """The autotuned config for this problem on this device kind, else the heuristic.
 
-    Tuning covers results in the operands' dtype; another ``out_dtype``
-    (preferred_element_type) gets the heuristic, told both item sizes.
+    Tuned configs are keyed by the result dtype and w's layout too (a config
+    tuned for a bfloat16 result or a row-major w is not assumed best for a
+    float32 one or w^T); the heuristic is told both item sizes.
     """
     from jax_flux import autotune
 
     out_dtype = jnp.dtype(out_dtype or dtype)
-    if out_dtype == jnp.dtype(dtype):
-        # The abstract mesh of a shard_map may not know its device kind; the
-        # default backend's devices are the ones a fused kernel can run on.
-        device_kind = (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
-                       jax.devices()[0].device_kind)
-        tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world)
-        if tuned is not None:
-            return tuned
+    # The abstract mesh of a shard_map may not know its device kind; the
+    # default backend's devices are the ones a fused kernel can run on.
+    device_kind = (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
+                   jax.devices()[0].device_kind)
+    tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+                            w_transposed=w_transposed)
+    if tuned is not None:
+        return tuned
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
                        itemsize=jnp.dtype(dtype).itemsize, out_itemsize=out_dtype.itemsize)
 

@@ -74,13 +74,17 @@ def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False,
 
 
 def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | None = None, *,
-          return_gathered: bool = False, out_dtype=None):
+          return_gathered: bool = False, out_dtype=None, w_transposed: bool = False):
     """The Flux kernel: one Triton launch that gathers x through the workspace and
-    multiplies tile by tile as rows arrive."""
+    multiplies tile by tile as rows arrive.
+
+    With ``w_transposed``, ``w`` is given as w^T [n, K] and the kernel reads it
+    in place: the backward pass's ``dz @ w^T`` makes no transposed copy of w.
+    """
     m, k = x.shape
-    n = w.shape[1]
+    n = w.shape[0] if w_transposed else w.shape[1]
     cfg = config or _fused.tuned_or_default(AllGatherMatmulConfig, "all_gather_matmul", m, k, n,
-                                            size, x.dtype, out_dtype)
+                                            size, x.dtype, out_dtype, w_transposed)
     if not isinstance(cfg, AllGatherMatmulConfig):
         raise ValueError(f"all_gather_matmul(impl='fused') takes an AllGatherMatmulConfig, "
                          f"got {type(cfg).__name__}")
@@ -99,5 +103,6 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
         upcast=launch.upcast, input_precision=_fused.input_precision(cfg, x.dtype),
         remote_cache=launch.remote_cache, rotate=cfg.rotate, pull=cfg.pull,
         on_timeout=launch.on_timeout,
-        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype)
+        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,
+        w_transposed=w_transposed)
     return (y, xg) if return_gathered else y

@@ -8,7 +8,9 @@ user's cache, the defaults shipped with jax_flux (``tuned_defaults.json``),
 then the shape heuristic of the config class.
 
 Cache entries are keyed by device kind, op, per-rank shape, dtype and axis
-size. The cache is a JSON file at ``$JAX_FLUX_AUTOTUNE_CACHE`` or
+size, and, where they are not the plain case, the result dtype
+(``preferred_element_type``) and w's layout (w^T, as the backward pass reads
+it). The cache is a JSON file at ``$JAX_FLUX_AUTOTUNE_CACHE`` or
 ``~/.cache/jax_flux/autotune.json``; nothing is downloaded.
 """
 
@@ -44,9 +46,18 @@ def cache_path() -> str:
         os.path.expanduser("~"), ".cache", "jax_flux", "autotune.json")
 
 
-def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int) -> str:
-    """Cache key; the shape is the per-rank problem (AG: x [m, k], w [k, n]; RS: x [P*m, k])."""
-    return f"{device_kind}|{op}|m={m_local},k={k},n={n}|{jnp.dtype(dtype).name}|P={world}"
+def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
+        out_dtype=None, w_transposed: bool = False) -> str:
+    """Cache key; the shape is the per-rank problem (AG: x [m, k], w [k, n]; RS: x [P*m, k]).
+
+    A result dtype other than ``dtype`` adds ``|out=<dtype>``, a transposed w
+    (given as w^T [n, k]) adds ``|wT``: the plain case keeps its old key.
+    """
+    out = jnp.dtype(out_dtype or dtype)
+    entry = f"{device_kind}|{op}|m={m_local},k={k},n={n}|{jnp.dtype(dtype).name}|P={world}"
+    if out != jnp.dtype(dtype):
+        entry += f"|out={out.name}"
+    return entry + ("|wT" if w_transposed else "")
 
 
 def _read(path: str) -> dict:
@@ -60,9 +71,11 @@ def _read(path: str) -> dict:
         return _loaded[path]
 
 
-def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int):
+def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
+           out_dtype=None, w_transposed: bool = False):
     """The tuned config for this problem, or None (user cache first, then shipped)."""
-    entry_key = key(op, device_kind, m_local, k, n, dtype, world)
+    entry_key = key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+                    w_transposed=w_transposed)
     for path in (cache_path(), SHIPPED):
         entry = _read(path).get(entry_key)
         if entry is not None:
@@ -96,7 +109,7 @@ def _smem_bytes(block_m, block_n, block_k, stages, itemsize) -> int:
 
 def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
                interpreting: bool = False, smem_bytes: int = DEFAULT_SMEM_BYTES,
-               sms: int = 132) -> list:
+               sms: int = 132, out_dtype=None) -> list:
     """The config space of one problem, pruned of configs that cannot fit or make no sense,
     in search order.
 
@@ -121,7 +134,8 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     per_sm = (1,) if interpreting else (1, 2)
     rows = m_local
     default = CONFIG_CLASSES[op].default(m_local, k, n, world, interpreting, sms=sms,
-                                         itemsize=itemsize)
+                                         itemsize=itemsize,
+                                         out_itemsize=jnp.dtype(out_dtype or dtype).itemsize)
     out = []
     for bm, bn, bk, nw, ns in itertools.product(rows_blocks, blocks, k_blocks, warps, stages):
         if bm > 2 * max(16, rows) or bn > 2 * max(16, n) or bk > 2 * max(16, k):
@@ -178,8 +192,13 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
 
 
 def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterable | None = None,
-         reps: int = 10, max_configs: int | None = None, log=print):
+         reps: int = 10, max_configs: int | None = None, log=print, out_dtype=None,
+         w_transposed: bool = False):
     """Verifies and times candidate configs on ``mesh`` (axis "tp"); records the best.
+
+    ``out_dtype`` (the ops' preferred_element_type) and ``w_transposed`` (w
+    given as w^T, as the backward passes launch the kernels) select the
+    problem variant, and are part of the recorded key.
 
     Returns (best config or None, rows of {config, status, median_ms}). A
     candidate that fails (compiler, device, a timed-out wait) is reported and
@@ -194,16 +213,18 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
     else:
         m, kk, nn = world * m_local, k * world, n
     configs = list(configs) if configs is not None else candidates(
-        op, m_local, k, n, dtype, world, interpreting=interpreter_ready(), sms=sm_count())
+        op, m_local, k, n, dtype, world, interpreting=interpreter_ready(), sms=sm_count(),
+        out_dtype=out_dtype)
     if max_configs is not None:
         configs = configs[:max_configs]
     x, w, _, _ = testing.random_operands(m, kk, nn, dtype, seed=11)
-    xs, ws = testing.place(op, mesh, x, w)
-    ref = np.asarray(testing.sharded(op, mesh, "xla")(xs, ws), np.float64)
+    variant = dict(preferred_element_type=out_dtype, w_transposed=w_transposed)
+    xs, ws = testing.place(op, mesh, x, w, w_transposed=w_transposed)
+    ref = np.asarray(testing.sharded(op, mesh, "xla", **variant)(xs, ws), np.float64)
     tol = testing.TOLERANCE[jnp.dtype(dtype)]
     rows, best = [], None
     for cfg in configs:
-        fn = testing.sharded(op, mesh, "fused", cfg)
+        fn = testing.sharded(op, mesh, "fused", cfg, **variant)
         try:
             err = testing.relative_error(fn(xs, ws), ref)
             if not err < tol:
@@ -228,5 +249,6 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
             best = (cfg, ms)
     if best is not None:
         device_kind = mesh.devices.flat[0].device_kind
-        record(op, key(op, device_kind, m_local, k, n, dtype, world), best[0], best[1])
+        record(op, key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+                       w_transposed=w_transposed), best[0], best[1])
     return (best[0] if best else None), rows

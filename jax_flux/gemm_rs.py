@@ -71,17 +71,22 @@ def ring(x, w, axis_name: Hashable, size: int, *, out_dtype=None):
 
 
 def fused(x, w, axis_name: Hashable, size: int,
-          config: MatmulReduceScatterConfig | None = None, *, out_dtype=None):
+          config: MatmulReduceScatterConfig | None = None, *, out_dtype=None,
+          w_transposed: bool = False):
     """The Flux kernel: one Triton launch whose GEMM epilogue stores each tile into
     its owner's reduce buffer; the owner sums the P partials in rank order (in
     reduction programs, or with ``reduce_programs=0`` in the epilogue of its own
-    tiles)."""
+    tiles).
+
+    With ``w_transposed``, ``w`` is given as w^T [N, k] and the kernel reads it
+    in place: the backward pass's ``dy @ w^T`` makes no transposed copy of w.
+    """
     m_total, k = x.shape
-    n = w.shape[1]
+    n = w.shape[0] if w_transposed else w.shape[1]
     m_own = m_total // size
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cfg = config or _fused.tuned_or_default(MatmulReduceScatterConfig, "matmul_reduce_scatter",
-                                            m_own, k, n, size, x.dtype, out_dtype)
+                                            m_own, k, n, size, x.dtype, out_dtype, w_transposed)
     if not isinstance(cfg, MatmulReduceScatterConfig):
         raise ValueError(f"matmul_reduce_scatter(impl='fused') takes a "
                          f"MatmulReduceScatterConfig, got {type(cfg).__name__}")
@@ -103,5 +108,6 @@ def fused(x, w, axis_name: Hashable, size: int,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
         input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,
-        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype)
+        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,
+        w_transposed=w_transposed)
     return z

@@ -7,6 +7,9 @@ input up front, dispatch on ``impl`` and are differentiable through one
 * y = AG(x) @ w      ->  dx = RS(dy @ w^T),   dw = AG(x)^T @ dy
 * z = RS(x @ w)      ->  dx = AG(dz) @ w^T,   dw = x^T @ AG(dz)
 
+The fused kernels read w^T in place (a weight-sized transposed copy a step
+saved per op).
+
 The forward of AG-GEMM keeps the gathered x it already has, so the weight
 gradient needs no second all-gather; the backward of GEMM-RS gets AG(dz) from
 the same AG-GEMM that computes dx. The differentiated forwards tag their
@@ -53,19 +56,26 @@ def _resolve(op: str, impl: str, config: Any) -> str:
     return impl
 
 
+# With w_transposed, w is given as w^T (the backward passes' ``d @ w^T``): the
+# fused kernels read it in place; XLA folds the transpose into its dots.
+
+
 def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
-                out_dtype=None):
+                out_dtype=None, w_transposed=False):
     kw = dict(return_gathered=return_gathered, out_dtype=out_dtype)
     if impl == "fused":
-        return ag_gemm.fused(x, w, axis_name, size, config, **kw)
+        return ag_gemm.fused(x, w, axis_name, size, config, w_transposed=w_transposed, **kw)
+    w = w.T if w_transposed else w
     if impl == "ring":
         return ag_gemm.ring(x, w, axis_name, size, **kw)
     return ag_gemm.reference(x, w, axis_name, **kw)
 
 
-def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None):
+def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_transposed=False):
     if impl == "fused":
-        return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype)
+        return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype,
+                             w_transposed=w_transposed)
+    w = w.T if w_transposed else w
     if impl == "ring":
         return gemm_rs.ring(x, w, axis_name, size, out_dtype=out_dtype)
     return gemm_rs.reference(x, w, axis_name, out_dtype=out_dtype)
@@ -95,7 +105,7 @@ def _ag_fwd(x, w, axis_name, impl, size, config, out_dtype):
 def _ag_bwd(axis_name, impl, size, config, out_dtype, res, dy):
     xg, w = res
     dy = dy.astype(xg.dtype)
-    dx = _rs_forward(dy, w.T, axis_name, impl, size)
+    dx = _rs_forward(dy, w, axis_name, impl, size, w_transposed=True)
     return dx, dot_tn(xg, dy)
 
 
@@ -118,7 +128,7 @@ def _rs_fwd(x, w, axis_name, impl, size, config, out_dtype):
 def _rs_bwd(axis_name, impl, size, config, out_dtype, res, dz):
     x, w = res
     dz = dz.astype(x.dtype)
-    dx, dzg = _ag_forward(dz, w.T, axis_name, impl, size, return_gathered=True)
+    dx, dzg = _ag_forward(dz, w, axis_name, impl, size, return_gathered=True, w_transposed=True)
     return dx, dot_tn(x, dzg)
 
 

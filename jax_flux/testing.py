@@ -7,7 +7,9 @@ Global view used throughout: X [M, K] and W [K, N].
 * GEMM-RS (row parallel): X sharded by columns, W by rows; each rank gets its
   rows of sum over ranks of x @ w = X @ W.
 
-Both therefore equal X @ W, which the host computes in float64.
+Both therefore equal X @ W, which the host computes in float64. With
+``w_transposed`` the harness passes W as W^T [N, K] (sharded to match) to
+the kernels' transposed-weight path, the one the backward passes take.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_flux import _validate, ops
 from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 
 # Relative Frobenius error allowed against the float64 host reference.
@@ -36,6 +39,13 @@ _SPECS = {
     "all_gather_matmul": ((P("tp", None), P(None, "tp")), P(None, "tp")),
     "matmul_reduce_scatter": ((P(None, "tp"), P("tp", None)), P("tp", None)),
 }
+# Each op's forward on one rank's operands, with w given transposed (jax_flux.ops).
+_TRANSPOSED_W = {"all_gather_matmul": ops._ag_forward, "matmul_reduce_scatter": ops._rs_forward}
+
+
+def _specs(op_name: str, w_transposed: bool):
+    (sx, sw), out = _SPECS[op_name]
+    return (sx, P(*reversed(tuple(sw))) if w_transposed else sw), out
 
 
 def mesh(devices=None, axis_name: str = "tp") -> Mesh:
@@ -55,17 +65,28 @@ def random_operands(m: int, k: int, n: int, dtype, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def sharded(op_name: str, mesh_: Mesh, impl: str = "auto", config=None, grad: bool = False):
+def sharded(op_name: str, mesh_: Mesh, impl: str = "auto", config=None, grad: bool = False, *,
+            preferred_element_type=None, w_transposed: bool = False):
     """Jitted global-view function of one op over ``mesh_``'s axis "tp".
 
     With ``grad``, it returns (out, dX, dW) for the loss sum(out * G) where G
-    is the third argument (a cotangent of out's global shape).
+    is the third argument (a cotangent of out's global shape). With
+    ``w_transposed`` (forward only) its second argument is W^T, placed by
+    ``place(..., w_transposed=True)``, and reaches the kernel as it is.
     """
-    in_specs, out_spec = _SPECS[op_name]
+    in_specs, out_spec = _specs(op_name, w_transposed)
     op = OPS[op_name]
+    if w_transposed and grad:
+        raise ValueError("sharded: w_transposed is a forward-only path (no gradient)")
 
     def body(x, w):
-        return op(x, w, "tp", impl=impl, config=config)
+        if not w_transposed:
+            return op(x, w, "tp", impl=impl, config=config,
+                      preferred_element_type=preferred_element_type)
+        out_dtype = _validate.result_dtype(op_name, x, preferred_element_type)
+        return _TRANSPOSED_W[op_name](x, w, "tp", ops._resolve(op_name, impl, config),
+                                      mesh_.shape["tp"], config, out_dtype=out_dtype,
+                                      w_transposed=True)
 
     fn = jax.shard_map(body, mesh=mesh_, in_specs=in_specs, out_specs=out_spec)
     if not grad:
@@ -79,9 +100,11 @@ def sharded(op_name: str, mesh_: Mesh, impl: str = "auto", config=None, grad: bo
     return jax.jit(with_grad)
 
 
-def place(op_name: str, mesh_: Mesh, x, w):
-    """Puts X and W on the mesh in the op's input layout."""
-    (sx, sw), _ = _SPECS[op_name]
+def place(op_name: str, mesh_: Mesh, x, w, *, w_transposed: bool = False):
+    """Puts X and W on the mesh in the op's input layout (W as W^T with
+    ``w_transposed``, for ``sharded(..., w_transposed=True)``)."""
+    (sx, sw), _ = _specs(op_name, w_transposed)
+    w = jnp.asarray(w).T if w_transposed else w
     return jax.device_put(x, NamedSharding(mesh_, sx)), jax.device_put(w, NamedSharding(mesh_, sw))
 
 

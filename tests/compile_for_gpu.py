@@ -22,19 +22,19 @@ from custom_calls.compiler import (TRITON_TYPE, Compiled, check_resident,  # noq
                                    compile_kernel, ptx_param_count)
 
 
-def _ag(precision: str, pull: bool) -> dict:
+def _ag(precision: str, pull: bool, w_trans: bool = False) -> dict:
     return dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                 CHUNK_ROWS=128, COMM_PROGRAMS=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
                 COPY_ROWS=32, COPY_COLS=256, RETURN_GATHERED=True, UPCAST=False,
                 INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True, PULL=pull,
-                TIMED=True)
+                W_TRANS=w_trans, TIMED=True)
 
 
-def _rs(precision: str, reducers: int) -> dict:
+def _rs(precision: str, reducers: int, w_trans: bool = False) -> dict:
     return dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                 REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8, BLOCK_N=128, BLOCK_K=64,
                 UPCAST=False, INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True,
-                TIMED=True)
+                W_TRANS=w_trans, TIMED=True)
 
 
 def cases():
@@ -43,8 +43,7 @@ def cases():
         precision = "tf32" if dtype == "float32" else "ieee"
         yield ("matmul", gemm.matmul_kernel, gemm.pointer_types(t),
                dict(M=4096, N=4096, K=4096, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
-                    UPCAST=False,
-                    INPUT_PRECISION=precision), dtype)
+                    UPCAST=False, INPUT_PRECISION=precision, B_TRANS=False), dtype)
         # PULL: the peers' staged shards copied in (16-bit only, to keep it short).
         for name, pull in (("ag_gemm", False), ("ag_pull", True)):
             if pull and dtype != "bfloat16":
@@ -65,6 +64,17 @@ def cases():
                    _ag(precision, False), dtype)
             yield ("rs0_f32out", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t, "fp32"),
                    _rs(precision, 0), dtype, 8)
+        if dtype in ("bfloat16", "float32"):
+            # The backward pass's kernels: w read in place as w^T [N, K] (K
+            # contiguous, the operand layout tf32 MMAs want anyway), and the
+            # plain GEMM reading b that way, which their K loops compare with.
+            yield ("matmul_bT", gemm.matmul_kernel, gemm.pointer_types(t),
+                   dict(M=4096, N=4096, K=4096, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
+                        UPCAST=False, INPUT_PRECISION=precision, B_TRANS=True), dtype)
+            yield ("ag_wT", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t),
+                   _ag(precision, False, True), dtype)
+            yield ("rs_wT", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t),
+                   _rs(precision, 0 if dtype == "bfloat16" else 8, True), dtype)
 
 
 def main(argv) -> int:

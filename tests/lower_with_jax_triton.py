@@ -33,11 +33,14 @@ os.environ["JAX_FLUX_ON_PEER_TIMEOUT"] = "log"
 SKIP = 77
 
 
-def _backend_config(text: str) -> bytes:
-    """The decompressed backend_config of the program's one triton_kernel_call."""
+def _backend_configs(text: str) -> list[bytes]:
+    """The decompressed backend_configs of the program's triton_kernel_calls."""
     calls = re.findall(r'@triton_kernel_call\(.*?backend_config = "((?:[^"\\]|\\.)*)"', text)
-    assert len(calls) == 1, f"{len(calls)} triton_kernel_calls"
-    escaped, raw, i = calls[0], bytearray(), 0
+    return [_decompress(c) for c in calls]
+
+
+def _decompress(escaped: str) -> bytes:
+    raw, i = bytearray(), 0
     while i < len(escaped):  # MLIR string escapes: \\, \", \XX (hex)
         if escaped[i] == "\\":
             if escaped[i + 1] in '\\"':
@@ -50,6 +53,16 @@ def _backend_config(text: str) -> bytes:
             raw.append(ord(escaped[i]))
             i += 1
     return zlib.decompress(bytes(raw))
+
+
+def _kernel(config: bytes) -> tuple[str, str, dict]:
+    """(entry name, PTX target, PTX features) of one call's kernel."""
+    from custom_calls.assembly import ptx_features
+
+    text = config.decode("latin1")
+    ptx = text[text.index(".version"):]
+    return (re.findall(r"\.entry (\w+)", ptx)[0], re.findall(r"\.target (\S+)", ptx)[0],
+            ptx_features(ptx))
 
 
 def main() -> int:
@@ -70,7 +83,6 @@ def main() -> int:
     import jax.numpy as jnp
 
     from jax_flux import errors, testing
-    from custom_calls.assembly import ptx_features
     from tests.helpers import fused_fn, mesh_of
 
     mesh = mesh_of(4)
@@ -95,16 +107,29 @@ def main() -> int:
             assert f"stablehlo.{name}" not in text, (op, name)
         assert "stablehlo.case" not in text and "callback" not in text, op  # async: no check
         assert ("stablehlo.while" in text) == vmapped, op
-        config = _backend_config(text).decode("latin1")
-        ptx = config[config.index(".version"):]
-        entry = re.findall(r"\.entry (\w+)", ptx)
-        target = re.findall(r"\.target (\S+)", ptx)
-        f = ptx_features(ptx)
+        configs = _backend_configs(text)
+        assert len(configs) == 1, (op, len(configs))
+        entry, target, f = _kernel(configs[0])
         out = jnp.dtype(kw.get("preferred_element_type", dtype)).name
         print(f"{op:22s} {jnp.dtype(dtype).name:9s}-> {out:9s} {'vmap ' if vmapped else ''}"
-              f"kernel={entry[0]} target={target[0]} cp.async={f['cp.async']} "
+              f"kernel={entry} target={target} cp.async={f['cp.async']} "
               f"wgmma={f['wgmma']} timer={f['timer']}")
-        assert target == ["sm_90a"] and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)
+        assert target == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)
+    # The gradient: the forward's kernel and dx's, the other op reading w^T in
+    # place (no transpose of w in the program).
+    for op in testing.OPS:
+        m, k, n = (512, 256, 1024) if op == "all_gather_matmul" else (512, 1024, 256)
+        x, w, _, _ = testing.random_operands(m, k, n, jnp.bfloat16)
+        xs, ws = testing.place(op, mesh, x, w)
+        g = jnp.ones((m, n), jnp.bfloat16)
+        text = testing.sharded(op, mesh, "fused", grad=True).trace(xs, ws, g).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "stablehlo.transpose" not in text, op
+        kernels = [_kernel(c) for c in _backend_configs(text)]
+        assert sorted(e for e, _, _ in kernels) == ["ag_gemm_kernel", "gemm_rs_kernel"], kernels
+        assert all(t == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0
+                   for _, t, f in kernels), (op, kernels)
+        print(f"{op:22s} gradient: kernels={[e for e, _, _ in kernels]}, no transpose of w")
     check_residency(mesh)
     errors.watchdog.stop()
     return 0

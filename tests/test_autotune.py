@@ -46,7 +46,7 @@ def test_tune_verifies_times_records_and_the_op_uses_it(cache):
     # impl="fused" with config=None now uses the tuned config: spy on the lookup.
     seen = []
     real = autotune.lookup
-    autotune_lookup = lambda *a: seen.append(real(*a)) or seen[-1]  # noqa: E731
+    autotune_lookup = lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1]  # noqa: E731
     try:
         autotune.lookup = autotune_lookup
         x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=4)
@@ -71,8 +71,8 @@ def test_a_config_that_fails_is_reported_not_kept(cache, monkeypatch, fails_on_c
     good = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=4)
     real = testing.sharded
 
-    def sharded(op, mesh_, impl="auto", config=None, grad=False):
-        fn = real(op, mesh_, impl, config, grad)
+    def sharded(op, mesh_, impl="auto", config=None, grad=False, **variant):
+        fn = real(op, mesh_, impl, config, grad, **variant)
         if config != bad:
             return fn
         calls = []
@@ -104,3 +104,40 @@ def test_search_order_starts_at_the_default_and_moves_one_field_at_a_time():
         fields = ["block_n", "num_warps", "programs_per_sm", "group_m", "rotate"]
         for field in fields + (["pull", "comm_programs"] if op == autotune.AG else []):
             assert len({getattr(c, field) for c in first}) > 1, (op, field)
+
+
+def test_result_dtype_and_weight_layout_are_part_of_the_key(cache):
+    plain = autotune.key(autotune.RS, "kind", 8, 4, 16, jnp.bfloat16, 8)
+    assert plain == "kind|matmul_reduce_scatter|m=8,k=4,n=16|bfloat16|P=8"  # unchanged
+    assert autotune.key(autotune.RS, "kind", 8, 4, 16, jnp.bfloat16, 8,
+                        out_dtype=jnp.bfloat16) == plain
+    variants = {autotune.key(autotune.RS, "kind", 8, 4, 16, jnp.bfloat16, 8, out_dtype=o,
+                             w_transposed=t) for o in (None, jnp.float32) for t in (False, True)}
+    assert len(variants) == 4
+    # A float32-result default is the heuristic's float32 one (8 warps on a GPU).
+    space = autotune.candidates(autotune.RS, 512, 6144, 12288, jnp.bfloat16, 8,
+                                out_dtype=jnp.float32)
+    assert space[0].num_warps == 8
+
+
+def test_the_backward_pass_looks_up_its_transposed_weight_launch(cache):
+    # AG-GEMM's dx is a GEMM-RS of dy with w^T: it consults the "|wT" entry of
+    # that problem, so a config tuned for it (benchmarks.tune --backward) is used.
+    mesh = mesh_of(8)
+    seen = []
+    real = autotune.lookup
+
+    def spy(*a, **kw):
+        seen.append((a[0], a[2:5], kw.get("w_transposed")))
+        return real(*a, **kw)
+
+    x, w, _, _ = testing.random_operands(64, 32, 16, jnp.float32, seed=4)
+    g = jnp.ones((64, 16), jnp.float32)
+    xs, ws = testing.place(autotune.AG, mesh, x, w)
+    try:
+        autotune.lookup = spy
+        jax.block_until_ready(testing.sharded(autotune.AG, mesh, "fused", grad=True)(xs, ws, g))
+    finally:
+        autotune.lookup = real
+    # Forward: x [8, 32] @ w [32, 2]; backward: dy [64, 2] @ w^T [2, 32], reduce-scattered.
+    assert seen == [(autotune.AG, (8, 32, 2), False), (autotune.RS, (8, 2, 32), True)]

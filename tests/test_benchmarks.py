@@ -35,6 +35,12 @@ def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert text.startswith("# PROJECTION (not a measurement)")
 
 
+def test_gemm_quick_with_b_transposed(tmp_path):
+    assert gemm.main(["--quick", "--b-transposed", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "gemm_quick_bT_bfloat16_cpu.csv")
+    assert rows and all(r["ratio_vs_xla"] and float(r["rel_err"]) < 2e-2 for r in rows), rows
+
+
 @pytest.mark.parametrize("impls,extra,name", [
     ("xla,ring", [], "model_tiny_L2_cpu8"),
     ("xla", ["--dp", "2", "--scan-layers", "--remat", "collective_matmuls"],
@@ -78,6 +84,23 @@ def test_tune_quick_records_and_ships(tmp_path, monkeypatch):
     for entry_key, entry in entries.items():
         assert "|P=8" in entry_key and entry["config"] and entry["median_ms"] > 0
         assert autotune.cached_entry(entry_key) == entry
+
+
+def test_tune_quick_backward_with_a_float32_result(tmp_path, monkeypatch):
+    # The backward pass's launches (the other op, w^T) with a float32 result:
+    # their own cache keys, which the ops' backward then looks up.
+    from benchmarks import tune
+    from jax_flux import autotune
+
+    monkeypatch.setenv("JAX_FLUX_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))
+    assert tune.main(["--quick", "--backward", "--out-dtype", "float32",
+                      "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "tune_quick_backward_bfloat16_float32_cpu8.csv")
+    assert {r["op"] for r in rows} == {"all_gather_matmul", "matmul_reduce_scatter"}
+    assert all(r["w"] == "w^T" and r["out"] == "float32" and r["config"] != "none passed"
+               for r in rows), rows
+    cached = autotune._read(autotune.cache_path())
+    assert len(cached) == 2 and all(k.endswith("|out=float32|wT") for k in cached), cached
 
 
 def test_compiled_report_quick(tmp_path):

@@ -39,6 +39,18 @@ def test_ragged_shapes(m_own, k_local, n, dtype, cfg):
     assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@REDUCERS
+def test_weight_read_transposed_in_place(cfg, dtype):
+    # w given as w^T [N, k], as AG-GEMM's backward pass hands it over: the
+    # kernel reads it in place; ragged in every dim.
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(8 * 13, 8 * 5, 40, dtype, seed=6)
+    xs, wts = testing.place(OP, mesh, x, w, w_transposed=True)
+    out = testing.sharded(OP, mesh, "fused", cfg, w_transposed=True)(xs, wts)
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
+
+
 def test_default_config_every_axis_size():
     for size in (1, 2, 3, 8):
         mesh = mesh_of(size)

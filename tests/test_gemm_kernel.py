@@ -25,6 +25,16 @@ def test_gemm_matches_host_float64(shape, dtype):
     assert testing.relative_error(c, a64 @ b64) < testing.TOLERANCE[jnp.dtype(dtype)]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_gemm_reads_b_transposed_in_place(dtype):
+    # b given as b^T [N, K] (K contiguous): the layout the fused kernels' backward reads w in.
+    a, b, a64, b64 = testing.random_operands(50, 70, 33, dtype, seed=5)
+    c = jax.jit(lambda a, bt: matmul(a, bt, block_m=32, block_n=32, block_k=16,
+                                     b_transposed=True))(a, b.T)
+    assert c.shape == (50, 33)
+    assert testing.relative_error(c, a64 @ b64) < testing.TOLERANCE[jnp.dtype(dtype)]
+
+
 def test_gemm_matches_jnp_dot():
     a, b, _, _ = testing.random_operands(40, 24, 56, jnp.float32, seed=7)
     c = jax.jit(matmul)(a, b)
@@ -62,7 +72,7 @@ def test_unwritten_tiles_show_as_poison():
     c = triton_call(a, b, kernel=matmul_kernel,
                     out_shape=jax.ShapeDtypeStruct((64, 32), jnp.float32), grid=(2,),
                     M=64, N=32, K=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, UPCAST=False,
-                    INPUT_PRECISION="ieee")
+                    INPUT_PRECISION="ieee", B_TRANS=False)
     c = np.asarray(c)
     assert np.isfinite(c[:32]).all() and np.isnan(c[32:]).all()
 
@@ -97,5 +107,5 @@ from custom_calls.gemm import gemm_tile  # noqa: E402
 def _two_output_kernel(a_ptr, b_ptr, M, N, K, prior_ptr, c_ptr, z_ptr, BLOCK: tl.constexpr):
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK)
-    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK, False, "ieee", "")
+    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK, False, "ieee", "", False)
     tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc)

@@ -19,7 +19,7 @@ def test_kernels_compile_for_sm90(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("sm_90")]
-    assert len(lines) == 13 and all(" ok: " in line for line in lines), r.stdout
+    assert len(lines) == 19 and all(" ok: " in line for line in lines), r.stdout
     # Every kernel's GEMM operands are pipelined into shared memory (cp.async,
     # 3 stages of 128x64 + 64x128 tiles) and its wide accesses vectorized: a
     # workspace pointer Triton cannot prove aligned used to lose both for
@@ -27,16 +27,16 @@ def test_kernels_compile_for_sm90(tmp_path):
     loops = {}
     for line in lines:
         fields = dict(f.split("=") for f in line.split() if "=" in f)
+        kernel, dtype = line.split()[1:3]
         shared = int(line.split(" bytes shared")[0].rsplit(" ", 1)[1])
         itemsize = 4 if "float32" in line else 2
         assert shared == 3 * (128 * 64 + 64 * 128) * itemsize, line
         assert int(fields["cp.async"]) > 0 and int(fields["v4"]) > 0, line
         # Communicating kernels time their waits by the GPU's clock; the GEMM has none.
-        assert (int(fields["timer"]) > 0) == (" matmul " not in line), line
+        assert (int(fields["timer"]) > 0) == (not kernel.startswith("matmul")), line
         # The assembled K loop (SASS): every kernel issues the same tensor-core
         # MMAs and cp.async copies per iteration, and nothing spills in it.
         assert "loop" in fields, "no SASS features (Triton's cuobjdump/nvdisasm missing?): " + line
-        kernel, dtype = line.split()[1:3]
         assert int(fields["loop_local"]) == 0, line
         # 8 warps (GEMM-RS with a float32 result): two warpgroups share the MMAs.
         warpgroups = int(fields["warps"]) // 4
@@ -50,9 +50,11 @@ def test_kernels_compile_for_sm90(tmp_path):
             "('gemm_rs', 'float32'): 1}") in r.stdout, r.stdout + r.stderr[-4000:]
     # The fused kernels' K loop is the plain GEMM's (what the clock compares
     # against XLA's dot): the same MMAs and copies, and no more instructions
-    # than it plus a tenth (the signalling stays outside the loop).
+    # than it plus a tenth (the signalling stays outside the loop). Kernels
+    # reading w transposed (*_wT, the backward pass's) compare with the plain
+    # GEMM reading b transposed (matmul_bT).
     for (kernel, dtype), loop in loops.items():
-        gemm_loop = loops["matmul", dtype]
+        gemm_loop = loops["matmul_bT" if kernel.endswith("T") else "matmul", dtype]
         assert loop["loop_mma"] == gemm_loop["loop_mma"], (kernel, dtype, loops)
         assert loop["loop_ldgsts"] == gemm_loop["loop_ldgsts"], (kernel, dtype, loops)
         assert loop["loop"] <= 1.1 * gemm_loop["loop"], (kernel, dtype, loops)

@@ -62,6 +62,19 @@ def test_gradients_match_lax_autodiff(op, impl, dtype):
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_fused_backward_reads_the_weight_in_place(op):
+    # dx = d @ w^T: the fused kernel reads w as w^T where it lies; a transposed
+    # copy of w (one weight's bytes read and written, each step) is not made.
+    mesh = mesh_of(8)
+    x, w, _, _ = testing.random_operands(64, 48, 40, jnp.float32)
+    g, _ = cotangent((64, 40), jnp.float32)
+    xs, ws = testing.place(op, mesh, x, w)
+    text = testing.sharded(op, mesh, "fused", grad=True).lower(xs, ws, g).as_text()
+    assert text.count("stablehlo.transpose") == 0
+    assert text.count("cpu_callback") == 2  # the forward's kernel and dx's
+
+
 @pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
 def test_replicated_weight_gradient_is_summed_over_ranks(impl):
     # A weight passed replicated (P()) into shard_map: its gradient is the sum of

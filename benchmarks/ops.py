@@ -1,6 +1,7 @@
 """Op sweeps: all_gather_matmul and matmul_reduce_scatter, every impl, Flux's shapes.
 
     python -m benchmarks.ops --sweep gpt3-175b --dtype bfloat16      # on GPUs
+    python -m benchmarks.ops --dtype float8_e4m3fn --w-transposed     # FP8, bf16 results
     python -m benchmarks.ops --quick                                  # CPU smoke run
 
 Shapes are the per-rank GEMMs of tensor parallelism over 8 ranks (the Flux
@@ -14,6 +15,10 @@ excluded; times are medians of device-synchronised runs. Columns:
 per-device TFLOP/s, percent of the dense-GEMM peak measured here, speedup
 over xla, and with P > 1 Flux's overlap efficiency: ECT = op time - best
 non-split GEMM time, E = 1 - ECT_impl / ECT_xla.
+
+Float8 operands give bfloat16 results (preferred_element_type); with
+``--w-transposed`` every impl gets W as W^T [N, K] (K contiguous: what
+Hopper's FP8 MMAs read without a transpose).
 
 On CPU devices the numbers only show the harness works: 8 emulated devices
 share the host's cores and fused kernels run in Triton's interpreter.
@@ -79,10 +84,19 @@ def sweep_shapes(sweep: str) -> list[Shape]:
     raise ValueError(f"unknown sweep {sweep!r}")
 
 
+def result_dtype(dtype):
+    """What the ops return for operands of ``dtype``: bfloat16 for float8."""
+    return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype).itemsize == 1 else jnp.dtype(dtype)
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=result_dtype(a.dtype))
+
+
 def measure_peak(device, dtype, size: int, reps: int) -> float:
     """Dense-GEMM TFLOP/s of one device (XLA's dot on a square problem)."""
     a = jax.device_put(jnp.ones((size, size), dtype), device)
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(lambda a: _dot(a, a))
     t = harness.time_fn(f, (a,), reps=reps)
     return 2 * size**3 / (t.median_ms * 1e-3) / 1e12
 
@@ -91,23 +105,27 @@ def local_gemm_ms(device, shape: Shape, dtype, reps: int) -> float:
     m, k, n = shape.local_gemm()
     x, w, _, _ = testing.random_operands(m, k, n, dtype, seed=1)
     x, w = jax.device_put(x, device), jax.device_put(w, device)
-    return harness.time_fn(jax.jit(lambda x, w: x @ w), (x, w), reps=reps).median_ms
+    return harness.time_fn(jax.jit(_dot), (x, w), reps=reps).median_ms
 
 
-def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms: float):
+def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms: float,
+              w_transposed: bool = False):
     p = mesh.devices.size
     m, k, n = shape.global_operands(p)
     x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=m)
-    xs, ws = testing.place(shape.op, mesh, x, w)
-    tol = testing.TOLERANCE[jnp.dtype(dtype)]
-    xla_out = np.asarray(testing.sharded(shape.op, mesh, "xla")(xs, ws), np.float64)
+    xs, ws = testing.place(shape.op, mesh, x, w, w_transposed=w_transposed)
+    out_dtype = result_dtype(dtype)
+    variant = dict(preferred_element_type=out_dtype if out_dtype != dtype else None,
+                   w_transposed=w_transposed)
+    tol = testing.TOLERANCE[out_dtype]
+    xla_out = np.asarray(testing.sharded(shape.op, mesh, "xla", **variant)(xs, ws), np.float64)
     host_ref = x64 @ w64 if m * k * n <= 2**31 else None
     flops_per_device = 2 * m * k * n / p
     rows, times = [], {}
     for impl in impls:
         row = dict(op=shape.op, shape=shape.name, M=m, K=k, N=n, P=p, dtype=jnp.dtype(dtype).name,
                    impl=impl)
-        fn = testing.sharded(shape.op, mesh, impl)
+        fn = testing.sharded(shape.op, mesh, impl, **variant)
         out = fn(xs, ws)
         err = testing.relative_error(out, xla_out)
         if host_ref is not None:
@@ -115,7 +133,7 @@ def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms:
         if not err < tol:
             rows.append(dict(row, rel_err=err, status=f"WRONG (tolerance {tol:g}); not timed"))
             continue
-        t = harness.time_fn(fn, (xs, ws), reps=reps)
+        t = harness.time_fn(fn, (xs, ws), reps=reps, warmup=min(2, reps))
         times[impl] = t.median_ms
         tflops = flops_per_device / (t.median_ms * 1e-3) / 1e12
         rows.append(dict(row, rel_err=err, median_ms=t.median_ms, min_ms=t.min_ms,
@@ -140,13 +158,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sweep", default="gpt3-175b", choices=["gpt3-175b", "llama2-70b", "quick"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, few reps (CPU smoke run)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16",
+                   choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"])
+    p.add_argument("--w-transposed", action="store_true", help="W given as W^T [N, K]")
     p.add_argument("--impls", default="xla,ring,fused")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     sweep = "quick" if a.quick else a.sweep
-    reps = 3 if a.quick else a.reps
+    reps = min(3, a.reps) if a.quick else a.reps
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     devices = gpus or jax.devices("cpu")[:8]
     mesh = testing.mesh(devices)
@@ -158,12 +178,17 @@ def main(argv=None) -> int:
     rows = []
     for shape in sweep_shapes(sweep):
         gemm_ms = local_gemm_ms(devices[0], shape, dtype, reps)
-        for row in run_point(shape, mesh, impls, dtype, reps, peak, gemm_ms):
+        for row in run_point(shape, mesh, impls, dtype, reps, peak, gemm_ms, a.w_transposed):
             rows.append(row)
             print(harness.format_row(row, COLUMNS))
-    base = os.path.join(a.out, f"ops_{sweep}_{dtype.name}_{env['platform']}{len(devices)}")
+    layout = "_wT" if a.w_transposed else ""
+    base = os.path.join(a.out, f"ops_{sweep}{layout}_{dtype.name}_{env['platform']}{len(devices)}")
     notes = [f"Dense-GEMM peak measured here: {peak:.3g} TFLOP/s. Shapes are TP=8 per-rank "
              f"GEMMs run over P={len(devices)} devices (see benchmarks/ops.py)."]
+    if result_dtype(dtype) != dtype:
+        notes.append(f"{dtype.name} operands, {result_dtype(dtype).name} results.")
+    if a.w_transposed:
+        notes.append("W given as W^T [N, K] to every impl (w_transposed=True).")
     harness.write_report(base, f"jax_flux op sweep: {sweep}, {dtype.name}", env, rows, COLUMNS,
                          notes, bool(gpus))
     series = {}

@@ -21,6 +21,8 @@ _TRITON_NAMES = {
     "float16": "float16",
     "float32": "float32",
     "float64": "float64",
+    "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2",
     "int8": "int8",
     "int16": "int16",
     "int32": "int32",

@@ -52,6 +52,11 @@ def _opcode(instruction: str) -> str:
     return words[0].split(".")[0] if words else ""
 
 
+# Tensor-core MMAs in SASS: Hopper's warpgroup MMAs for 16-bit (HGMMA) and
+# float8 (QGMMA) operands, and the warp-level HMMA.
+MMA_OPCODES = ("HGMMA", "QGMMA", "HMMA")
+
+
 def hot_loop(sass: str) -> list[str]:
     """The opcodes of the innermost loop around the first tensor-core MMA.
 
@@ -69,8 +74,7 @@ def hot_loop(sass: str) -> list[str]:
         op = re.match(r"^/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
         if op:
             body.append(("op", _opcode(op.group(1)), op.group(1)))
-    mma = next((i for i, e in enumerate(body) if e[0] == "op" and e[1] in ("HGMMA", "HMMA")),
-               None)
+    mma = next((i for i, e in enumerate(body) if e[0] == "op" and e[1] in MMA_OPCODES), None)
     if mma is None:
         return []
     for start in range(mma, -1, -1):
@@ -125,7 +129,7 @@ def sass_features(cubin: bytes) -> dict:
     return {
         **usage,
         "loop": sum(loop.values()),
-        "loop_mma": loop["HGMMA"] + loop["HMMA"],
+        "loop_mma": sum(loop[op] for op in MMA_OPCODES),
         "loop_ldgsts": loop["LDGSTS"],
         "loop_local": loop["LDL"] + loop["STL"],
     }

@@ -19,7 +19,8 @@ from custom_calls import assembly
 
 # Triton's element type of each supported dtype (as pointer signatures spell it).
 TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-_OTHER_TYPES = {"float64": "fp64", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
+FLOAT8_TYPE = {"float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5"}
+_OTHER_TYPES = {**FLOAT8_TYPE, "float64": "fp64", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
                 "uint8": "u8", "uint16": "u16", "uint32": "u32", "uint64": "u64", "bool": "i1"}
 
 

@@ -10,7 +10,16 @@ from jax import lax
 from jax_flux._axes import axis_names
 
 IMPLS = ("auto", "xla", "ring", "fused")
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# Result dtypes (and operand dtypes that may be results too).
+RESULT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# Float8 operands (Hopper's FP8 tensor cores): the result must be one of
+# RESULT_DTYPES, given as preferred_element_type.
+FLOAT8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+SUPPORTED_DTYPES = RESULT_DTYPES + FLOAT8_DTYPES
+
+
+def is_float8(dtype) -> bool:
+    return jnp.dtype(dtype) in FLOAT8_DTYPES
 
 
 def axis_size(op: str, axis_name: Hashable) -> int:
@@ -36,14 +45,19 @@ def check_impl(op: str, impl: str) -> None:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
 
 
-def check_operands(op: str, x, w, axis_name: Hashable, size: int) -> None:
-    """2-D operands, matching contraction size, one supported dtype."""
+def check_operands(op: str, x, w, axis_name: Hashable, size: int,
+                   w_transposed: bool = False) -> None:
+    """2-D operands, matching contraction size (w's dim 0, or dim 1 for w
+    given transposed), one supported dtype."""
     where = f"(axis {axis_name!r} of size {size})"
     if getattr(x, "ndim", None) != 2 or getattr(w, "ndim", None) != 2:
         raise ValueError(f"{op}: x and w must be 2-D, got x{tuple(jnp.shape(x))} and "
                          f"w{tuple(jnp.shape(w))} {where}")
-    if x.shape[1] != w.shape[0]:
-        raise ValueError(f"{op}: contraction sizes differ: x{tuple(x.shape)} @ w{tuple(w.shape)} "
+    if w_transposed not in (True, False):
+        raise ValueError(f"{op}: w_transposed must be a bool, got {w_transposed!r}")
+    if x.shape[1] != w.shape[1 if w_transposed else 0]:
+        product = f"w{tuple(w.shape)}.T (w_transposed)" if w_transposed else f"w{tuple(w.shape)}"
+        raise ValueError(f"{op}: contraction sizes differ: x{tuple(x.shape)} @ {product} "
                          f"{where}")
     if x.dtype != w.dtype:
         raise ValueError(f"{op}: x and w must have one dtype, got x {x.dtype} and w {w.dtype} "
@@ -54,16 +68,22 @@ def check_operands(op: str, x, w, axis_name: Hashable, size: int) -> None:
 
 
 def result_dtype(op: str, x, preferred_element_type):
-    """The op's result dtype: ``preferred_element_type`` (a supported dtype) or x's."""
+    """The op's result dtype: ``preferred_element_type`` (bfloat16, float16 or
+    float32) or x's; float8 operands need it given."""
+    names = ", ".join(d.name for d in RESULT_DTYPES)
     if preferred_element_type is None:
+        if is_float8(x.dtype):
+            raise ValueError(
+                f"{op}: float8 operands (x {x.dtype}) need preferred_element_type, one of "
+                f"{names}: a float8 result (and float8 partial sums in the reduce-scatter) "
+                f"would round every sum to a few mantissa bits")
         return jnp.dtype(x.dtype)
     try:
         dtype = jnp.dtype(preferred_element_type)
     except TypeError as e:
         raise ValueError(f"{op}: preferred_element_type {preferred_element_type!r} is not a "
                          f"dtype") from e
-    if dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(d.name for d in SUPPORTED_DTYPES)
+    if dtype not in RESULT_DTYPES:
         raise ValueError(f"{op}: preferred_element_type {dtype} is not supported (one of "
                          f"{names}); x is {x.dtype}")
     return dtype

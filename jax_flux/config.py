@@ -34,6 +34,12 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _next_pow2(n)))
 
 
+def _block_k(itemsize: int) -> int:
+    """K of a GEMM tile on a GPU: 64 elements (128 bytes a row) for 16- and 32-bit
+    types, 128 for float8 (the same bytes; an FP8 MMA takes K = 32 at once)."""
+    return 128 if itemsize == 1 else 64
+
+
 @dataclasses.dataclass(frozen=True)
 class _Common:
     block_m: int = 128
@@ -160,13 +166,14 @@ class AllGatherMatmulConfig(_Common):
         # 128; 7 would leave 125 and a 4th wave).
         comm = min(range(1, max(1, min(8, items)) + 1),
                    key=lambda c: (-(-tiles // max(1, sms - c)), -c))
-        # Copy tiles that make up the 128 KiB: up to 64 elements a thread of
-        # 4 warps for 16-bit types, 32 for 4-byte ones; however few rows a rank
-        # has (decode: 8 rows x 2048 columns, not 8 valid rows of 32).
-        elements = min(16384 if itemsize <= 2 else 8192,
-                       max(8192, (128 << 10) // (comm * itemsize)))
+        # Copy tiles that make up the 128 KiB: up to 128 bytes a thread of 4
+        # warps (64 elements of a 16-bit type, 32 of a 4-byte one, 128 of a
+        # float8); however few rows a rank has (decode: 8 rows x 2048
+        # columns, not 8 valid rows of 32).
+        elements = min(32768 // itemsize, max(8192, (128 << 10) // (comm * itemsize)))
         copy_rows = _clamp_pow2(min(m_local, 32), 1, 32)
-        return cls(block_m=block_m, block_n=block_n, block_k=64, chunk_rows=chunk_rows,
+        return cls(block_m=block_m, block_n=block_n, block_k=_block_k(itemsize),
+                   chunk_rows=chunk_rows,
                    comm_programs=comm, copy_rows=copy_rows,
                    copy_cols=_clamp_pow2(min(k, elements // copy_rows), 16, 4096))
 
@@ -219,6 +226,6 @@ class MatmulReduceScatterConfig(_Common):
         # co-resident (the default grid is). The interpreter keeps reduction
         # programs: there the epilogue reduction runs as one program a rank.
         block_m = _clamp_pow2(m_local, 16, 128)
-        return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=64,
+        return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=_block_k(itemsize),
                    reduce_programs=0,
                    num_warps=8 if max(itemsize, out_itemsize or itemsize) >= 4 else 4)

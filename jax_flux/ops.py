@@ -85,28 +85,43 @@ def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_tran
 # The config tunes the op it was given to; the other op in the backward pass
 # uses its own default. With a preferred_element_type other than the operands'
 # dtype, the cotangent is cast to the operands' dtype: the backward pass runs
-# in it, as the forward's GEMM does.
+# in it, as the forward's GEMM does. Float8 operands are the exception: their
+# backward pass runs in the cotangent's dtype (the result's), the operands
+# upcast to it, and the gradients are rounded to the operands' float8 dtype,
+# as JAX's autodiff of lax.dot_general(preferred_element_type=...) does.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _ag(x, w, axis_name, impl, size, config, out_dtype):
-    return _ag_forward(x, w, axis_name, impl, size, config, out_dtype=out_dtype)
+def _backward_dtype(operand_dtype, cotangent_dtype):
+    return cotangent_dtype if _validate.is_float8(operand_dtype) else operand_dtype
 
 
-def _ag_fwd(x, w, axis_name, impl, size, config, out_dtype):
+# w_transposed: w is given as w^T; its gradient then is (dW)^T, and dx's
+# kernel reads it the other way round (dx = d @ W^T = d @ w with w as given).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _ag(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+    return _ag_forward(x, w, axis_name, impl, size, config, out_dtype=out_dtype,
+                       w_transposed=w_transposed)
+
+
+def _ag_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
     y, xg = _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True,
-                        out_dtype=out_dtype)
+                        out_dtype=out_dtype, w_transposed=w_transposed)
     # Tagged for jax.checkpoint policies (jax_flux.remat): recomputing either
     # one would run the collective again.
     xg = checkpoint_name(xg, remat.AG_GATHERED)
     return checkpoint_name(y, remat.AG_OUTPUT), (xg, w)
 
 
-def _ag_bwd(axis_name, impl, size, config, out_dtype, res, dy):
+def _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy):
     xg, w = res
-    dy = dy.astype(xg.dtype)
-    dx = _rs_forward(dy, w, axis_name, impl, size, w_transposed=True)
-    return dx, dot_tn(xg, dy)
+    dtype = _backward_dtype(xg.dtype, dy.dtype)
+    dy, xg_ = dy.astype(dtype), xg.astype(dtype)
+    dx = _rs_forward(dy, w.astype(dtype), axis_name, impl, size,
+                     w_transposed=not w_transposed)
+    dw = dot_tn(dy, xg_) if w_transposed else dot_tn(xg_, dy)
+    return dx.astype(xg.dtype), dw.astype(w.dtype)
 
 
 _ag.defvjp(_ag_fwd, _ag_bwd)
@@ -115,21 +130,24 @@ _ag.defvjp(_ag_fwd, _ag_bwd)
 # ------------------------------------------------------------ GEMM-RS vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _rs(x, w, axis_name, impl, size, config, out_dtype):
-    return _rs_forward(x, w, axis_name, impl, size, config, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _rs(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+    return _rs_forward(x, w, axis_name, impl, size, config, out_dtype, w_transposed)
 
 
-def _rs_fwd(x, w, axis_name, impl, size, config, out_dtype):
-    z = _rs_forward(x, w, axis_name, impl, size, config, out_dtype)
+def _rs_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+    z = _rs_forward(x, w, axis_name, impl, size, config, out_dtype, w_transposed)
     return checkpoint_name(z, remat.RS_OUTPUT), (x, w)
 
 
-def _rs_bwd(axis_name, impl, size, config, out_dtype, res, dz):
+def _rs_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dz):
     x, w = res
-    dz = dz.astype(x.dtype)
-    dx, dzg = _ag_forward(dz, w, axis_name, impl, size, return_gathered=True, w_transposed=True)
-    return dx, dot_tn(x, dzg)
+    dtype = _backward_dtype(x.dtype, dz.dtype)
+    dz, x_ = dz.astype(dtype), x.astype(dtype)
+    dx, dzg = _ag_forward(dz, w.astype(dtype), axis_name, impl, size, return_gathered=True,
+                          w_transposed=not w_transposed)
+    dw = dot_tn(dzg, x_) if w_transposed else dot_tn(x_, dzg)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _rs.defvjp(_rs_fwd, _rs_bwd)
@@ -155,7 +173,8 @@ def _vary(x, w, axis_name):
 
 
 def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: str = "auto",
-                      config: Any = None, preferred_element_type: Any = None) -> jax.Array:
+                      config: Any = None, preferred_element_type: Any = None,
+                      w_transposed: bool = False) -> jax.Array:
     """All-gathers ``x`` over ``axis_name`` (tiled, along rows) and multiplies by ``w``.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
@@ -164,7 +183,9 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     (impl ``"ring"`` and ``"fused"``).
 
     Args:
-      x: this rank's rows, [m, K]; bfloat16, float16 or float32.
+      x: this rank's rows, [m, K]; bfloat16, float16, float32, or float8
+        (float8_e4m3fn, float8_e5m2: Hopper's FP8 MMAs, half the bytes
+        gathered; needs ``preferred_element_type``).
       w: [K, n], same dtype as x (typically this rank's column shard).
       axis_name: the mesh axis to gather over (size P), or a tuple of axes
         (one axis of their sizes' product, the first major, as in ``lax``).
@@ -174,8 +195,13 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
       config: ``AllGatherMatmulConfig`` for impl ``"fused"``; None picks a
         default by shape.
       preferred_element_type: the result's dtype (bfloat16, float16 or
-        float32), as in ``lax.dot_general``; None: x's. The product is
-        accumulated in float32 either way.
+        float32), as in ``lax.dot_general``; None: x's (float8 operands must
+        give it). The product is accumulated in float32 either way.
+      w_transposed: ``w`` is given as w^T, [n, K] (Flux's transpose_weight):
+        the result is ``all_gather(x) @ w.T``, the kernel reading w in
+        place. Hopper's float8 MMAs take the weight K-major: a float8 w
+        stored this way keeps the fused kernel's K loop fully pipelined
+        (README, "float8"). Gradients come back in the layout given.
 
     Returns:
       [m * P, n] in x's dtype (or ``preferred_element_type``); rank r's rows
@@ -183,19 +209,21 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
 
     Raises:
       ValueError: operands not 2-D, contraction sizes or dtypes differ, an
-        unsupported dtype or preferred_element_type, an unknown impl, or no
-        such bound axis.
+        unsupported dtype or preferred_element_type (or none for float8
+        operands), an unknown impl, or no such bound axis.
     """
     size = _validate.axis_size(_AG, axis_name)
-    _validate.check_operands(_AG, x, w, axis_name, size)
+    _validate.check_operands(_AG, x, w, axis_name, size, w_transposed)
     out_dtype = _validate.result_dtype(_AG, x, preferred_element_type)
     impl = _resolve(_AG, impl, config)
-    return _ag(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype)
+    return _ag(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype,
+               bool(w_transposed))
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
                           impl: str = "auto", config: Any = None,
-                          preferred_element_type: Any = None) -> jax.Array:
+                          preferred_element_type: Any = None,
+                          w_transposed: bool = False) -> jax.Array:
     """Multiplies ``x @ w`` and reduce-scatters the sum over ``axis_name`` along rows.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
@@ -203,7 +231,9 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     with the matmul accumulated in float32.
 
     Args:
-      x: [M, k], M divisible by the axis size P; bfloat16, float16 or float32.
+      x: [M, k], M divisible by the axis size P; bfloat16, float16, float32
+        or float8 (as in ``all_gather_matmul``; needs
+        ``preferred_element_type``).
       w: [k, N], same dtype as x (typically this rank's row shard).
       axis_name: the mesh axis (or tuple of axes) to reduce and scatter over
         (size P).
@@ -215,6 +245,8 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
         ``all_gather_matmul``; the partial sums travel in it too (float32
         partials: twice the bytes of bfloat16 ones, no rounding before the
         sum).
+      w_transposed: ``w`` is given as w^T, [N, k], as in
+        ``all_gather_matmul``.
 
     Returns:
       [M / P, N] in x's dtype (or ``preferred_element_type``): rank r gets
@@ -224,8 +256,9 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
       ValueError: as ``all_gather_matmul``, and when M is not divisible by P.
     """
     size = _validate.axis_size(_RS, axis_name)
-    _validate.check_operands(_RS, x, w, axis_name, size)
+    _validate.check_operands(_RS, x, w, axis_name, size, w_transposed)
     _validate.check_scatter_rows(_RS, x, axis_name, size)
     out_dtype = _validate.result_dtype(_RS, x, preferred_element_type)
     impl = _resolve(_RS, impl, config)
-    return _rs(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype)
+    return _rs(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype,
+               bool(w_transposed))

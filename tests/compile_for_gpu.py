@@ -18,21 +18,22 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 from custom_calls import ag_gemm, compiler, gemm, gemm_rs  # noqa: E402
 from custom_calls.assembly import programs_per_sm, ptx_features, sass_features  # noqa: E402
-from custom_calls.compiler import (TRITON_TYPE, Compiled, check_resident,  # noqa: E402
-                                   compile_kernel, ptx_param_count)
+from custom_calls.compiler import (FLOAT8_TYPE, TRITON_TYPE, Compiled,  # noqa: E402
+                                   check_resident, compile_kernel, ptx_param_count)
 
 
-def _ag(precision: str, pull: bool, w_trans: bool = False) -> dict:
+def _ag(precision: str, pull: bool, w_trans: bool = False, block_k: int = 64) -> dict:
     return dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
-                CHUNK_ROWS=128, COMM_PROGRAMS=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
+                CHUNK_ROWS=128, COMM_PROGRAMS=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k,
+                GROUP_M=8,
                 COPY_ROWS=32, COPY_COLS=256, RETURN_GATHERED=True, UPCAST=False,
                 INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True, PULL=pull,
                 W_TRANS=w_trans, TIMED=True)
 
 
-def _rs(precision: str, reducers: int, w_trans: bool = False) -> dict:
+def _rs(precision: str, reducers: int, w_trans: bool = False, block_k: int = 64) -> dict:
     return dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
-                REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8, BLOCK_N=128, BLOCK_K=64,
+                REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8, BLOCK_N=128, BLOCK_K=block_k,
                 UPCAST=False, INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True,
                 W_TRANS=w_trans, TIMED=True)
 
@@ -75,6 +76,20 @@ def cases():
                    _ag(precision, False, True), dtype)
             yield ("rs_wT", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t),
                    _rs(precision, 0 if dtype == "bfloat16" else 8, True), dtype)
+    # float8_e4m3fn operands, bfloat16 results (partials), K tiles of 128: Hopper's
+    # FP8 MMAs take w K-major, so w^T (w_transposed) is the pipelined layout; a
+    # row-major w is transposed through registers every K step (matmul_fp8_b).
+    t = FLOAT8_TYPE["float8_e4m3fn"]
+    gemm_fp8 = dict(M=4096, N=4096, K=4096, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
+                    UPCAST=False, INPUT_PRECISION="ieee")
+    yield ("matmul_bT", gemm.matmul_kernel, dict(gemm.pointer_types(t), c_ptr="*bf16"),
+           dict(gemm_fp8, B_TRANS=True), "float8_e4m3fn")
+    yield ("matmul_b", gemm.matmul_kernel, dict(gemm.pointer_types(t), c_ptr="*bf16"),
+           dict(gemm_fp8, B_TRANS=False), "float8_e4m3fn")
+    yield ("ag_wT", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t, "bf16"),
+           _ag("ieee", False, True, 128), "float8_e4m3fn")
+    yield ("rs_wT", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t, "bf16"),
+           _rs("ieee", 0, True, 128), "float8_e4m3fn")
 
 
 def main(argv) -> int:

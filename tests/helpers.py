@@ -14,14 +14,14 @@ def mesh_of(size: int):
 
 
 @functools.lru_cache(maxsize=None)
-def lax_reference(op_name: str, mesh, grad: bool = False):
+def lax_reference(op_name: str, mesh, grad: bool = False, out_dtype=None):
     """The same global view as testing.sharded, through the plain lax collectives
     (no custom_vjp): what the ops and their gradients must match."""
     in_specs, out_spec = testing._SPECS[op_name]
     ref = {"all_gather_matmul": ag_gemm.reference,
            "matmul_reduce_scatter": gemm_rs.reference}[op_name]
-    fn = jax.shard_map(lambda x, w: ref(x, w, "tp"), mesh=mesh, in_specs=in_specs,
-                       out_specs=out_spec)
+    fn = jax.shard_map(lambda x, w: ref(x, w, "tp", out_dtype=out_dtype), mesh=mesh,
+                       in_specs=in_specs, out_specs=out_spec)
     if not grad:
         return jax.jit(fn)
 

@@ -96,10 +96,15 @@ def main() -> int:
              ("all_gather_matmul", jnp.bfloat16, (512, 256, 1024), f32, False),
              ("matmul_reduce_scatter", jnp.bfloat16, (512, 1024, 256), f32, False),
              ("all_gather_matmul", jnp.bfloat16, (512, 256, 1024), {}, True)]
+    # float8 operands, a bfloat16 result, w given as w^T (the layout FP8 MMAs want).
+    fp8 = {"preferred_element_type": jnp.bfloat16, "w_transposed": True}
+    cases += [("all_gather_matmul", jnp.float8_e4m3fn, (512, 256, 1024), fp8, False),
+              ("matmul_reduce_scatter", jnp.float8_e4m3fn, (512, 1024, 256), fp8, False)]
     for op, dtype, (m, k, n), kw, vmapped in cases:
         x, w, _, _ = testing.random_operands(m, k, n, dtype)
-        xs, ws = testing.place(op, mesh, x, w)
-        fn = fused_fn(op, mesh, **kw)
+        xs, ws = testing.place(op, mesh, x, w, w_transposed=kw.get("w_transposed", False))
+        fn = testing.sharded(op, mesh, "fused", **kw) if kw.get("w_transposed") else fused_fn(
+            op, mesh, **kw)
         if vmapped:
             fn, xs = jax.jit(jax.vmap(fn, in_axes=(0, None))), jnp.stack([xs, xs])
         text = fn.trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
@@ -111,7 +116,8 @@ def main() -> int:
         assert len(configs) == 1, (op, len(configs))
         entry, target, f = _kernel(configs[0])
         out = jnp.dtype(kw.get("preferred_element_type", dtype)).name
-        print(f"{op:22s} {jnp.dtype(dtype).name:9s}-> {out:9s} {'vmap ' if vmapped else ''}"
+        print(f"{op:22s} {jnp.dtype(dtype).name:13s}-> {out:9s} "
+              f"{'vmap ' if vmapped else ''}{'w^T ' if kw.get('w_transposed') else ''}"
               f"kernel={entry} target={target} cp.async={f['cp.async']} "
               f"wgmma={f['wgmma']} timer={f['timer']}")
         assert target == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)

@@ -25,6 +25,14 @@ def test_ops_quick(tmp_path):
         assert (tmp_path / "ops_quick_bfloat16_cpu8.png").stat().st_size > 0
 
 
+def test_ops_quick_float8_with_w_transposed(tmp_path):
+    assert ops.main(["--quick", "--dtype", "float8_e4m3fn", "--w-transposed", "--impls",
+                     "fused", "--reps", "1", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "ops_quick_wT_float8_e4m3fn_cpu8.csv")
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    assert "bfloat16 results" in (tmp_path / "ops_quick_wT_float8_e4m3fn_cpu8.md").read_text()
+
+
 def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert gemm.main(["--quick", "--out", str(tmp_path)]) == 0
     csv_path = tmp_path / "gemm_quick_bfloat16_cpu.csv"

@@ -39,16 +39,20 @@ def test_ragged_shapes(m_own, k_local, n, dtype, cfg):
     assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn],
+                         ids=lambda d: jnp.dtype(d).name)
 @REDUCERS
 def test_weight_read_transposed_in_place(cfg, dtype):
     # w given as w^T [N, k], as AG-GEMM's backward pass hands it over: the
-    # kernel reads it in place; ragged in every dim.
+    # kernel reads it in place; ragged in every dim. float8 operands (a bfloat16
+    # result): the layout Hopper's FP8 MMAs want.
     mesh = mesh_of(8)
     x, w, x64, w64 = testing.random_operands(8 * 13, 8 * 5, 40, dtype, seed=6)
     xs, wts = testing.place(OP, mesh, x, w, w_transposed=True)
-    out = testing.sharded(OP, mesh, "fused", cfg, w_transposed=True)(xs, wts)
-    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(dtype)]
+    out_dtype = jnp.bfloat16 if jnp.dtype(dtype).itemsize == 1 else None
+    out = testing.sharded(OP, mesh, "fused", cfg, w_transposed=True,
+                          preferred_element_type=out_dtype)(xs, wts)
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(out_dtype or dtype)]
 
 
 def test_default_config_every_axis_size():

@@ -53,6 +53,30 @@ def test_fused_world_size_1_through_jax_triton(op, dtype):
     assert "all-gather" not in text and "reduce-scatter" not in text
 
 
+@pytest.mark.parametrize("w_transposed", [True, False], ids=["wT", "w"])
+@pytest.mark.parametrize("op", list(testing.OPS))
+def test_fused_float8_world_size_1(op, w_transposed):
+    # float8_e4m3fn operands (Hopper's FP8 MMAs), a bfloat16 result, against
+    # the host and XLA's dot; the gradient through the transposed-weight path.
+    mesh = testing.mesh(jax.devices()[:1])
+    kw = dict(preferred_element_type=jnp.bfloat16, w_transposed=w_transposed)
+    f = testing.sharded(op, mesh, "fused", **kw)
+    xla = testing.sharded(op, mesh, "xla", **kw)
+    for call in range(5):
+        x, w, x64, w64 = testing.random_operands(512, 1024, 384, jnp.float8_e4m3fn, seed=call)
+        args = testing.place(op, mesh, x, w, w_transposed=w_transposed)
+        out = f(*args)
+        assert out.dtype == jnp.bfloat16
+        assert testing.relative_error(out, x64 @ w64) < 2e-2, call
+        assert testing.relative_error(out, np.asarray(xla(*args), np.float64)) < 2e-2, call
+    g = jnp.asarray(np.random.default_rng(5).standard_normal((512, 384)), jnp.bfloat16)
+    _, dx, dw = testing.sharded(op, mesh, "fused", grad=True, **kw)(*args, g)
+    g64 = np.asarray(g, np.float64)
+    dw64 = x64.T @ g64
+    assert testing.relative_error(dx, g64 @ w64.T) < 8e-2
+    assert testing.relative_error(dw, dw64.T if w_transposed else dw64) < 8e-2
+
+
 def test_fused_gathered_x_and_grad_world_size_1():
     mesh = testing.mesh(jax.devices()[:1])
     x, w, x64, w64 = testing.random_operands(256, 512, 384, jnp.bfloat16)

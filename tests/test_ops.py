@@ -192,6 +192,58 @@ def test_preferred_element_type(op, impl, out):
     assert testing.relative_error(dw, x64.T @ g64) < tol
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_weight_given_transposed(op, impl, dtype):
+    # w_transposed=True: W passed as W^T [N, K]; the same product, and dW^T
+    # back in that layout (against the host and the plain layout's call).
+    mesh = mesh_of(8)
+    m, k, n = 48, 40, 32
+    x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=8)
+    g, g64 = cotangent((m, n), dtype)
+    xs, wts = testing.place(op, mesh, x, w, w_transposed=True)
+    out, dx, dwt = testing.sharded(op, mesh, impl, grad=True, w_transposed=True)(xs, wts, g)
+    assert dwt.shape == (n, k) and dwt.dtype == x.dtype
+    tol = testing.TOLERANCE[jnp.dtype(dtype)]
+    assert testing.relative_error(out, x64 @ w64) < tol
+    assert testing.relative_error(dx, g64 @ w64.T) < tol
+    assert testing.relative_error(dwt, (x64.T @ g64).T) < tol
+    xs, ws = testing.place(op, mesh, x, w)
+    _, pdx, pdw = testing.sharded(op, mesh, impl, grad=True)(xs, ws, g)
+    assert testing.relative_error(dx, np.asarray(pdx, np.float64)) < tol
+    assert testing.relative_error(dwt, np.asarray(pdw, np.float64).T) < tol
+
+
+@pytest.mark.parametrize("dtype,w_transposed", [(jnp.float8_e4m3fn, True),
+                                                (jnp.float8_e5m2, False)],
+                         ids=["e4m3fn-wT", "e5m2"])
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_float8_operands(op, impl, dtype, w_transposed):
+    # float8 operands, a bfloat16 result: the product of the float8 values is
+    # exact to float32 accumulation and one bfloat16 rounding. The backward runs
+    # in bfloat16 (the cotangent's dtype) and rounds the gradients to float8,
+    # as JAX's autodiff of lax.dot_general does (the lax reference's too).
+    mesh = mesh_of(8)
+    m, k, n = 48, 40, 32
+    x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=9)
+    g, g64 = cotangent((m, n), jnp.bfloat16)
+    xs, ws = testing.place(op, mesh, x, w, w_transposed=w_transposed)
+    out, dx, dw = testing.sharded(op, mesh, impl, grad=True, preferred_element_type=jnp.bfloat16,
+                                  w_transposed=w_transposed)(xs, ws, g)
+    assert out.dtype == jnp.bfloat16 and dx.dtype == dw.dtype == jnp.dtype(dtype)
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(jnp.bfloat16)]
+    tol = testing.TOLERANCE[jnp.dtype(dtype)]
+    dw64 = x64.T @ g64
+    assert testing.relative_error(dx, g64 @ w64.T) < tol
+    assert testing.relative_error(dw, dw64.T if w_transposed else dw64) < tol
+    if not w_transposed:
+        _, rdx, rdw = lax_reference(op, mesh, grad=True, out_dtype=jnp.bfloat16)(xs, ws, g)
+        assert testing.relative_error(dx, np.asarray(rdx, np.float64)) < tol
+        assert testing.relative_error(dw, np.asarray(rdw, np.float64)) < tol
+
+
 def test_preferred_element_type_must_be_a_supported_dtype():
     import jax
 

@@ -35,6 +35,27 @@ def test_contraction_sizes_must_match(op):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_contraction_of_a_transposed_weight(op):
+    with pytest.raises(ValueError, match=r"contraction.*x\(8, 4\) @ w\(4, 3\)\.T \(w_transposed\)"):
+        call(op, arr((8, 4)), arr((4, 3)), w_transposed=True)
+    with pytest.raises(ValueError, match="w_transposed must be a bool"):
+        call(op, arr((8, 4)), arr((3, 4)), w_transposed="yes")
+    assert call(op, arr((8, 4)), arr((3, 4)), w_transposed=True).shape[1] == 3
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_float8_operands_need_a_preferred_element_type(op, dtype):
+    with pytest.raises(ValueError, match=r"float8 operands \(x float8_e\w+\) need "
+                                         r"preferred_element_type, one of bfloat16"):
+        call(op, arr((8, 4), dtype), arr((4, 3), dtype))
+    with pytest.raises(ValueError, match="preferred_element_type float8_e4m3fn is not supported"):
+        call(op, arr((8, 4), dtype), arr((4, 3), dtype), preferred_element_type=jnp.float8_e4m3fn)
+    out = call(op, arr((8, 4), dtype), arr((4, 3), dtype), preferred_element_type=jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_dtypes_must_match(op):
     with pytest.raises(ValueError, match="x float32 and w bfloat16"):
         call(op, arr((8, 4)), arr((4, 3), jnp.bfloat16))

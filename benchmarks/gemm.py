@@ -11,7 +11,9 @@ configs are tried per shape (each checked against a float64 reference on
 small shapes, against XLA's result otherwise) and the best is reported.
 ``--b-transposed`` gives b as b^T [N, K], read in place by both (XLA's dot of
 ``a @ bt.T``, the Triton GEMM's transposed-operand path): the layout the fused
-kernels read w in during the backward pass.
+kernels read w in during the backward pass (and float8 weights should be
+given in: Hopper's FP8 MMAs read b K-major). Float8 operands give bfloat16
+results on both sides.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.ops import AG, sweep_shapes
+from benchmarks.ops import AG, result_dtype, sweep_shapes
 from custom_calls.gemm import matmul
 from jax_flux import testing
 
+# (float8 operands take block_k=128 in place of 64: the same bytes a row.)
 GPU_CONFIGS = [dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
                dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
                dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sweep", default="gpt3-175b", choices=["gpt3-175b", "llama2-70b"])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16",
+                   choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--b-transposed", action="store_true", help="b given as b^T [N, K]")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -52,7 +56,10 @@ def main(argv=None) -> int:
     sweep = "quick" if a.quick else a.sweep
     reps = 2 if a.quick else a.reps
     dtype = jnp.dtype(a.dtype)
+    out_dtype = result_dtype(dtype)
     configs = GPU_CONFIGS if on_gpu else CPU_CONFIGS
+    if on_gpu and dtype.itemsize == 1:
+        configs = [dict(c, block_k=2 * c["block_k"]) for c in configs]
     env = harness.environment([device])
     rows, seen = [], set()
     for shape in sweep_shapes(sweep):
@@ -64,14 +71,15 @@ def main(argv=None) -> int:
         bt = a.b_transposed
         x, w = jax.device_put(x, device), jax.device_put(w.T if bt else w, device)
         xla = jax.jit(lambda x, w: jnp.dot(x, w.T if bt else w, preferred_element_type=jnp.float32)
-                      .astype(x.dtype))
+                      .astype(out_dtype))
         ref = np.asarray(xla(x, w), np.float64) if m * k * n > 2**31 else x64 @ w64
         t_xla = harness.time_fn(xla, (x, w), reps=reps)
         best = None
         for cfg in configs:
-            fn = jax.jit(lambda x, w, cfg=cfg: matmul(x, w, b_transposed=bt, **cfg))
+            fn = jax.jit(lambda x, w, cfg=cfg: matmul(x, w, b_transposed=bt, out_dtype=out_dtype,
+                                                      **cfg))
             err = testing.relative_error(fn(x, w), ref)
-            if not err < testing.TOLERANCE[dtype]:
+            if not err < testing.TOLERANCE[out_dtype]:
                 print(f"{shape.name} {cfg}: WRONG (rel err {err:.2e}), not timed")
                 continue
             t = harness.time_fn(fn, (x, w), reps=reps)

@@ -43,9 +43,10 @@ def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert text.startswith("# PROJECTION (not a measurement)")
 
 
-def test_gemm_quick_with_b_transposed(tmp_path):
-    assert gemm.main(["--quick", "--b-transposed", "--out", str(tmp_path)]) == 0
-    rows = _rows(tmp_path / "gemm_quick_bT_bfloat16_cpu.csv")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_gemm_quick_with_b_transposed(tmp_path, dtype):
+    assert gemm.main(["--quick", "--b-transposed", "--dtype", dtype, "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / f"gemm_quick_bT_{dtype}_cpu.csv")
     assert rows and all(r["ratio_vs_xla"] and float(r["rel_err"]) < 2e-2 for r in rows), rows
 
 
@@ -134,3 +135,18 @@ def test_compiled_report_quick(tmp_path):
         assert int(row["tiles"]) <= int(row["waves"]) * int(row["gemm_programs"]), row
     md = (tmp_path / "compiled_quick_bfloat16_sm90.md").read_text()
     assert "compiled on a CPU-only host, not run" in md and "command" in md
+
+
+def test_gpu_run_script_lists_the_steps_it_has():
+    # The header's step list is what a GPU session names (bash gpu_run.sh STEP ...).
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "gpu_run.sh")
+    text = open(path).read()
+    header = " ".join(line[1:] for line in text.split("set -uo")[0].splitlines()
+                      if line.startswith("#"))
+    listed = set(re.search(r"Steps:(.*?)\(tune", header, re.S).group(1).split())
+    defined = set(re.findall(r"^\s*step (\w+) ", text, re.M))
+    assert listed == defined - {"tune", "tune_backward"}, (listed, defined)

@@ -55,8 +55,8 @@ def block_step(cfg, mesh, impl, seq, batch, reps):
     return float(value), harness.time_fn(step, (block, x), reps=reps)
 
 
-def train_step(cfg, mesh, impl, seq, batch, reps):
-    model = Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(0))
+def train_step(cfg, mesh, impl, seq, batch, reps, fsdp=False):
+    model = Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, fsdp=fsdp, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
     tokens = jnp.asarray(progressions(np.random.default_rng(0), batch, seq + 1, cfg.vocab))
 
@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel size: a (dp, tp) mesh over the devices, the batch split "
                         "over dp")
+    p.add_argument("--fsdp", action="store_true",
+                   help="also time the train step with parameters split over --dp (FSDP)")
     p.add_argument("--scan-layers", action="store_true",
                    help="train step: the blocks in one scan over stacked parameters")
     p.add_argument("--remat", default="none", choices=remat.POLICIES,
@@ -134,6 +136,8 @@ def main(argv=None) -> int:
                     cfg, mesh, impl, seq, batch, reps)),
                ("train step", seq * batch, lambda impl: train_step(
                     cfg, mesh, impl, seq, batch, reps)),
+               *([("train step, fsdp", seq * batch, lambda impl: train_step(
+                    cfg, mesh, impl, seq, batch, reps, fsdp=True))] if a.fsdp else []),
                ("decode step", decode_batch, lambda impl: decode_step(
                     cfg, mesh, impl, decode_batch, False, reps))]
     if decode_batch % len(devices) == 0:
@@ -144,7 +148,8 @@ def main(argv=None) -> int:
             row = {"what": what, "impl": impl}
             loss, t = fn(impl)
             # Decode rows compare with xla's replicated decode (the same logits).
-            key = "decode step" if what.startswith("decode") else what
+            # The fsdp train step computes the same loss as the plain one.
+            key = "decode step" if what.startswith("decode") else what.replace(", fsdp", "")
             ref.setdefault(key, loss)
             rel = abs(loss - ref[key]) / max(abs(ref[key]), 1e-30)
             rows.append(dict(row, median_ms=t.median_ms, spread_pct=t.spread_pct,

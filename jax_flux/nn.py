@@ -23,7 +23,13 @@ Both work two ways, chosen per call from the trace context:
   the layer works on local shards directly.
 
 Parameters carry their sharding as NNX metadata (``out_sharding``), so
-``nnx.get_partition_spec`` / ``nnx.get_named_sharding`` place them.
+``nnx.get_partition_spec`` / ``nnx.get_named_sharding`` place them. With
+``fsdp_axis`` (FSDP / ZeRO-3, as MaxText's "fsdp" axis) a kernel is also
+stored split over that axis along its other dim (a column layer's input
+features, a row layer's output features): a rank holds 1 / (P x F) of it,
+and each call gathers it over that axis just in time (XLA's all-gather in
+global view, ``lax.all_gather`` inside a shard_map), so its gradient comes
+back reduce-scattered, stored like the kernel.
 """
 
 from __future__ import annotations
@@ -135,7 +141,7 @@ class _ParallelLinear(nnx.Module):
     def __init__(self, in_features: Shape, out_features: Shape, *, mesh: Mesh,
                  axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
                  config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
-                 param_dtype=jnp.float32, preferred_element_type=None,
+                 param_dtype=jnp.float32, preferred_element_type=None, fsdp_axis=None,
                  kernel_init=default_kernel_init,
                  bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
         self.in_shape = _as_shape(in_features)
@@ -155,16 +161,39 @@ class _ParallelLinear(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.preferred_element_type = preferred_element_type
-        self.use_bias = use_bias
+        self.fsdp_axis = fsdp_axis or None
         kernel_shape = self.in_shape + self.out_shape
+        if self.fsdp_axis is not None:
+            fsdp = axis_names(self.fsdp_axis)
+            if not set(fsdp) <= set(mesh.axis_names):
+                raise ValueError(f"{type(self).__name__}: fsdp_axis {fsdp_axis!r} is not an axis "
+                                 f"of the mesh (axes {mesh.axis_names})")
+            if set(fsdp) & set(axis_names(axis_name)):
+                raise ValueError(f"{type(self).__name__}: fsdp_axis {fsdp_axis!r} overlaps the "
+                                 f"tensor-parallel axis {axis_name!r}")
+            size = axis_size(mesh, self.fsdp_axis)
+            dim = kernel_shape[self._fsdp_dim()]
+            if dim % size:
+                raise ValueError(f"{type(self).__name__}: kernel {kernel_shape} dim "
+                                 f"{self._fsdp_dim()} ({dim}) is split over fsdp_axis "
+                                 f"{fsdp_axis!r}, not divisible by its size {size}")
+        self.use_bias = use_bias
         fan_shape = (math.prod(self.in_shape), math.prod(self.out_shape))
         value = kernel_init(rngs.params(), fan_shape, param_dtype).reshape(kernel_shape)
-        self.kernel = nnx.Param(value, out_sharding=self.kernel_sharding(), mesh=mesh)
+        self.kernel = nnx.Param(value, out_sharding=self.param_sharding(), mesh=mesh)
         self.bias = nnx.Param(bias_init(rngs.params(), self.bias_shape(), param_dtype),
                               out_sharding=self.bias_sharding(), mesh=mesh) if use_bias else None
 
     def _compute_dtype(self, x):
         return self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+
+    def param_sharding(self):
+        """The kernel as stored: ``kernel_sharding()`` (how a call uses it), and
+        with ``fsdp_axis`` also split over that axis along ``_fsdp_dim()``."""
+        spec = list(self.kernel_sharding())
+        if self.fsdp_axis is not None:
+            spec[self._fsdp_dim()] = self.fsdp_axis
+        return tuple(spec)
 
     def __call__(self, x: jax.Array, *, sequence_parallel: bool | None = None) -> jax.Array:
         """Applies the layer.
@@ -183,7 +212,17 @@ class _ParallelLinear(nnx.Module):
         bias = None if self.bias is None else self.bias[...]
         fn = self._local_fn(sp)
         if in_manual_context(self.axis_name):
+            if self.fsdp_axis is not None and in_manual_context(self.fsdp_axis):
+                # This rank's 1/F of the kernel's shard: gather it (the
+                # gradient's transpose reduce-scatters it back).
+                kernel = lax.all_gather(kernel, self.fsdp_axis, axis=self._fsdp_dim(),
+                                        tiled=True)
             return fn(x, kernel, bias)
+        if self.fsdp_axis is not None:
+            # Pinned as stored first: the transpose of the gather below then
+            # reduce-scatters the kernel's gradient back to this layout
+            # (unpinned, XLA all-reduces it and keeps it whole along the axis).
+            kernel = place(kernel, self.mesh, P(*self.param_sharding()))
         x_spec, out_spec = self._activation_specs(x.ndim, sp)
         specs = (x_spec, P(*self.kernel_sharding()),
                  None if bias is None else P(*self.bias_sharding()))
@@ -212,15 +251,20 @@ class ColumnParallelLinear(_ParallelLinear):
         the parameters; preferred_element_type: the result's dtype (default:
         the compute dtype), as in ``nnx.Linear``: float32 logits from
         bfloat16 operands, say.
+      fsdp_axis: mesh axis (or axes) to store the kernel split over along
+        its input features as well (FSDP; typically the batch axis), or None.
       kernel_init, bias_init: initialisers; rngs: ``nnx.Rngs``.
 
     Raises:
       ValueError: at construction, when ``out_features[0]`` is not divisible
-        by the axis size.
+        by the axis size, or ``in_features`` by the fsdp axis size.
     """
 
     def _split_features(self):
         return "output", self.out_shape
+
+    def _fsdp_dim(self):
+        return 0  # the input features
 
     def kernel_sharding(self):
         return (None, self.axis_name) + (None,) * (len(self.out_shape) - 1)
@@ -260,17 +304,22 @@ class RowParallelLinear(_ParallelLinear):
       mesh, axis_name, impl, config, batch_axis, dtype, param_dtype, preferred_element_type,
         kernel_init, bias_init, rngs: as ColumnParallelLinear (impl/config go
         to ``matmul_reduce_scatter``).
+      fsdp_axis: as ColumnParallelLinear, splitting the kernel along its
+        output features.
       use_bias: add a (replicated) bias after the reduction.
       sequence_parallel: default for calls; True: reduce-scatter along the
         leading (sequence) dim; False: all-reduce (replicated result).
 
     Raises:
       ValueError: at construction, when ``in_features[0]`` is not divisible
-        by the axis size.
+        by the axis size, or ``out_features`` by the fsdp axis size.
     """
 
     def _split_features(self):
         return "input", self.in_shape
+
+    def _fsdp_dim(self):
+        return len(self.in_shape)  # the output features
 
     def kernel_sharding(self):
         return (self.axis_name,) + (None,) * len(self.in_shape)

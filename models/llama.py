@@ -76,21 +76,22 @@ def rotary(x, positions, theta: float):
 
 
 def _layer_options(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
-                   batch_axis) -> dict:
+                   batch_axis, fsdp_axis=None) -> dict:
     """Keyword arguments every parallel linear layer of the model gets."""
     return dict(mesh=mesh, axis_name=axis_name, impl=impl, batch_axis=batch_axis,
-                dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+                fsdp_axis=fsdp_axis, dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
 
 
 class Attention(nnx.Module):
     """Grouped-query attention; each rank owns kv_heads / tp whole groups."""
 
     def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
-                 batch_axis=None):
+                 batch_axis=None, fsdp_axis=None):
         self.cfg = cfg
         self.group = cfg.heads // cfg.kv_heads  # query heads per kv head
         self.dp = _axes_size(mesh, batch_axis)
-        common = _layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis)
+        common = _layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis, fsdp_axis)
         # Per group: its query heads, then k, then v.
         self.qkv = ColumnParallelLinear(cfg.hidden, (cfg.kv_heads, self.group + 2, cfg.head_dim),
                                         **common)
@@ -131,9 +132,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
-                 batch_axis=None):
+                 batch_axis=None, fsdp_axis=None):
         self.kind = cfg.mlp
-        common = _layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis)
+        common = _layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis, fsdp_axis)
         # SwiGLU: gate and up side by side per ffn unit, so each rank gets both halves.
         up_shape = (cfg.ffn, 2) if cfg.mlp == "swiglu" else (cfg.ffn,)
         self.up = ColumnParallelLinear(cfg.hidden, up_shape, **common)
@@ -150,12 +151,12 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs: nnx.Rngs,
-                 batch_axis=None):
+                 batch_axis=None, fsdp_axis=None):
         pdt = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
-        self.attn = Attention(cfg, mesh, axis_name, impl, rngs, batch_axis)
+        self.attn = Attention(cfg, mesh, axis_name, impl, rngs, batch_axis, fsdp_axis)
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
-        self.mlp = MLP(cfg, mesh, axis_name, impl, rngs, batch_axis)
+        self.mlp = MLP(cfg, mesh, axis_name, impl, rngs, batch_axis, fsdp_axis)
 
     def __call__(self, x, positions, cache_kv=None, start=None, *, sequence_parallel=True,
                  token_parallel=False):
@@ -177,6 +178,11 @@ class Llama(nnx.Module):
       batch_axis: mesh axis (or tuple of axes) the batch is split over (data
         parallelism; parameters are replicated along it and their gradients
         summed over it), or None.
+      fsdp: store the parameters split over ``batch_axis`` as well (FSDP /
+        ZeRO-3, MaxText's "fsdp" axis): every parallel layer's kernel along
+        its other dim (``jax_flux.nn``'s ``fsdp_axis``) and the embedding
+        along hidden; each is gathered when used and its gradient comes back
+        reduce-scattered. Norm scales stay replicated.
       impl: jax_flux impl of every parallel layer ("xla", "ring", "fused",
         "auto").
       rngs: ``nnx.Rngs`` for initialisation (same seed, same parameters, on
@@ -189,7 +195,7 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, cfg: LlamaConfig, *, mesh: Mesh, axis_name: str = "tp",
-                 batch_axis=None, impl: str = "auto", rngs: nnx.Rngs):
+                 batch_axis=None, impl: str = "auto", fsdp: bool = False, rngs: nnx.Rngs):
         self.cfg = cfg
         self.mesh = mesh
         self.axis_name = axis_name
@@ -203,30 +209,45 @@ class Llama(nnx.Module):
                              f"tensor-parallel axis {axis_name!r}; the mesh has "
                              f"{mesh.axis_names}")
         self.dp = _axes_size(mesh, batch_axis)
+        if fsdp and not batch_axis:
+            raise ValueError("fsdp=True splits the parameters over batch_axis: give one")
+        self.fsdp_axis = batch_axis if fsdp else None
+        if fsdp and cfg.hidden % self.dp:
+            raise ValueError(f"fsdp=True: hidden {cfg.hidden} is not divisible by the size "
+                             f"{self.dp} of batch_axis {batch_axis!r}")
         cfg.check_tp(self.tp)
         pdt = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab, cfg.hidden), pdt),
-                               out_sharding=(None, None), mesh=mesh)
+                               out_sharding=(None, self.fsdp_axis), mesh=mesh)
+        layer_args = (cfg, mesh, axis_name, impl, rngs, batch_axis, self.fsdp_axis)
         if cfg.scan_layers:
-            self.blocks = _stacked_blocks(cfg, mesh, axis_name, impl, rngs, batch_axis)
+            self.blocks = _stacked_blocks(*layer_args)
         else:
-            self.blocks = nnx.List([Block(cfg, mesh, axis_name, impl, rngs, batch_axis)
-                                    for _ in range(cfg.layers)])
+            self.blocks = nnx.List([Block(*layer_args) for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, mesh, pdt)
         # Logits in float32 straight from the head's GEMM (float32 accumulation,
         # no rounding to a 16-bit compute dtype before the softmax).
         self.head = None if cfg.tie_embeddings else ColumnParallelLinear(
             cfg.hidden, cfg.vocab, preferred_element_type=jnp.float32,
-            **_layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis))
+            **_layer_options(cfg, mesh, axis_name, impl, rngs, batch_axis, self.fsdp_axis))
 
+
+    def _embedding(self):
+        """The embedding table, whole (gathered over the fsdp axis, its gradient
+        reduce-scattered back: pinned as stored first, as jax_flux.nn does)."""
+        table = self.embed[...]
+        if self.fsdp_axis is None:
+            return table
+        table = place(table, self.mesh, P(None, self.fsdp_axis))
+        return place(table, self.mesh, P())
 
     def _logits(self, h, sp):
         """[S, B, vocab] float32 (split over vocab) of the final hidden states h [S, B, H]."""
         if self.head is not None:
             logits = self.head(h, sequence_parallel=sp)
         else:
-            table = self.embed[...].astype(h.dtype).T  # [H, vocab], split over vocab
+            table = self._embedding().astype(h.dtype).T  # [H, vocab], split over vocab
             fn = lambda h, k: column_parallel(h, k, None, axis_name=self.axis_name,  # noqa: E731
                                               sequence_parallel=sp, impl=self.impl,
                                               preferred_element_type=jnp.float32)
@@ -252,7 +273,7 @@ class Llama(nnx.Module):
         # replicated table by ids split over the batch axis has no unambiguous
         # sharding on a mesh with explicit axes. Then laid out as the blocks want.
         tokens = place(tokens, self.mesh, P())
-        h = jnp.swapaxes(self.embed[...].astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
+        h = jnp.swapaxes(self._embedding().astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
         if token_parallel:
             h = tokens_to_rows(h, self.dp)
         h = place(h, self.mesh, P(self.axis_name if sp or token_parallel else None,
@@ -335,13 +356,13 @@ def rows_to_tokens(rows):
 
 
 def _stacked_blocks(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str,
-                    rngs: nnx.Rngs, batch_axis) -> Block:
+                    rngs: nnx.Rngs, batch_axis, fsdp_axis=None) -> Block:
     """One Block whose parameters have a leading, unsharded dim of cfg.layers."""
 
     @nnx.split_rngs(splits=cfg.layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
     def make(rngs):
-        return Block(cfg, mesh, axis_name, impl, rngs, batch_axis)
+        return Block(cfg, mesh, axis_name, impl, rngs, batch_axis, fsdp_axis)
 
     return make(rngs)
 

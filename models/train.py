@@ -34,15 +34,16 @@ from models.llama import Llama, cross_entropy  # noqa: E402
 
 
 def build(preset: str, tp: int, impl: str, dtype: str | None = None, seed: int = 0, dp: int = 1,
-          **overrides):
+          fsdp: bool = False, **overrides):
     """The preset's model on a (dp, tp) mesh of the first dp * tp devices, the batch
-    split over "dp"; ``dtype`` and ``overrides`` (LlamaConfig fields: scan_layers,
-    remat, ...) replace the preset's values."""
+    split over "dp" (with ``fsdp``, the parameters too); ``dtype`` and
+    ``overrides`` (LlamaConfig fields: scan_layers, remat, ...) replace the
+    preset's values."""
     changes = dict(overrides, **({"dtype": dtype} if dtype else {}))
     cfg = dataclasses.replace(PRESETS[preset], **changes)
     devices = pick_devices(dp * tp, "--dp x --tp" if dp > 1 else "--tp")
     mesh = Mesh(np.asarray(devices).reshape(dp, tp), ("dp", "tp"))
-    return Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(seed))
+    return Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, fsdp=fsdp, rngs=nnx.Rngs(seed))
 
 
 def loss_fn(model, tokens):
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=8, help="tensor-parallel size")
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel size (the batch is split; dp * tp devices)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="store the parameters (and optimizer state) split over --dp too")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--impl", default="auto", choices=["auto", "xla", "ring", "fused"])
     p.add_argument("--batch", type=int, default=4)
@@ -119,8 +122,8 @@ def main(argv=None) -> int:
     if a.restore and not a.checkpoint_dir:
         p.error("--restore needs --checkpoint-dir")
     _, losses = train(a.preset, a.tp, a.steps, a.impl, a.batch, a.seq, a.lr, a.dtype, a.seed,
-                      a.checkpoint_dir, a.restore, dp=a.dp, scan_layers=a.scan_layers,
-                      remat=a.remat)
+                      a.checkpoint_dir, a.restore, dp=a.dp, fsdp=a.fsdp,
+                      scan_layers=a.scan_layers, remat=a.remat)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0
 

@@ -52,14 +52,17 @@ def test_gemm_quick_with_b_transposed(tmp_path, dtype):
 
 @pytest.mark.parametrize("impls,extra,name", [
     ("xla,ring", [], "model_tiny_L2_cpu8"),
-    ("xla", ["--dp", "2", "--scan-layers", "--remat", "collective_matmuls"],
+    ("xla", ["--dp", "2", "--scan-layers", "--remat", "collective_matmuls", "--fsdp"],
      "model_tiny_L2_dp2_scan_remat-collective_matmuls_cpu8")])
 def test_model_quick(tmp_path, impls, extra, name):
     assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path), *extra]) == 0
     rows = _rows(tmp_path / f"{name}.csv")
-    assert len(rows) == 4 * len(impls.split(",")) and all(r["status"] == "ok" for r in rows)
-    assert {r["what"] for r in rows} == {"block fwd+bwd", "train step", "decode step",
-                                         "decode step, token parallel"}
+    what = {"block fwd+bwd", "train step", "decode step", "decode step, token parallel"}
+    if "--fsdp" in extra:
+        what.add("train step, fsdp")
+    assert len(rows) == len(what) * len(impls.split(",")) and all(r["status"] == "ok"
+                                                                  for r in rows)
+    assert {r["what"] for r in rows} == what
 
 
 def test_status_check_quick(tmp_path):

@@ -246,6 +246,62 @@ def test_data_and_tensor_parallel_model_matches_one_device(impl, single_device):
         assert testing.relative_error(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("impl,explicit,scan", [("xla", False, False), ("fused", True, True)],
+                         ids=["xla", "fused-explicit-scanned"])
+def test_fsdp_model_matches_one_device_with_its_state_split_8_ways(impl, explicit, scan,
+                                                                   single_device):
+    # FSDP x TP (dp=2 x tp=4): every parallel kernel and the embedding stored
+    # split over "dp" as well; logits, gradients and the AdamW step as on one
+    # device, the gradients and the optimizer state split like the parameters.
+    if explicit:
+        mesh = jax.make_mesh((2, 4), ("dp", "tp"))
+    else:
+        mesh = _dp_tp_mesh()
+    cfg = dataclasses.replace(CFG, scan_layers=scan)
+    model = Llama(cfg, mesh=mesh, batch_axis="dp", fsdp=True, impl=impl, rngs=nnx.Rngs(0))
+    if scan:  # the one-device model's parameters, stacked (placed as model's are)
+        copy_parameters(Llama(CFG, mesh=mesh_of(1), impl="xla", rngs=nnx.Rngs(0)), model)
+    up = model.blocks.mlp.up if scan else model.blocks[0].mlp.up
+    kernel = up.kernel[...]
+    assert kernel.sharding.shard_shape(kernel.shape)[-3:-2] == (kernel.shape[-3] // 2,)
+    assert np.prod(kernel.sharding.shard_shape(kernel.shape)) * 8 == kernel.size
+    assert model.embed[...].sharding.shard_shape(model.embed[...].shape)[1] == CFG.hidden // 2
+
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    tokens = _tokens()
+
+    @nnx.jit
+    def run(model, optimizer, tokens):
+        def loss_fn(model):
+            logits = model(tokens[:, :-1])
+            return cross_entropy(logits, tokens[:, 1:]), logits
+
+        (_, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return logits, grads
+
+    logits, grads = run(model, optimizer, tokens)
+    ref_logits, ref_grads, ref_params = single_device
+    assert testing.relative_error(logits, ref_logits) < 1e-5
+    layout = _stacked if scan else nnx.to_pure_dict
+    for ours, ref, tol in ((nnx.state(grads), ref_grads, 1e-4),
+                           (nnx.state(model, nnx.Param), ref_params, 1e-5)):
+        flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(_host(ours)))
+        want = dict(jax.tree_util.tree_leaves_with_path(layout(ref)))
+        assert len(flat) == len(want) > 5
+        for path, a in flat:
+            assert testing.relative_error(a, want[path]) < tol, jax.tree_util.keystr(path)
+    grad_kernel = (grads.blocks.mlp.up if scan else grads.blocks[0].mlp.up).kernel[...]
+    assert grad_kernel.sharding.shard_shape(grad_kernel.shape) == kernel.sharding.shard_shape(
+        kernel.shape)
+    moments = [a for a in jax.tree.leaves(nnx.state(optimizer)) if getattr(a, "shape", ()) ==
+               kernel.shape]
+    assert moments and all(m.sharding.shard_shape(m.shape) == kernel.sharding.shard_shape(
+        kernel.shape) for m in moments)
+    with pytest.raises(ValueError, match="fsdp=True splits the parameters over batch_axis"):
+        Llama(CFG, mesh=mesh, fsdp=True, rngs=nnx.Rngs(0))
+
+
 def test_data_parallel_generation_and_errors():
     prompt = _tokens(batch=2, length=16, seed=4)
     quiet = lambda s: None  # noqa: E731
@@ -320,7 +376,7 @@ def test_command_lines_with_every_layout_option(capsys):
     from models import train as train_cli
 
     assert train_cli.main(["--steps", "2", "--impl", "xla", "--dp", "2", "--tp", "4",
-                           "--scan-layers", "--remat", "collective_matmuls"]) == 0
+                           "--scan-layers", "--remat", "collective_matmuls", "--fsdp"]) == 0
     assert generate_cli.main(["--impl", "xla", "--dp", "2", "--tp", "4", "--batch", "8",
                               "--scan-layers", "--token-parallel-decode",
                               "--new-tokens", "2"]) == 0

@@ -92,6 +92,46 @@ def test_batch_split_over_a_data_parallel_axis(impl):
         assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_fsdp_parameters_split_over_the_data_parallel_axis_too(impl):
+    # FSDP x TP on a (dp, tp) mesh: kernels stored split over "dp" as well (1/8
+    # a device), gathered per call; outputs and gradients as on one device, in
+    # global view and inside a user's shard_map over both axes.
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    col, row = _pair(mesh, impl, batch_axis="dp", fsdp_axis="dp")
+    assert nnx.get_partition_spec(nnx.state(col))["kernel"].get_value() == P("dp", "tp", None)
+    assert nnx.get_partition_spec(nnx.state(row))["kernel"].get_value() == P("tp", "dp")
+    assert col.kernel[...].sharding.shard_shape((16, 32, 2)) == (8, 8, 2)
+    assert row.kernel[...].sharding.shard_shape((32, 24)) == (8, 12)
+    x = _x(b=4, seed=9)
+    out = nnx.jit(_mlp)(col, row, x)
+    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+
+    def grads(col, row):
+        loss = lambda c, r: jnp.sum(jnp.sin(_mlp(c, r, x)))  # noqa: E731
+        return nnx.state(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(col, row))
+
+    want = jax.tree.leaves(nnx.to_pure_dict(grads(*_pair(mesh_of(1), "xla"))))
+    got = grads(col, row)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(got)), want):
+        assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
+    # The kernels' gradients come back split like the kernels (reduce-scattered).
+    assert got[0]["kernel"][...].sharding.shard_shape((16, 32, 2)) == (8, 8, 2)
+
+    graph, state = nnx.split((col, row))
+    specs = nnx.get_partition_spec(state)
+
+    def body(state, x):  # local shards: 1/8 of each kernel, gathered over "dp" per call
+        c, r = nnx.merge(graph, state)
+        return _mlp(c, r, x)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P("tp", "dp")),
+                              out_specs=P("tp", "dp")))
+    assert testing.relative_error(f(state, x), _dense(col, row, x)) < 1e-5
+
+
 @pytest.mark.parametrize("impl", ["ring", "fused"])
 def test_tensor_parallel_over_a_tuple_of_axes(impl):
     # axis_name=("x", "y"): one tensor-parallel axis of 8 over a 2 x 4 mesh.
@@ -163,6 +203,18 @@ def test_bad_sizes_raise_at_construction():
         RowParallelLinear((20, 4), 16, mesh=mesh, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="not the tensor-parallel axis 'model'"):
         ColumnParallelLinear(16, 16, mesh=mesh, axis_name="model", rngs=nnx.Rngs(0))
+    from jax.sharding import Mesh
+
+    dp_tp = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    with pytest.raises(ValueError, match=r"kernel \(15, 16\) dim 0 \(15\) is split over "
+                                         r"fsdp_axis 'dp', not divisible by its size 2"):
+        ColumnParallelLinear(15, 16, mesh=dp_tp, fsdp_axis="dp", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"kernel \(16, 15\) dim 1"):
+        RowParallelLinear(16, 15, mesh=dp_tp, fsdp_axis="dp", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="fsdp_axis 'tp' overlaps the tensor-parallel axis"):
+        ColumnParallelLinear(16, 16, mesh=dp_tp, fsdp_axis="tp", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="fsdp_axis 'data' is not an axis of the mesh"):
+        ColumnParallelLinear(16, 16, mesh=dp_tp, fsdp_axis="data", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"needs these divisible by 8: kv_heads 4 \(heads 8\)"):
         Llama(LlamaConfig(heads=8, kv_heads=4), mesh=mesh, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="hidden 60 is not divisible by heads 8"):

@@ -13,7 +13,10 @@ grouped-query groups per rank; rotary embeddings; causal softmax in float32;
 output row-parallel: GEMM-RS) -> residual; RMSNorm -> MLP (SwiGLU gate/up
 column-parallel, down row-parallel) -> residual. The blocks run in a Python
 loop, or in one ``scan`` over stacked parameters (``cfg.scan_layers``), each
-optionally rematerialised (``cfg.remat``).
+optionally rematerialised (``cfg.remat``). The embedding is vocab-parallel
+(vocab / tp rows a rank, the lookup's sum reduce-scattered into the
+sequence-parallel layout); with ``fsdp`` every parameter but the norms is
+split over the batch axis too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -218,8 +222,10 @@ class Llama(nnx.Module):
         cfg.check_tp(self.tp)
         pdt = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(0.02)
+        # Vocab-parallel (Megatron's VocabParallelEmbedding): each rank holds
+        # vocab / tp rows (and with fsdp, hidden / dp of them).
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab, cfg.hidden), pdt),
-                               out_sharding=(None, self.fsdp_axis), mesh=mesh)
+                               out_sharding=(axis_name, self.fsdp_axis), mesh=mesh)
         layer_args = (cfg, mesh, axis_name, impl, rngs, batch_axis, self.fsdp_axis)
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(*layer_args)
@@ -234,13 +240,36 @@ class Llama(nnx.Module):
 
 
     def _embedding(self):
-        """The embedding table, whole (gathered over the fsdp axis, its gradient
-        reduce-scattered back: pinned as stored first, as jax_flux.nn does)."""
+        """The embedding table [vocab, H] split over vocab only (with fsdp,
+        gathered over the fsdp axis, its gradient reduce-scattered back: pinned
+        as stored first, as jax_flux.nn does)."""
         table = self.embed[...]
-        if self.fsdp_axis is None:
-            return table
-        table = place(table, self.mesh, P(None, self.fsdp_axis))
-        return place(table, self.mesh, P())
+        if self.fsdp_axis is not None:
+            table = place(table, self.mesh, P(self.axis_name, self.fsdp_axis))
+        return place(table, self.mesh, P(self.axis_name, None))
+
+    def _lookup(self, tokens, sp):
+        """Embeddings [S, B, H] of tokens [B, S], vocab-parallel as Megatron does it:
+        each rank looks up the ids in its vocab rows (zeros elsewhere), and the
+        sum over ranks is reduce-scattered along S (sequence parallel) or
+        all-reduced (replicated decode activations)."""
+        ax, bx = self.axis_name, self.batch_axis
+
+        def lookup(ids, table):  # ids [B/dp, S], table [vocab/tp, H]
+            rows = table.shape[0]
+            local = ids - lax.axis_index(ax) * rows
+            mine = (local >= 0) & (local < rows)
+            e = jnp.where(mine[..., None], table[jnp.clip(local, 0, rows - 1)], 0)
+            e = jnp.swapaxes(e, 0, 1)  # [S, B/dp, H]
+            if sp:
+                return lax.psum_scatter(e, ax, scatter_dimension=0, tiled=True)
+            return lax.psum(e, ax)
+
+        specs = (P(bx, None), P(ax, None))
+        table = self._embedding().astype(self.cfg.dtype)
+        return jax.shard_map(lookup, mesh=self.mesh, in_specs=specs,
+                             out_specs=P(ax if sp else None, bx, None))(
+            *(place(a, self.mesh, s) for a, s in zip((tokens, table), specs)))
 
     def _logits(self, h, sp):
         """[S, B, vocab] float32 (split over vocab) of the final hidden states h [S, B, H]."""
@@ -269,11 +298,7 @@ class Llama(nnx.Module):
             raise ValueError(f"a token-parallel decode step takes tokens [B, 1] with B divisible "
                              f"by {self.dp * self.tp} (batch_axis x tensor-parallel size), got "
                              f"{tuple(tokens.shape)}")
-        # The lookup from replicated token ids (a few bytes): a gather of the
-        # replicated table by ids split over the batch axis has no unambiguous
-        # sharding on a mesh with explicit axes. Then laid out as the blocks want.
-        tokens = place(tokens, self.mesh, P())
-        h = jnp.swapaxes(self._embedding().astype(self.cfg.dtype)[tokens], 0, 1)  # [S, B, H]
+        h = self._lookup(tokens, sp)  # [S, B, H], laid out as the blocks want
         if token_parallel:
             h = tokens_to_rows(h, self.dp)
         h = place(h, self.mesh, P(self.axis_name if sp or token_parallel else None,

@@ -118,6 +118,17 @@ def test_tied_embeddings_and_gelu_mlp_match_one_device():
     assert testing.relative_error(out[0], out[1]) < 1e-5
 
 
+def test_the_embedding_is_vocab_parallel():
+    # Megatron's VocabParallelEmbedding: vocab / tp rows a rank; the lookup's sum
+    # over ranks is reduce-scattered straight into the sequence-parallel layout.
+    model = Llama(CFG, mesh=mesh_of(8), impl="xla", rngs=nnx.Rngs(0))
+    table = model.embed[...]
+    assert table.sharding.shard_shape(table.shape) == (CFG.vocab // 8, CFG.hidden)
+    text = jax.jit(lambda m, t: m(t)).lower(model, _tokens()[:, :16]).as_text()
+    # Two row-parallel GEMM-RS (xla impl) a block, and the embedding's.
+    assert text.count("stablehlo.reduce_scatter") == 2 * CFG.layers + 1
+
+
 def test_presets_split_over_8_and_have_the_expected_size():
     for name in ("llama2-7b", "llama2-70b", "gpt3-175b"):
         PRESETS[name].check_tp(8)
@@ -265,7 +276,8 @@ def test_fsdp_model_matches_one_device_with_its_state_split_8_ways(impl, explici
     kernel = up.kernel[...]
     assert kernel.sharding.shard_shape(kernel.shape)[-3:-2] == (kernel.shape[-3] // 2,)
     assert np.prod(kernel.sharding.shard_shape(kernel.shape)) * 8 == kernel.size
-    assert model.embed[...].sharding.shard_shape(model.embed[...].shape)[1] == CFG.hidden // 2
+    assert model.embed[...].sharding.shard_shape(model.embed[...].shape) == (CFG.vocab // 4,
+                                                                              CFG.hidden // 2)
 
     optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
     tokens = _tokens()

@@ -141,7 +141,8 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
     tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=precision)
     fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
-                                            ROTATE=cfg.rotate, W_TRANS=False, TIMED=True),
+                                            ROTATE=cfg.rotate, W_TRANS=False,
+                                            ROWS=m_local, TIMED=True),
                      cfg, cc)
     gm, gk, gn = gemm_mkn
     plain = _compile(gemm.matmul_kernel, gemm.pointer_types(t),

@@ -5,6 +5,10 @@ Rank r holds x [m, K] and w [K, n] and computes y = all_gather(x) @ w,
 workspace (``signals.py`` has the layout), into which the peers push them
 (or from whose staged copies this rank pulls them, with PULL). With W_TRANS,
 w is stored transposed, [n, K] (the backward pass's dy @ w^T reads w in place).
+ROWS < M_LOCAL: a batch of M_LOCAL / ROWS problems folded into one launch
+(jax.vmap with a shared w): x is [batch, ROWS, K] flattened, and y is
+[batch, P * ROWS, n] flattened (element b's gathered rows at b * P * ROWS);
+the gathered x keeps the gather's order, [P, batch * ROWS, K].
 
 Programs [0, COMM_PROGRAMS) communicate: they push this rank's shard to peers
 r+1, r+2, ... (so at step d every rank sends to rank + d and receives from
@@ -148,7 +152,8 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr,
                 COPY_COLS: tl.constexpr, RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                ROTATE: tl.constexpr, W_TRANS: tl.constexpr, TIMED: tl.constexpr):
+                ROTATE: tl.constexpr, W_TRANS: tl.constexpr, ROWS: tl.constexpr,
+                TIMED: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     gather = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
@@ -177,11 +182,15 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
                                               status_ptr, table_ptr, signals.WAIT_ROWS, rank, src,
                                               c, WORLD, TIMED)
             a_ptr = gather + tl.cast(src, tl.int64) * M_LOCAL * K
-        acc = gemm_tile(a_ptr, w_ptr, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
+        acc = gemm_tile(a_ptr, w_ptr, rows, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
                         INPUT_PRECISION, REMOTE_CACHE, W_TRANS)
         # Rows that never arrived give NaN, not a plausible product of stale data.
         acc = tl.where(arrived, acc, float("nan"))
-        out_rows = tl.cast(src, tl.int64) * M_LOCAL + rows
+        if ROWS == M_LOCAL:
+            out_rows = tl.cast(src, tl.int64) * M_LOCAL + rows
+        else:  # a folded batch: element b's gathered rows at b * WORLD * ROWS
+            out_rows = ((rows // ROWS) * (WORLD * ROWS) + tl.cast(src, tl.int64) * ROWS +
+                        rows % ROWS)
         tl.store(y_ptr + out_rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M_LOCAL) & (cols[None, :] < N))
         if RETURN_GATHERED:
@@ -200,7 +209,7 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
                    ROTATE: tl.constexpr, PULL: tl.constexpr, W_TRANS: tl.constexpr,
-                   TIMED: tl.constexpr):
+                   ROWS: tl.constexpr, TIMED: tl.constexpr):
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
@@ -220,7 +229,7 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, COPY_ROWS, COPY_COLS, RETURN_GATHERED,
-                    UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, TIMED)
+                    UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, ROWS, TIMED)
     signals.end_call(base, epoch)
 
 
@@ -243,10 +252,12 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             group_m: int, copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
             rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False,
-            pull: bool = False, out_dtype=None, w_transposed: bool = False):
+            pull: bool = False, out_dtype=None, w_transposed: bool = False,
+            rows: int | None = None):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n] in ``out_dtype`` (default
     x's), status [5] int32, xg or a dummy [1]). With ``w_transposed``, w is
-    given as w^T [n, K] and read in place."""
+    given as w^T [n, K] and read in place. ``rows``: rows per element of a
+    folded batch (default: all of x's, no batch)."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     out_shape = [
@@ -265,4 +276,4 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         GROUP_M=group_m,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
         UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,
-        ROTATE=rotate, PULL=pull, W_TRANS=w_transposed, TIMED=timed)
+        ROTATE=rotate, PULL=pull, W_TRANS=w_transposed, ROWS=rows or m, TIMED=timed)

@@ -95,6 +95,9 @@ def _eager_impl(*args, **params):
 def _batch(args, dims, **params):
     """``jax.vmap``: one launch per batch element, in a loop (``lax.map``).
 
+    (jax_flux folds a batch against a shared weight into one launch before
+    it gets here: ``jax_flux._fused.vmap_folding``.)
+
     A kernel is written for one problem; its grid, workspace offsets and
     signals are per call. Every rank runs the same program, so the ranks'
     calls stay in step (each iteration is a call with its own epoch).

@@ -20,11 +20,13 @@ from custom_calls.binding import triton_call
 
 
 @triton.jit
-def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
+def gemm_tile(a_ptr, b_ptr, rows, a_rows, cols, M, N, K,
               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               A_CACHE: tl.constexpr, B_TRANS: tl.constexpr):
     """float32 tile of a[rows, :] @ b[:, cols]; rows >= M / cols >= N read as 0.
 
+    ``a_rows``: where row ``rows[i]`` lies in a (``rows`` itself, except where
+    a's rows are interleaved: a batch folded into one launch).
     UPCAST casts operands to float32 before tl.dot: set only on the interpreter
     path, whose tl.dot is wrong for bfloat16 operands. A_CACHE is the load
     cache modifier for a (".cg" where peers wrote it: bypass a stale L1).
@@ -34,7 +36,7 @@ def gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K,
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < N
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * K + offs_k[None, :]
     if B_TRANS:
         b_ptrs = b_ptr + cols[None, :].to(tl.int64) * K + offs_k[:, None]
         b_step = BLOCK_K
@@ -83,7 +85,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.c
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "",
+    acc = gemm_tile(a_ptr, b_ptr, rows, rows, cols, M, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "",
                     B_TRANS)
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))

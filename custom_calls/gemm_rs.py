@@ -5,6 +5,9 @@ z = (sum over ranks of x @ w)[r * m : (r + 1) * m], [m, N]. Each rank's
 workspace holds a reduce buffer of P slots [P, m, N] in z's dtype (slot s:
 the partial from rank s) and one signal per (source, tile). With W_TRANS, w is
 stored transposed, [N, k] (the backward pass's dz @ w^T reads w in place).
+ROWS < M_OWN: a batch of M_OWN / ROWS problems folded into one launch (jax.vmap
+with a shared w): x is [batch, P * ROWS, k] flattened, so element b's rows
+of owner o are x[b * P * ROWS + o * ROWS + i]; z is [batch, ROWS, N] flattened.
 
 Programs [0, GEMM) compute output tiles in rank-rotated order: the rows owned
 by rank r+1 first, then r+2, ..., and this rank's own rows last, so ranks do
@@ -82,7 +85,7 @@ def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, p
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                 REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, W_TRANS: tl.constexpr,
-                TIMED: tl.constexpr):
+                ROWS: tl.constexpr, TIMED: tl.constexpr):
     dtype = z_ptr.dtype.element_ty  # partials travel in the result's dtype
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -99,8 +102,13 @@ def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, p
         tile = tile_m * tiles_n + tile_n  # the signal's index: row-major, whatever the order
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, cols, M_OWN, N, K,
-                        BLOCK_K, UPCAST, INPUT_PRECISION, "", W_TRANS)
+        if ROWS == M_OWN:  # the owner's rows are contiguous in x
+            acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, rows, cols,
+                            M_OWN, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "", W_TRANS)
+        else:  # a folded batch: element b's rows of this owner at b * WORLD * ROWS + owner * ROWS
+            a_rows = (rows // ROWS) * (WORLD * ROWS) + owner * ROWS + rows % ROWS
+            acc = gemm_tile(x_ptr, w_ptr, rows, a_rows, cols, M_OWN, N, K, BLOCK_K, UPCAST,
+                            INPUT_PRECISION, "", W_TRANS)
         reduce_here = False
         if REDUCE_PROGRAMS == 0:
             reduce_here = owner == rank
@@ -148,7 +156,8 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                   ROTATE: tl.constexpr, W_TRANS: tl.constexpr, TIMED: tl.constexpr):
+                   ROTATE: tl.constexpr, W_TRANS: tl.constexpr, ROWS: tl.constexpr,
+                   TIMED: tl.constexpr):
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
@@ -158,7 +167,7 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
         _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
                     M_OWN, N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS,
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE,
-                    ROTATE, W_TRANS, TIMED)
+                    ROTATE, W_TRANS, ROWS, TIMED)
     else:
         _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
@@ -184,10 +193,12 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
             reduce_programs: int, block_m: int, block_n: int, block_k: int, group_m: int,
             num_warps: int, num_stages: int, upcast: bool, input_precision: str,
             remote_cache: str, rotate: bool, on_timeout, status_check: str = "sync",
-            timed: bool = False, out_dtype=None, w_transposed: bool = False):
+            timed: bool = False, out_dtype=None, w_transposed: bool = False,
+            rows: int | None = None):
     """Launches ``gemm_rs_kernel``; returns (z [M/P, N] in ``out_dtype`` (default
     x's; the partials travel in it too), status [5] int32). With
-    ``w_transposed``, w is given as w^T [N, k] and read in place."""
+    ``w_transposed``, w is given as w^T [N, k] and read in place. ``rows``:
+    rows a rank owns per element of a folded batch (default: all, no batch)."""
     m_total, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     m_own = m_total // world
@@ -201,4 +212,4 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
         REDUCE_PROGRAMS=reduce_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, UPCAST=upcast,
         INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache, ROTATE=rotate,
-        W_TRANS=w_transposed, TIMED=timed)
+        W_TRANS=w_transposed, ROWS=rows or m_own, TIMED=timed)

@@ -184,7 +184,7 @@ class OneGpuWorld:
                           RETURN_GATHERED=return_gathered, UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
                           ROTATE=cfg.get("rotate", True), PULL=cfg.get("pull", False),
-                          W_TRANS=False, TIMED=True)
+                          W_TRANS=False, ROWS=m, TIMED=True)
         loaded = _load(ag_gemm.ag_gemm_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         y_bytes = self.world * m * n * dtype.itemsize
@@ -213,7 +213,8 @@ class OneGpuWorld:
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
                           GROUP_M=cfg.get("group_m", 8), UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
-                          ROTATE=cfg.get("rotate", True), W_TRANS=False, TIMED=True)
+                          ROTATE=cfg.get("rotate", True), W_TRANS=False, ROWS=m_own,
+                          TIMED=True)
         loaded = _load(gemm_rs.gemm_rs_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         z_bytes = m_own * n * dtype.itemsize

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Hashable
+from typing import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,34 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
         return tuned
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
                        itemsize=jnp.dtype(dtype).itemsize, out_itemsize=out_dtype.itemsize)
+
+
+def vmap_folding(launch: Callable, rows: int) -> Callable:
+    """``launch(x, w, rows)`` as a function of (x, w) whose ``jax.vmap`` over x
+    with one w folds the batch into a single launch.
+
+    ``launch`` takes x holding a batch of problems of ``rows`` rows a rank
+    each (the kernel's ROWS; all of x's rows when unbatched) and returns
+    outputs whose rows are element-major. A batch of x against a shared w is
+    flattened into x's rows and launched once: one kernel, w read once,
+    instead of one launch (and one read of w) per element. A batched w (a
+    weight per element) falls back to one launch per element (the kernel
+    primitive's own batching: a loop every rank runs in step).
+    """
+    fn = jax.custom_batching.custom_vmap(lambda x, w: launch(x, w, rows))
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, x, w):
+        x_batched, w_batched = in_batched
+        if w_batched or not x_batched:
+            out = jax.vmap(lambda x, w: launch(x, w, rows),
+                           in_axes=(0 if x_batched else None, 0 if w_batched else None))(x, w)
+        else:
+            out = jax.tree.map(lambda o: o.reshape(axis_size, -1, *o.shape[1:]),
+                               fn(x.reshape(-1, *x.shape[2:]), w))
+        return out, jax.tree.map(lambda _: True, out)
+
+    return fn
 
 
 def persistent_grid(num_programs: int | None, tiles: int, helpers: int,

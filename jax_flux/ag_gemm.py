@@ -15,6 +15,7 @@ rows at [r * m, (r + 1) * m), the row order of ``lax.all_gather(tiled=True)``.
 
 from __future__ import annotations
 
+import functools
 from typing import Hashable
 
 import jax.numpy as jnp
@@ -80,7 +81,19 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
 
     With ``w_transposed``, ``w`` is given as w^T [n, K] and the kernel reads it
     in place: the backward pass's ``dz @ w^T`` makes no transposed copy of w.
+    Under ``jax.vmap`` with a shared w, the batch is one launch
+    (``_fused.vmap_folding``).
     """
+    launch = functools.partial(_launch, axis_name=axis_name, size=size, config=config,
+                               return_gathered=return_gathered, out_dtype=out_dtype,
+                               w_transposed=w_transposed)
+    return _fused.vmap_folding(launch, x.shape[0])(x, w)
+
+
+def _launch(x, w, rows: int, *, axis_name, size, config, return_gathered, out_dtype,
+            w_transposed):
+    """One launch on x holding a batch of problems of ``rows`` rows each (x
+    [batch * rows, K]): y [batch * P * rows, n], element-major."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     cfg = config or _fused.tuned_or_default(AllGatherMatmulConfig, "all_gather_matmul", m, k, n,
@@ -104,5 +117,11 @@ def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | 
         remote_cache=launch.remote_cache, rotate=cfg.rotate, pull=cfg.pull,
         on_timeout=launch.on_timeout,
         status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,
-        w_transposed=w_transposed)
-    return (y, xg) if return_gathered else y
+        w_transposed=w_transposed, rows=rows)
+    if not return_gathered:
+        return y
+    if rows < m:
+        # A folded batch's gathered x comes in the gather's order, [P, batch,
+        # rows, K]: element-major is a copy.
+        xg = xg.reshape(size, m // rows, rows, k).swapaxes(0, 1).reshape(size * m, k)
+    return y, xg

@@ -18,6 +18,7 @@ over ranks of ``x @ w``, shape [M / P, N].
 
 from __future__ import annotations
 
+import functools
 from typing import Hashable
 
 import jax.numpy as jnp
@@ -80,7 +81,17 @@ def fused(x, w, axis_name: Hashable, size: int,
 
     With ``w_transposed``, ``w`` is given as w^T [N, k] and the kernel reads it
     in place: the backward pass's ``dy @ w^T`` makes no transposed copy of w.
+    Under ``jax.vmap`` with a shared w, the batch is one launch
+    (``_fused.vmap_folding``).
     """
+    launch = functools.partial(_launch, axis_name=axis_name, size=size, config=config,
+                               out_dtype=out_dtype, w_transposed=w_transposed)
+    return _fused.vmap_folding(launch, x.shape[0] // size)(x, w)
+
+
+def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed):
+    """One launch on x holding a batch of problems of P * ``rows`` rows each (x
+    [batch * P * rows, k]): z [batch * rows, N], element-major."""
     m_total, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     m_own = m_total // size
@@ -109,5 +120,5 @@ def fused(x, w, axis_name: Hashable, size: int,
         input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,
         status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,
-        w_transposed=w_transposed)
+        w_transposed=w_transposed, rows=rows)
     return z

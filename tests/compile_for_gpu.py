@@ -22,20 +22,22 @@ from custom_calls.compiler import (FLOAT8_TYPE, TRITON_TYPE, Compiled,  # noqa: 
                                    check_resident, compile_kernel, ptx_param_count)
 
 
-def _ag(precision: str, pull: bool, w_trans: bool = False, block_k: int = 64) -> dict:
+def _ag(precision: str, pull: bool, w_trans: bool = False, block_k: int = 64,
+        rows: int = 512) -> dict:
     return dict(M_LOCAL=512, N=6144, K=12288, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                 CHUNK_ROWS=128, COMM_PROGRAMS=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k,
                 GROUP_M=8,
                 COPY_ROWS=32, COPY_COLS=256, RETURN_GATHERED=True, UPCAST=False,
                 INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True, PULL=pull,
-                W_TRANS=w_trans, TIMED=True)
+                W_TRANS=w_trans, ROWS=rows, TIMED=True)
 
 
-def _rs(precision: str, reducers: int, w_trans: bool = False, block_k: int = 64) -> dict:
+def _rs(precision: str, reducers: int, w_trans: bool = False, block_k: int = 64,
+        rows: int = 512) -> dict:
     return dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                 REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8, BLOCK_N=128, BLOCK_K=block_k,
                 UPCAST=False, INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True,
-                W_TRANS=w_trans, TIMED=True)
+                W_TRANS=w_trans, ROWS=rows, TIMED=True)
 
 
 def cases():
@@ -65,6 +67,12 @@ def cases():
                    _ag(precision, False), dtype)
             yield ("rs0_f32out", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t, "fp32"),
                    _rs(precision, 0), dtype, 8)
+            # jax.vmap with a shared w: a batch of 8 problems of 64 rows a rank
+            # folded into one launch (rows interleaved in y, resp. x).
+            yield ("ag_vmap", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t),
+                   _ag(precision, False, rows=64), dtype)
+            yield ("rs_vmap", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t),
+                   _rs(precision, 0, rows=64), dtype)
         if dtype in ("bfloat16", "float32"):
             # The backward pass's kernels: w read in place as w^T [N, K] (K
             # contiguous, the operand layout tf32 MMAs want anyway), and the

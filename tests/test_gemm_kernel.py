@@ -107,5 +107,5 @@ from custom_calls.gemm import gemm_tile  # noqa: E402
 def _two_output_kernel(a_ptr, b_ptr, M, N, K, prior_ptr, c_ptr, z_ptr, BLOCK: tl.constexpr):
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK)
-    acc = gemm_tile(a_ptr, b_ptr, rows, cols, M, N, K, BLOCK, False, "ieee", "", False)
+    acc = gemm_tile(a_ptr, b_ptr, rows, rows, cols, M, N, K, BLOCK, False, "ieee", "", False)
     tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc)

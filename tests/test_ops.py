@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jax_flux import testing
-from tests.helpers import cotangent, lax_reference, mesh_of
+from tests.helpers import cotangent, count_equations, lax_reference, mesh_of
 
 OPS = list(testing.OPS)
 IMPLS = ["xla", "ring", "fused", "auto"]
@@ -324,3 +324,28 @@ def test_vmap_over_the_op(op, impl, batched):
     want = run(lambda x, w: ref(x, w, "tp"))
     assert got[0].shape == (3, 32, 16)
     _assert_close(got, want)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_vmap_with_a_shared_weight_is_one_launch(op):
+    # The batch folds into the kernel's rows: one launch (not a loop of them),
+    # nested vmaps too, ragged rows; a weight per element still loops.
+    import jax
+
+    mesh = mesh_of(8)
+    rng = np.random.default_rng(19)
+    x = jnp.asarray(rng.standard_normal((2, 3, 40, 24)), jnp.float32)  # 5 rows a rank
+    w = jnp.asarray(rng.standard_normal((24, 16)) / 5, jnp.float32)
+    in_specs, out_spec = testing._SPECS[op]
+    f = jax.shard_map(lambda x, w: testing.OPS[op](x, w, "tp", impl="fused"), mesh=mesh,
+                      in_specs=in_specs, out_specs=out_spec)
+    nested = jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(0, None))
+    jaxpr = jax.make_jaxpr(nested)(x, w).jaxpr
+    assert count_equations(jaxpr, ("jax_flux_triton_call",)) == 1
+    assert count_equations(jaxpr, ("while", "scan")) == 0
+    out = jax.jit(nested)(x, w)
+    want = np.einsum("abmk,kn->abmn", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert testing.relative_error(out, want) < 1e-5
+    ws = jnp.stack([w, 2 * w])
+    looped = jax.make_jaxpr(jax.vmap(f, in_axes=(0, 0)))(x[0, :2], ws).jaxpr
+    assert count_equations(looped, ("while", "scan")) == 1

@@ -24,10 +24,11 @@ import functools
 import numpy as np
 
 from custom_calls import ag_gemm, cuda_driver, gemm, gemm_rs, signals
-from custom_calls.compiler import TRITON_TYPE, Compiled, compile_kernel, ptx_param_count
+from custom_calls.compiler import (FLOAT8_TYPE, TRITON_TYPE, Compiled, compile_kernel,
+                                   ptx_param_count)
 
 _COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR = 75, 76
-_POISON_BYTE = 0xFF  # NaN in bf16, f16 and f32
+_POISON_BYTE = 0xFF  # NaN in bf16, f16, f32 and both float8 types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,11 @@ def _load(kernel, ordinal: int, pointers: tuple, constexprs: tuple, num_warps: i
                            f"launch passes {expected}: this Triton's kernel ABI changed")
     fn = cuda_driver.load_function(ordinal, c.cubin, c.name, c.shared)
     return Loaded(fn=fn, threads=32 * num_warps, shared=c.shared, params=c.params)
+
+
+def _triton_type(dtype) -> str:
+    """Triton's element type of a numpy (or ml_dtypes) dtype: bf16, fp8e4nv, ..."""
+    return {**TRITON_TYPE, **FLOAT8_TYPE}[np.dtype(dtype).name]
 
 
 def _param(kind: str, value: int):
@@ -167,14 +173,17 @@ class OneGpuWorld:
     # --------------------------------------------------------------- ops
 
     def ag_gemm(self, xs, ws, *, cfg: dict, grid: int, timeout_ms: int, precision: str,
-                return_gathered: bool = False):
-        """Each rank r: all_gather(xs)[P*m, K] @ ws[r]. Returns (ys, xgs or None, ms).
-        A wait gives up after ``timeout_ms`` of the GPU's timer."""
-        dtype, (m, k), n = xs[0].dtype, xs[0].shape, ws[0].shape[1]
+                return_gathered: bool = False, out_dtype=None, w_transposed: bool = False):
+        """Each rank r: all_gather(xs)[P*m, K] @ ws[r] (ws[r] given as w^T [n, K] with
+        ``w_transposed``), in ``out_dtype`` (default xs's). Returns (ys, xgs or
+        None, ms). A wait gives up after ``timeout_ms`` of the GPU's timer."""
+        dtype, (m, k) = xs[0].dtype, xs[0].shape
+        n = ws[0].shape[0] if w_transposed else ws[0].shape[1]
+        out = np.dtype(out_dtype or dtype)
         sig_off, data_off, nbytes = ag_gemm.workspace_bytes(self.world, m, k, dtype.itemsize,
                                                             cfg["chunk_rows"])
         table = self.workspace(nbytes)
-        pointers = tuple(ag_gemm.pointer_types(TRITON_TYPE[dtype.name]).items())
+        pointers = tuple(ag_gemm.pointer_types(_triton_type(dtype), _triton_type(out)).items())
         constexprs = dict(M_LOCAL=m, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, CHUNK_ROWS=cfg["chunk_rows"],
                           COMM_PROGRAMS=cfg["comm_programs"],
@@ -184,46 +193,51 @@ class OneGpuWorld:
                           RETURN_GATHERED=return_gathered, UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
                           ROTATE=cfg.get("rotate", True), PULL=cfg.get("pull", False),
-                          W_TRANS=False, ROWS=m, TIMED=True)
+                          W_TRANS=w_transposed, ROWS=m, TIMED=True)
         loaded = _load(ag_gemm.ag_gemm_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
-        y_bytes = self.world * m * n * dtype.itemsize
+        y_bytes = self.world * m * n * out.itemsize
         xg_bytes = self.world * m * k * dtype.itemsize if return_gathered else dtype.itemsize
         args = [[self.upload(r, "x", xs[r]), self.upload(r, "w", ws[r]), self._ctx(r, timeout_ms),
                  table, self._output(r, "y", y_bytes), self._status(r),
                  self._output(r, "xg", xg_bytes)] for r in range(self.world)]
         ms = self.launch_all(loaded, grid, args)
         self._check_status("ag_gemm")
-        ys = [self.download(a[4], (self.world * m, n), dtype) for a in args]
+        ys = [self.download(a[4], (self.world * m, n), out) for a in args]
         xgs = ([self.download(a[6], (self.world * m, k), dtype) for a in args]
                if return_gathered else None)
         return ys, xgs, ms
 
-    def gemm_rs(self, xs, ws, *, cfg: dict, grid: int, timeout_ms: int, precision: str):
-        """Each rank r: its rows of sum over ranks of xs[s] @ ws[s]. Returns (zs, ms).
-        A wait gives up after ``timeout_ms`` of the GPU's timer."""
-        dtype, (m_total, k), n = xs[0].dtype, xs[0].shape, ws[0].shape[1]
+    def gemm_rs(self, xs, ws, *, cfg: dict, grid: int, timeout_ms: int, precision: str,
+                out_dtype=None, w_transposed: bool = False):
+        """Each rank r: its rows of sum over ranks of xs[s] @ ws[s] (ws[s] given as
+        w^T [N, k] with ``w_transposed``), in ``out_dtype`` (default xs's; the
+        partials too). Returns (zs, ms). A wait gives up after ``timeout_ms`` of
+        the GPU's timer."""
+        dtype, (m_total, k) = xs[0].dtype, xs[0].shape
+        n = ws[0].shape[0] if w_transposed else ws[0].shape[1]
+        out = np.dtype(out_dtype or dtype)
         m_own = m_total // self.world
         sig_off, data_off, nbytes = gemm_rs.workspace_bytes(
-            self.world, m_own, n, dtype.itemsize, cfg["block_m"], cfg["block_n"])
+            self.world, m_own, n, out.itemsize, cfg["block_m"], cfg["block_n"])
         table = self.workspace(nbytes)
-        pointers = tuple(gemm_rs.pointer_types(TRITON_TYPE[dtype.name]).items())
+        pointers = tuple(gemm_rs.pointer_types(_triton_type(dtype), _triton_type(out)).items())
         constexprs = dict(M_OWN=m_own, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg["reduce_programs"],
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
                           GROUP_M=cfg.get("group_m", 8), UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
-                          ROTATE=cfg.get("rotate", True), W_TRANS=False, ROWS=m_own,
+                          ROTATE=cfg.get("rotate", True), W_TRANS=w_transposed, ROWS=m_own,
                           TIMED=True)
         loaded = _load(gemm_rs.gemm_rs_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
-        z_bytes = m_own * n * dtype.itemsize
+        z_bytes = m_own * n * out.itemsize
         args = [[self.upload(r, "x", xs[r]), self.upload(r, "w", ws[r]), self._ctx(r, timeout_ms),
                  table, self._output(r, "z", z_bytes), self._status(r)]
                 for r in range(self.world)]
         ms = self.launch_all(loaded, grid, args)
         self._check_status("gemm_rs")
-        return [self.download(a[4], (m_own, n), dtype) for a in args], ms
+        return [self.download(a[4], (m_own, n), out) for a in args], ms
 
     def matmul(self, a_s, b_s, *, block_m: int, block_n: int, block_k: int, num_warps: int,
                num_stages: int, precision: str):
@@ -231,7 +245,7 @@ class OneGpuWorld:
         ranks at once: the baseline the fused kernels' signalling cost is measured on.
         Returns (cs, ms)."""
         dtype, (m, k), n = a_s[0].dtype, a_s[0].shape, b_s[0].shape[1]
-        pointers = tuple(gemm.pointer_types(TRITON_TYPE[dtype.name]).items())
+        pointers = tuple(gemm.pointer_types(_triton_type(dtype)).items())
         constexprs = dict(M=m, N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                           GROUP_M=8, UPCAST=False, INPUT_PRECISION=precision, B_TRANS=False)
         loaded = _load(gemm.matmul_kernel, self.ordinal, pointers,

@@ -272,6 +272,36 @@ def test_gemm_rs_8_ranks_on_one_gpu(world, shape, dtype, reducers):
                 assert np.array_equal(zs[r].view(np.uint8), again[r].view(np.uint8))
 
 
+@pytest.mark.parametrize("op", ["ag_gemm", "gemm_rs"])
+def test_float8_with_w_transposed_8_ranks_on_one_gpu(world, op):
+    # float8_e4m3fn operands, w given as w^T (the layout FP8 MMAs read), bfloat16
+    # results and partials; K tiles of 128. Exact float8 products summed in float32,
+    # one bfloat16 rounding (twice for GEMM-RS: partial, then sum).
+    f8, bf16 = ml_dtypes.float8_e4m3fn, ml_dtypes.bfloat16
+    rng = np.random.default_rng(3)
+    m, k, n = (128, 512, 256) if op == "ag_gemm" else (1024, 512, 256)
+    for rep in range(50):
+        xs = [rng.standard_normal((m, k)).astype(f8) for _ in range(_WORLD)]
+        wts = [(rng.standard_normal((n, k)) * k ** -0.5).astype(f8) for _ in range(_WORLD)]
+        kw = dict(grid=world.programs_per_rank, timeout_ms=_TIMEOUT_MS, precision="ieee",
+                  out_dtype=bf16, w_transposed=True)
+        if op == "ag_gemm":
+            outs, _, _ = world.ag_gemm(xs, wts, cfg=dict(_ag_cfg(m), block_k=128), **kw)
+            xg = np.concatenate(xs).astype(np.float64)
+            refs = [xg @ w.astype(np.float64).T for w in wts]
+        else:
+            cfg = dict(block_m=64, block_n=128, block_k=128, reduce_programs=0, num_warps=4,
+                       num_stages=3)
+            outs, _ = world.gemm_rs(xs, wts, cfg=cfg, **kw)
+            total = sum(x.astype(np.float64) @ w.astype(np.float64).T for x, w in zip(xs, wts))
+            rows = m // _WORLD
+            refs = [total[r * rows:(r + 1) * rows] for r in range(_WORLD)]
+        for r in range(_WORLD):
+            assert outs[r].dtype == bf16
+            err = testing.relative_error(outs[r].astype(np.float32), refs[r])
+            assert err < _TOL_EMULATED["bfloat16"], (rep, r, err)
+
+
 def test_a_rank_that_never_launches_is_a_timeout_not_a_hang(world):
     from custom_calls.rank_emulation import OneGpuWorld
 

@@ -83,6 +83,26 @@ def main() -> int:
     assert all(np.isnan(y.astype(np.float32)).all() for y in ys), "outputs poisoned"
     assert all(np.isnan(x.astype(np.float32)).all() for x in xgs)
 
+    # float8 operands, w given transposed, bfloat16 results (and partials).
+    f8 = ml_dtypes.float8_e4m3fn
+    xs8 = [rng.standard_normal((m, k)).astype(f8) for _ in range(WORLD)]
+    wts8 = [rng.standard_normal((n, k)).astype(f8) for _ in range(WORLD)]
+    first = lib.fakeCudaLaunchCount()
+    ys, _, _ = world.ag_gemm(xs8, wts8, cfg=dict(cfg, block_k=64), grid=16, timeout_ms=5,
+                             precision="ieee", out_dtype=bf16, w_transposed=True)
+    got = launches(lib, first, 9)
+    assert len(got) == WORLD and all(y.dtype == bf16 and y.shape == (WORLD * m, n) for y in ys)
+    assert world.download(got[2]["params"][1], (n, k), f8).tobytes() == wts8[2].tobytes()
+    lib.fakeCudaSetParamCount(8)
+    first = lib.fakeCudaLaunchCount()
+    zs, _ = world.gemm_rs(xs8, wts8,
+                          cfg=dict(block_m=16, block_n=64, block_k=64, reduce_programs=0,
+                                   num_warps=4, num_stages=3),
+                          grid=8, timeout_ms=5, precision="ieee", out_dtype=bf16,
+                          w_transposed=True)
+    assert len(launches(lib, first, 8)) == WORLD
+    assert all(z.dtype == bf16 and z.shape == (m // WORLD, n) for z in zs)
+
     # GEMM-RS: 6 + 2 parameters; a second workspace size reuses the buffers.
     lib.fakeCudaSetParamCount(8)
     first = lib.fakeCudaLaunchCount()

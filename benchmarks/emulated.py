@@ -53,56 +53,73 @@ _TIMEOUT_MS = 20_000
 
 
 def run(op: str, m_total: int, k: int, n: int, reps: int, world_,
-        variant: str | None = None) -> dict:
-    """One point: ``variant`` names an entry of VARIANTS[op] (None: the first)."""
+        variant: str | None = None, dtype: str = "bfloat16") -> dict:
+    """One point: ``variant`` names an entry of VARIANTS[op] (None: the first).
+    ``dtype`` "float8_e4m3fn": float8 operands with w given as w^T (the layout
+    FP8 MMAs read), bfloat16 results, K tiles of 128; the baseline GEMM alike."""
     variant = variant or next(iter(VARIANTS[op]))
     rng = np.random.default_rng(m_total)
     bf16 = ml_dtypes.bfloat16
+    fp8 = dtype != "bfloat16"
+    operand = ml_dtypes.float8_e4m3fn if fp8 else bf16
+    layout = dict(out_dtype=bf16, w_transposed=fp8)
+    block_k = 128 if fp8 else 64
+
+    def weights():  # w [k, n], or w^T [n, k] for float8
+        w = rng.standard_normal((n, k) if fp8 else (k, n)) / np.sqrt(k)
+        return [w.astype(operand) for _ in range(WORLD)]
+
+    def dense(w):
+        w = w.astype(np.float32)
+        return w.T if fp8 else w
+
     if op == "all_gather_matmul":
         m = m_total // WORLD
-        xs = [rng.standard_normal((m, k)).astype(bf16) for _ in range(WORLD)]
-        ws = [(rng.standard_normal((k, n)) / np.sqrt(k)).astype(bf16) for _ in range(WORLD)]
-        cfg = dict(block_m=64 if m < 128 else 128, block_n=128, block_k=64,
+        xs = [rng.standard_normal((m, k)).astype(operand) for _ in range(WORLD)]
+        ws = weights()
+        cfg = dict(block_m=64 if m < 128 else 128, block_n=128, block_k=block_k,
                    chunk_rows=min(256, max(64, m)), num_warps=4, num_stages=3,
                    **VARIANTS[op][variant])
         xg = np.concatenate(xs)
 
         def fused():
             return world_.ag_gemm(xs, ws, cfg=cfg, grid=world_.programs_per_rank,
-                                  timeout_ms=_TIMEOUT_MS, precision="ieee")
+                                  timeout_ms=_TIMEOUT_MS, precision="ieee", **layout)
 
         def plain():
             return world_.matmul([xg] * WORLD, ws, block_m=cfg["block_m"], block_n=128,
-                                 block_k=64, num_warps=4, num_stages=3, precision="ieee")
+                                 block_k=block_k, num_warps=4, num_stages=3, precision="ieee",
+                                 out_dtype=bf16, b_transposed=fp8)
 
         ys, _, _ = fused()
         # Rank 0's output on a sample of rows from every source (a full host
         # reference at M = 8192 would take minutes).
         sample = np.concatenate([np.arange(r * m, r * m + min(m, 32)) for r in range(WORLD)])
-        ref = xg[sample].astype(np.float32) @ ws[0].astype(np.float32)
+        ref = xg[sample].astype(np.float32) @ dense(ws[0])
         err = testing.relative_error(ys[0][sample], ref.astype(np.float64))
     else:
-        xs = [rng.standard_normal((m_total, k)).astype(bf16) for _ in range(WORLD)]
-        ws = [(rng.standard_normal((k, n)) / np.sqrt(k)).astype(bf16) for _ in range(WORLD)]
-        cfg = dict(block_m=64 if m_total // WORLD < 128 else 128, block_n=128, block_k=64,
+        xs = [rng.standard_normal((m_total, k)).astype(operand) for _ in range(WORLD)]
+        ws = weights()
+        cfg = dict(block_m=64 if m_total // WORLD < 128 else 128, block_n=128, block_k=block_k,
                    num_warps=4, num_stages=3, **VARIANTS[op][variant])
 
         def fused():
             return world_.gemm_rs(xs, ws, cfg=cfg, grid=world_.programs_per_rank,
-                                  timeout_ms=_TIMEOUT_MS, precision="ieee")
+                                  timeout_ms=_TIMEOUT_MS, precision="ieee", **layout)
 
         def plain():
-            return world_.matmul(xs, ws, block_m=cfg["block_m"], block_n=128, block_k=64,
-                                 num_warps=4, num_stages=3, precision="ieee")
+            return world_.matmul(xs, ws, block_m=cfg["block_m"], block_n=128, block_k=block_k,
+                                 num_warps=4, num_stages=3, precision="ieee", out_dtype=bf16,
+                                 b_transposed=fp8)
 
         zs, _ = fused()
         rows = min(m_total // WORLD, 32)  # rank 0's first rows, summed over every source
-        ref = sum(x[:rows].astype(np.float32) @ w.astype(np.float32) for x, w in zip(xs, ws))
+        ref = sum(x[:rows].astype(np.float32) @ dense(w) for x, w in zip(xs, ws))
         err = testing.relative_error(zs[0][:rows], ref.astype(np.float64))
     fused_ms = statistics.median(fused()[-1] for _ in range(reps))
     gemm_ms = statistics.median(plain()[-1] for _ in range(reps))
     flops = 2 * m_total * k * n * WORLD  # every rank's GEMM
-    return {"op": op, "variant": variant, "M": m_total, "K": k, "N": n, "dtype": "bfloat16",
+    return {"op": op, "variant": variant, "M": m_total, "K": k, "N": n, "dtype": dtype,
             "fused_ms": round(fused_ms, 4), "gemm_ms": round(gemm_ms, 4),
             "overhead": round(fused_ms / gemm_ms - 1, 4),
             "fused_tflops": round(flops / fused_ms / 1e9, 1), "max_rel_err": f"{err:.2e}"}
@@ -112,6 +129,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--max-m", type=int, default=8192)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"],
+                   help="float8: operands in float8_e4m3fn, w given as w^T, bf16 results")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     import jax
@@ -129,12 +148,13 @@ def main(argv=None) -> int:
             if m_total > a.max_m:
                 continue
             for variant in VARIANTS[op]:
-                row = run(op, m_total, k, n, a.reps, world_, variant)
+                row = run(op, m_total, k, n, a.reps, world_, variant, a.dtype)
                 rows.append(row)
                 print(harness.format_row(row, COLUMNS), flush=True)
     env = harness.environment(gpus[:1])
     harness.write_report(
-        os.path.join(a.out, "emulated_8_ranks"), "Fused kernels, 8 ranks emulated on one GPU",
+        os.path.join(a.out, "emulated_8_ranks" + ("" if a.dtype == "bfloat16" else f"_{a.dtype}")),
+        f"Fused kernels, 8 ranks emulated on one GPU ({a.dtype})",
         env, rows, COLUMNS,
         [f"{world_.programs_per_rank} programs per rank ({WORLD} ranks share the GPU's SMs); "
          f"times: CUDA events, median of {a.reps}.",

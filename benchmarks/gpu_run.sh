@@ -11,8 +11,8 @@
 # step's output is kept even when a step fails; each step is cut after STEP_TIMEOUT_S (default
 # 300 s; the device tool allows 600 s a call, so split a full run over calls by naming steps); the
 # exit status is that of the first failing step. Steps: env compile pytest_gpu emulated
-# status_check gemm_gpt3 gemm_gpt3_bT gemm_gpt3_fp8 gemm_llama70b ops_gpt3 ops_gpt3_fp8 model_7b
-# model_7b_remat (tune with TUNE=1; tune_backward with TUNE=1 too).
+# emulated_fp8 status_check gemm_gpt3 gemm_gpt3_bT gemm_gpt3_fp8 gemm_llama70b ops_gpt3 ops_gpt3_fp8
+# model_7b model_7b_remat (tune with TUNE=1; tune_backward with TUNE=1 too).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -44,6 +44,7 @@ step env bash -c "nvidia-smi; python -c 'import jax, triton; print(jax.__version
 step compile python -m tests.compile_for_gpu 90
 step pytest_gpu env JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_fused.py
 step emulated python -m benchmarks.emulated --out "$OUT"
+step emulated_fp8 python -m benchmarks.emulated --dtype float8_e4m3fn --out "$OUT"
 step status_check python -m benchmarks.status_check --out "$OUT"
 step gemm_gpt3 python -m benchmarks.gemm --sweep gpt3-175b --out "$OUT"
 step gemm_gpt3_bT python -m benchmarks.gemm --sweep gpt3-175b --b-transposed --out "$OUT"

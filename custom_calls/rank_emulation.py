@@ -240,19 +240,24 @@ class OneGpuWorld:
         return [self.download(a[4], (m_own, n), out) for a in args], ms
 
     def matmul(self, a_s, b_s, *, block_m: int, block_n: int, block_k: int, num_warps: int,
-               num_stages: int, precision: str):
+               num_stages: int, precision: str, out_dtype=None, b_transposed: bool = False):
         """Each rank: a_s[r] @ b_s[r] by the plain tiled GEMM, no communication, all
-        ranks at once: the baseline the fused kernels' signalling cost is measured on.
-        Returns (cs, ms)."""
-        dtype, (m, k), n = a_s[0].dtype, a_s[0].shape, b_s[0].shape[1]
-        pointers = tuple(gemm.pointer_types(_triton_type(dtype)).items())
+        ranks at once: the baseline the fused kernels' signalling cost is measured on
+        (b_s[r] given as b^T with ``b_transposed``; c in ``out_dtype``, default
+        a's). Returns (cs, ms)."""
+        dtype, (m, k) = a_s[0].dtype, a_s[0].shape
+        n = b_s[0].shape[0] if b_transposed else b_s[0].shape[1]
+        out = np.dtype(out_dtype or dtype)
+        pointers = tuple(dict(gemm.pointer_types(_triton_type(dtype)),
+                              c_ptr=f"*{_triton_type(out)}").items())
         constexprs = dict(M=m, N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                          GROUP_M=8, UPCAST=False, INPUT_PRECISION=precision, B_TRANS=False)
+                          GROUP_M=8, UPCAST=False, INPUT_PRECISION=precision,
+                          B_TRANS=b_transposed)
         loaded = _load(gemm.matmul_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), num_warps, num_stages)
-        c_bytes = m * n * dtype.itemsize
+        c_bytes = m * n * out.itemsize
         args = [[self.upload(r, "a", a_s[r]), self.upload(r, "b", b_s[r]),
                  self._output(r, "c", c_bytes)] for r in range(self.world)]
         tiles = -(-m // block_m) * -(-n // block_n)
         ms = self.launch_all(loaded, tiles, args, persistent=False)
-        return [self.download(a[2], (m, n), dtype) for a in args], ms
+        return [self.download(a[2], (m, n), out) for a in args], ms

@@ -149,6 +149,8 @@ def main() -> int:
             row = emulated.run(op, WORLD * 8, 64, 64, 1, world, variant)
             assert set(row) == set(emulated.COLUMNS) and row["fused_ms"] == 1.0, row
             assert row["variant"] == variant, row
+        row = emulated.run(op, WORLD * 8, 128, 64, 1, world, None, "float8_e4m3fn")
+        assert row["dtype"] == "float8_e4m3fn" and row["fused_ms"] == 1.0, row
     print("OK")
     return 0
 

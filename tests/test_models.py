@@ -29,7 +29,13 @@ def _host(tree):
 
 
 def _step(model, tokens):
-    """Logits, parameter gradients and parameters after one AdamW step."""
+    """Logits, parameter gradients and parameters after one AdamW step (on the host)."""
+    logits, grads, _ = _adamw_step(model, tokens)
+    return _host(logits), _host(nnx.state(grads)), _host(nnx.state(model, nnx.Param))
+
+
+def _adamw_step(model, tokens):
+    """One AdamW step of ``model``: (logits, gradients, the optimizer), on the devices."""
     optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
 
     @nnx.jit
@@ -43,7 +49,7 @@ def _step(model, tokens):
         return logits, grads
 
     logits, grads = run(model, optimizer, tokens)
-    return _host(logits), _host(nnx.state(grads)), _host(nnx.state(model, nnx.Param))
+    return logits, grads, optimizer
 
 
 @pytest.fixture(scope="module")
@@ -279,20 +285,7 @@ def test_fsdp_model_matches_one_device_with_its_state_split_8_ways(impl, explici
     assert model.embed[...].sharding.shard_shape(model.embed[...].shape) == (CFG.vocab // 4,
                                                                               CFG.hidden // 2)
 
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
-    tokens = _tokens()
-
-    @nnx.jit
-    def run(model, optimizer, tokens):
-        def loss_fn(model):
-            logits = model(tokens[:, :-1])
-            return cross_entropy(logits, tokens[:, 1:]), logits
-
-        (_, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        optimizer.update(model, grads)
-        return logits, grads
-
-    logits, grads = run(model, optimizer, tokens)
+    logits, grads, optimizer = _adamw_step(model, _tokens())
     ref_logits, ref_grads, ref_params = single_device
     assert testing.relative_error(logits, ref_logits) < 1e-5
     layout = _stacked if scan else nnx.to_pure_dict

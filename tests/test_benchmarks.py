@@ -3,9 +3,11 @@
 import csv
 import importlib.util
 
+import jax
 import pytest
 
 from benchmarks import gemm, model, ops, projection
+from jax_flux import testing
 
 
 def _rows(path):
@@ -25,12 +27,17 @@ def test_ops_quick(tmp_path):
         assert (tmp_path / "ops_quick_bfloat16_cpu8.png").stat().st_size > 0
 
 
-def test_ops_quick_float8_with_w_transposed(tmp_path):
-    assert ops.main(["--quick", "--dtype", "float8_e4m3fn", "--w-transposed", "--impls",
-                     "fused", "--reps", "1", "--out", str(tmp_path)]) == 0
-    rows = _rows(tmp_path / "ops_quick_wT_float8_e4m3fn_cpu8.csv")
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
-    assert "bfloat16 results" in (tmp_path / "ops_quick_wT_float8_e4m3fn_cpu8.md").read_text()
+def test_ops_points_with_float8_and_w_transposed():
+    # What `benchmarks.ops --dtype float8_e4m3fn --w-transposed` times: one point an op
+    # (the CLI around it is the one test_ops_quick runs).
+    import jax.numpy as jnp
+
+    mesh = testing.mesh(jax.devices()[:8])
+    for op in (ops.AG, ops.RS):
+        rows = ops.run_point(ops.Shape(op, "tiny", 64, 128, 256), mesh, ["fused"],
+                             jnp.float8_e4m3fn, 1, 1.0, 1.0, w_transposed=True)
+        assert [r["status"] for r in rows] == ["ok"], rows
+        assert float(rows[0]["rel_err"]) < 2e-2
 
 
 def test_gemm_quick_and_the_projection_from_it(tmp_path):

@@ -14,6 +14,23 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
 
 
+def test_float8_mlp_example_matches_the_host():
+    scope = {}
+    exec(python_blocks()[1] + python_blocks()[2], scope)
+    f8 = jnp.float8_e4m3fn
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((64, 32)), f8)
+    w1t = jnp.asarray(rng.standard_normal((128, 32)) / 6, f8)
+    w2t = jnp.asarray(rng.standard_normal((32, 128)) / 11, f8)
+    out = scope["mlp_fp8"](x, w1t, w2t)
+    assert out.dtype == jnp.bfloat16
+    x64, w1, w2 = (np.asarray(a, np.float64) for a in (x, w1t.T, w2t.T))
+    h = np.asarray(jax.nn.gelu(jnp.asarray(x64 @ w1, jnp.bfloat16)).astype(f8), np.float64)
+    ref = h @ w2
+    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < 3e-2, err
+
+
 def test_quickstart_has_exactly_two_lines():
     blocks = re.findall(r"## Quickstart.*?```bash\n(.*?)```", open(README).read(), flags=re.S)
     assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) == 2

@@ -35,7 +35,8 @@ from benchmarks import harness  # noqa: E402
 from jax_flux import remat  # noqa: E402
 from models import PRESETS, Llama  # noqa: E402
 from models.data import progressions  # noqa: E402
-from models.llama import Block, KVCache, cross_entropy  # noqa: E402
+from models.blocks import Block, KVCache  # noqa: E402
+from models.llama import cross_entropy  # noqa: E402
 
 
 def block_step(cfg, mesh, impl, seq, batch, reps):

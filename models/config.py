@@ -33,7 +33,7 @@ class LlamaConfig:
         dim and run them with one ``scan`` (as MaxText does): the program
         holds one block, so compile time no longer grows with depth. A
         different parameter layout from the unscanned model (same values
-        when converted, see ``models.llama.stack_blocks``).
+        when converted, see ``models.llama.copy_parameters``).
       remat: rematerialise each block in the backward pass (``jax_flux.
         remat.POLICIES``): "none"; "full", save only the block's input;
         "collective_matmuls", save the jax_flux ops' results and gathered

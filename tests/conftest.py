@@ -61,6 +61,14 @@ def _eight_devices():
 
 
 @pytest.fixture(scope="module")
+def single_device():
+    """The one-device model after one AdamW step (tests.model_helpers), once a module."""
+    from tests.model_helpers import single_device_step
+
+    return single_device_step()
+
+
+@pytest.fixture(scope="module")
 def fake_driver(tmp_path_factory):
     """custom_calls.cuda_driver over tests/fake_cuda's libcuda for one module's tests."""
     from custom_calls import cuda_driver

@@ -233,10 +233,10 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
     signals.end_call(base, epoch)
 
 
-def pointer_types(t: str, out: str | None = None) -> dict:
+def pointer_types(t: str, out: str | None = None, w: str | None = None) -> dict:
     """Triton types of ``ag_gemm_kernel``'s pointer parameters: operands of element
-    type ``t``, the result of ``out`` (default ``t``)."""
-    return {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
+    type ``t`` (w's: ``w``, default ``t``), the result of ``out`` (default ``t``)."""
+    return {"x_ptr": f"*{t}", "w_ptr": f"*{w or t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
             "y_ptr": f"*{out or t}", "status_ptr": "*i32", "xg_ptr": f"*{t}"}
 
 

@@ -175,10 +175,11 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     signals.end_call(base, epoch)
 
 
-def pointer_types(t: str, out: str | None = None) -> dict:
+def pointer_types(t: str, out: str | None = None, w: str | None = None) -> dict:
     """Triton types of ``gemm_rs_kernel``'s pointer parameters: operands of element
-    type ``t``, the result (and the partials) of ``out`` (default ``t``)."""
-    return {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
+    type ``t`` (w's: ``w``, default ``t``), the result (and the partials) of ``out``
+    (default ``t``)."""
+    return {"x_ptr": f"*{t}", "w_ptr": f"*{w or t}", "ctx_ptr": "*i32", "table_ptr": "*u32",
             "z_ptr": f"*{out or t}", "status_ptr": "*i32"}
 
 

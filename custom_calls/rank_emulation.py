@@ -175,7 +175,8 @@ class OneGpuWorld:
     def ag_gemm(self, xs, ws, *, cfg: dict, grid: int, timeout_ms: int, precision: str,
                 return_gathered: bool = False, out_dtype=None, w_transposed: bool = False):
         """Each rank r: all_gather(xs)[P*m, K] @ ws[r] (ws[r] given as w^T [n, K] with
-        ``w_transposed``), in ``out_dtype`` (default xs's). Returns (ys, xgs or
+        ``w_transposed``; float8 ws against wider xs are widened in the kernel),
+        in ``out_dtype`` (default xs's). Returns (ys, xgs or
         None, ms). A wait gives up after ``timeout_ms`` of the GPU's timer."""
         dtype, (m, k) = xs[0].dtype, xs[0].shape
         n = ws[0].shape[0] if w_transposed else ws[0].shape[1]
@@ -183,7 +184,8 @@ class OneGpuWorld:
         sig_off, data_off, nbytes = ag_gemm.workspace_bytes(self.world, m, k, dtype.itemsize,
                                                             cfg["chunk_rows"])
         table = self.workspace(nbytes)
-        pointers = tuple(ag_gemm.pointer_types(_triton_type(dtype), _triton_type(out)).items())
+        pointers = tuple(ag_gemm.pointer_types(_triton_type(dtype), _triton_type(out),
+                                               _triton_type(ws[0].dtype)).items())
         constexprs = dict(M_LOCAL=m, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, CHUNK_ROWS=cfg["chunk_rows"],
                           COMM_PROGRAMS=cfg["comm_programs"],
@@ -221,7 +223,8 @@ class OneGpuWorld:
         sig_off, data_off, nbytes = gemm_rs.workspace_bytes(
             self.world, m_own, n, out.itemsize, cfg["block_m"], cfg["block_n"])
         table = self.workspace(nbytes)
-        pointers = tuple(gemm_rs.pointer_types(_triton_type(dtype), _triton_type(out)).items())
+        pointers = tuple(gemm_rs.pointer_types(_triton_type(dtype), _triton_type(out),
+                                               _triton_type(ws[0].dtype)).items())
         constexprs = dict(M_OWN=m_own, N=n, K=k, WORLD=self.world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg["reduce_programs"],
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
@@ -248,8 +251,8 @@ class OneGpuWorld:
         dtype, (m, k) = a_s[0].dtype, a_s[0].shape
         n = b_s[0].shape[0] if b_transposed else b_s[0].shape[1]
         out = np.dtype(out_dtype or dtype)
-        pointers = tuple(dict(gemm.pointer_types(_triton_type(dtype)),
-                              c_ptr=f"*{_triton_type(out)}").items())
+        pointers = tuple(gemm.pointer_types(_triton_type(dtype), _triton_type(b_s[0].dtype),
+                                            _triton_type(out)).items())
         constexprs = dict(M=m, N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                           GROUP_M=8, UPCAST=False, INPUT_PRECISION=precision,
                           B_TRANS=b_transposed)

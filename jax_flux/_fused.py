@@ -12,7 +12,7 @@ from jax import lax
 
 from custom_calls import interpreter_ready, signals  # noqa: F401 (re-exported)
 from custom_calls.binding import LoweredConstant
-from custom_calls.gemm import upcast_operands
+from custom_calls.gemm import mma_dtype, upcast_operands
 from jax_flux import errors, workspace
 from jax_flux._axes import axis_names
 
@@ -82,12 +82,13 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
 
 
 def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype,
-                     out_dtype=None, w_transposed: bool = False):
+                     out_dtype=None, w_transposed: bool = False, w_dtype=None):
     """The autotuned config for this problem on this device kind, else the heuristic.
 
-    Tuned configs are keyed by the result dtype and w's layout too (a config
-    tuned for a bfloat16 result or a row-major w is not assumed best for a
-    float32 one or w^T); the heuristic is told both item sizes.
+    Tuned configs are keyed by the result dtype, w's dtype (where it is not
+    x's ``dtype``) and w's layout too (a config tuned for a bfloat16 result or
+    a row-major w is not assumed best for a float32 one or w^T); the heuristic
+    is told the item sizes of the MMAs' operands and of the result.
     """
     from jax_flux import autotune
 
@@ -97,11 +98,12 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
     device_kind = (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
                    jax.devices()[0].device_kind)
     tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                            w_transposed=w_transposed)
+                            w_transposed=w_transposed, w_dtype=w_dtype)
     if tuned is not None:
         return tuned
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
-                       itemsize=jnp.dtype(dtype).itemsize, out_itemsize=out_dtype.itemsize)
+                       itemsize=mma_dtype(dtype, w_dtype).itemsize,
+                       out_itemsize=out_dtype.itemsize)
 
 
 def vmap_folding(launch: Callable, rows: int) -> Callable:

@@ -1,5 +1,6 @@
 """The local matmul every impl uses: float32 accumulation, result in the operand dtype
-(or the op's ``preferred_element_type``)."""
+(or the op's ``preferred_element_type``). Operands of two dtypes (one float8) go to
+``lax.dot_general`` as they are."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def dot(a, b, out_dtype=None):
     return dot_f32(a, b).astype(out_dtype or a.dtype)
 
 
-def dot_tn(a, b):
-    """``a.T @ b`` (the weight gradient), float32 accumulation, ``a``'s dtype."""
+def dot_tn(a, b, out_dtype=None):
+    """``a.T @ b`` (the weight gradient), float32 accumulation, in ``out_dtype``
+    (default ``a``'s). The operands may differ where one is float8."""
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).astype(a.dtype)
+                           preferred_element_type=jnp.float32).astype(out_dtype or a.dtype)

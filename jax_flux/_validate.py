@@ -7,13 +7,17 @@ from typing import Hashable
 import jax.numpy as jnp
 from jax import lax
 
+from custom_calls import gemm
 from jax_flux._axes import axis_names
 
 IMPLS = ("auto", "xla", "ring", "fused")
 # Result dtypes (and operand dtypes that may be results too).
 RESULT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-# Float8 operands (Hopper's FP8 tensor cores): the result must be one of
-# RESULT_DTYPES, given as preferred_element_type.
+# Float8 operands (Hopper's FP8 tensor cores): with two of them the result must
+# be one of RESULT_DTYPES, given as preferred_element_type. x and w may differ
+# where one is float8: a float8 weight with bfloat16 activations (weight-only
+# float8, as for decode), a bfloat16 cotangent against a float8 weight (the
+# backward pass), e4m3 activations against e5m2 gradients.
 FLOAT8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 SUPPORTED_DTYPES = RESULT_DTYPES + FLOAT8_DTYPES
 
@@ -59,25 +63,45 @@ def check_operands(op: str, x, w, axis_name: Hashable, size: int,
         product = f"w{tuple(w.shape)}.T (w_transposed)" if w_transposed else f"w{tuple(w.shape)}"
         raise ValueError(f"{op}: contraction sizes differ: x{tuple(x.shape)} @ {product} "
                          f"{where}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"{op}: x and w must have one dtype, got x {x.dtype} and w {w.dtype} "
-                         f"{where}")
-    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-        names = ", ".join(d.name for d in SUPPORTED_DTYPES)
-        raise ValueError(f"{op}: dtype {x.dtype} is not supported (one of {names}) {where}")
+    for name, a in (("x", x), ("w", w)):
+        if jnp.dtype(a.dtype) not in SUPPORTED_DTYPES:
+            names = ", ".join(d.name for d in SUPPORTED_DTYPES)
+            raise ValueError(f"{op}: {name} has dtype {a.dtype}, not supported (one of {names}) "
+                             f"{where}")
+    if x.dtype != w.dtype and not (is_float8(x.dtype) or is_float8(w.dtype)):
+        raise ValueError(f"{op}: x and w must have one dtype unless one is float8 (a float8 "
+                         f"weight with 16/32-bit activations, or two float8 kinds), got x "
+                         f"{x.dtype} and w {w.dtype} {where}")
 
 
-def result_dtype(op: str, x, preferred_element_type):
+def mma_dtype(x, w):
+    """The dtype the product runs in: the operands' when they agree or both are
+    float8, else the one that is not float8 (the float8 one is widened to it)."""
+    return gemm.mma_dtype(x.dtype, w.dtype)
+
+
+def backward_dtype(x_dtype, w_dtype, cotangent_dtype):
+    """The dtype a backward pass runs in: the forward MMAs' (``mma_dtype``), or
+    after float8 MMAs the cotangent's (the result's). The other operand meets
+    it as it is (a float8 one widened in the kernel)."""
+    mma = gemm.mma_dtype(x_dtype, w_dtype)
+    return jnp.dtype(cotangent_dtype) if is_float8(mma) else mma
+
+
+def result_dtype(op: str, x, w, preferred_element_type):
     """The op's result dtype: ``preferred_element_type`` (bfloat16, float16 or
-    float32) or x's; float8 operands need it given."""
+    float32), else the operands' (``lax.dot_general``'s promotion: the
+    16/32-bit one of a float8 and a wider operand); two float8 operands need
+    it given."""
     names = ", ".join(d.name for d in RESULT_DTYPES)
     if preferred_element_type is None:
-        if is_float8(x.dtype):
+        dtype = mma_dtype(x, w)
+        if is_float8(dtype):
             raise ValueError(
-                f"{op}: float8 operands (x {x.dtype}) need preferred_element_type, one of "
-                f"{names}: a float8 result (and float8 partial sums in the reduce-scatter) "
-                f"would round every sum to a few mantissa bits")
-        return jnp.dtype(x.dtype)
+                f"{op}: float8 operands (x {x.dtype}, w {w.dtype}) need preferred_element_type, "
+                f"one of {names}: a float8 result (and float8 partial sums in the "
+                f"reduce-scatter) would round every sum to a few mantissa bits")
+        return dtype
     try:
         dtype = jnp.dtype(preferred_element_type)
     except TypeError as e:
@@ -85,7 +109,7 @@ def result_dtype(op: str, x, preferred_element_type):
                          f"dtype") from e
     if dtype not in RESULT_DTYPES:
         raise ValueError(f"{op}: preferred_element_type {dtype} is not supported (one of "
-                         f"{names}); x is {x.dtype}")
+                         f"{names}); x is {x.dtype}, w {w.dtype}")
     return dtype
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from custom_calls import ag_gemm as kernel
+from custom_calls.gemm import mma_dtype
 from jax_flux import _fused
 from jax_flux._axes import ppermute
 from jax_flux._matmul import dot
@@ -96,14 +97,16 @@ def _launch(x, w, rows: int, *, axis_name, size, config, return_gathered, out_dt
     [batch * rows, K]): y [batch * P * rows, n], element-major."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
+    mma = mma_dtype(x.dtype, w.dtype)  # the MMAs' dtype (a float8 tile widened to it)
     cfg = config or _fused.tuned_or_default(AllGatherMatmulConfig, "all_gather_matmul", m, k, n,
-                                            size, x.dtype, out_dtype, w_transposed)
+                                            size, x.dtype, out_dtype, w_transposed,
+                                            w.dtype)
     if not isinstance(cfg, AllGatherMatmulConfig):
         raise ValueError(f"all_gather_matmul(impl='fused') takes an AllGatherMatmulConfig, "
                          f"got {type(cfg).__name__}")
     sig_off, data_off, nbytes = kernel.workspace_bytes(size, m, k, x.dtype.itemsize,
                                                        cfg.chunk_rows)
-    launch = _fused.prepare("all_gather_matmul", axis_name, size, nbytes, cfg, x.dtype)
+    launch = _fused.prepare("all_gather_matmul", axis_name, size, nbytes, cfg, mma)
     tiles = size * _fused.cdiv(m, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
     grid = _fused.persistent_grid(cfg.num_programs, tiles, cfg.comm_programs, launch.max_programs)
     y, _, xg = kernel.ag_gemm(
@@ -113,7 +116,7 @@ def _launch(x, w, rows: int, *, axis_name, size, config, return_gathered, out_dt
         block_k=cfg.block_k, group_m=cfg.group_m, copy_rows=cfg.copy_rows,
         copy_cols=cfg.copy_cols,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, return_gathered=return_gathered,
-        upcast=launch.upcast, input_precision=_fused.input_precision(cfg, x.dtype),
+        upcast=launch.upcast, input_precision=_fused.input_precision(cfg, mma),
         remote_cache=launch.remote_cache, rotate=cfg.rotate, pull=cfg.pull,
         on_timeout=launch.on_timeout,
         status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,

@@ -9,8 +9,8 @@ then the shape heuristic of the config class.
 
 Cache entries are keyed by device kind, op, per-rank shape, dtype and axis
 size, and, where they are not the plain case, the result dtype
-(``preferred_element_type``) and w's layout (w^T, as the backward pass reads
-it). The cache is a JSON file at ``$JAX_FLUX_AUTOTUNE_CACHE`` or
+(``preferred_element_type``), w's dtype (a float8 w against wider x) and w's
+layout (w^T, as the backward pass reads it). The cache is a JSON file at ``$JAX_FLUX_AUTOTUNE_CACHE`` or
 ``~/.cache/jax_flux/autotune.json``; nothing is downloaded.
 """
 
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from custom_calls.gemm import mma_dtype
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig
 
 AG, RS = "all_gather_matmul", "matmul_reduce_scatter"
@@ -47,16 +48,20 @@ def cache_path() -> str:
 
 
 def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-        out_dtype=None, w_transposed: bool = False) -> str:
+        out_dtype=None, w_transposed: bool = False, w_dtype=None) -> str:
     """Cache key; the shape is the per-rank problem (AG: x [m, k], w [k, n]; RS: x [P*m, k]).
 
-    A result dtype other than ``dtype`` adds ``|out=<dtype>``, a transposed w
-    (given as w^T [n, k]) adds ``|wT``: the plain case keeps its old key.
+    ``dtype`` is x's. A result dtype other than ``dtype`` adds
+    ``|out=<dtype>``, a w of another dtype (one of them float8) adds
+    ``|w=<dtype>``, a transposed w (given as w^T [n, k]) adds ``|wT``: the
+    plain case keeps its old key.
     """
     out = jnp.dtype(out_dtype or dtype)
     entry = f"{device_kind}|{op}|m={m_local},k={k},n={n}|{jnp.dtype(dtype).name}|P={world}"
     if out != jnp.dtype(dtype):
         entry += f"|out={out.name}"
+    if w_dtype is not None and jnp.dtype(w_dtype) != jnp.dtype(dtype):
+        entry += f"|w={jnp.dtype(w_dtype).name}"
     return entry + ("|wT" if w_transposed else "")
 
 
@@ -72,10 +77,10 @@ def _read(path: str) -> dict:
 
 
 def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-           out_dtype=None, w_transposed: bool = False):
+           out_dtype=None, w_transposed: bool = False, w_dtype=None):
     """The tuned config for this problem, or None (user cache first, then shipped)."""
     entry_key = key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                    w_transposed=w_transposed)
+                    w_transposed=w_transposed, w_dtype=w_dtype)
     for path in (cache_path(), SHIPPED):
         entry = _read(path).get(entry_key)
         if entry is not None:
@@ -109,7 +114,7 @@ def _smem_bytes(block_m, block_n, block_k, stages, itemsize) -> int:
 
 def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
                interpreting: bool = False, smem_bytes: int = DEFAULT_SMEM_BYTES,
-               sms: int = 132, out_dtype=None) -> list:
+               sms: int = 132, out_dtype=None, w_dtype=None) -> list:
     """The config space of one problem, pruned of configs that cannot fit or make no sense,
     in search order.
 
@@ -124,8 +129,12 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     before any two-field one, and so on. A search cut short (``max_configs``)
     so still varies each axis (tile, warps, stages, programs per SM, tile
     order, chunks, helper programs) around the default.
+
+    ``dtype`` is x's; tiles are sized by the MMAs' operand dtype (a float8
+    operand against a wider one is staged narrower, then widened: sizing
+    both at the wider item size bounds its shared memory).
     """
-    itemsize = jnp.dtype(dtype).itemsize
+    itemsize = mma_dtype(dtype, w_dtype).itemsize
     if interpreting:  # the interpreter has no shared memory or warps: few, small choices
         rows_blocks, blocks, k_blocks, warps, stages = (16, 32), (16, 32), (16, 32), (4,), (1,)
     else:  # small row tiles are for decode-sized M
@@ -193,12 +202,14 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
 
 def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterable | None = None,
          reps: int = 10, max_configs: int | None = None, log=print, out_dtype=None,
-         w_transposed: bool = False):
+         w_transposed: bool = False, w_dtype=None):
     """Verifies and times candidate configs on ``mesh`` (axis "tp"); records the best.
 
-    ``out_dtype`` (the ops' preferred_element_type) and ``w_transposed`` (w
-    given as w^T, as the backward passes launch the kernels) select the
-    problem variant, and are part of the recorded key.
+    ``out_dtype`` (the ops' preferred_element_type), ``w_dtype`` (w's, where
+    it is not x's ``dtype``: a float8 weight, or the backward pass's float8
+    weight against a wider cotangent) and ``w_transposed`` (w given as w^T,
+    as the backward passes launch the kernels) select the problem variant,
+    and are part of the recorded key.
 
     Returns (best config or None, rows of {config, status, median_ms}). A
     candidate that fails (compiler, device, a timed-out wait) is reported and
@@ -214,14 +225,14 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
         m, kk, nn = world * m_local, k * world, n
     configs = list(configs) if configs is not None else candidates(
         op, m_local, k, n, dtype, world, interpreting=interpreter_ready(), sms=sm_count(),
-        out_dtype=out_dtype)
+        out_dtype=out_dtype, w_dtype=w_dtype)
     if max_configs is not None:
         configs = configs[:max_configs]
-    x, w, _, _ = testing.random_operands(m, kk, nn, dtype, seed=11)
+    x, w, _, _ = testing.random_operands(m, kk, nn, dtype, seed=11, w_dtype=w_dtype)
     variant = dict(preferred_element_type=out_dtype, w_transposed=w_transposed)
     xs, ws = testing.place(op, mesh, x, w, w_transposed=w_transposed)
     ref = np.asarray(testing.sharded(op, mesh, "xla", **variant)(xs, ws), np.float64)
-    tol = testing.TOLERANCE[jnp.dtype(dtype)]
+    tol = max(testing.TOLERANCE[jnp.dtype(d)] for d in (dtype, w_dtype or dtype))
     rows, best = [], None
     for cfg in configs:
         fn = testing.sharded(op, mesh, "fused", cfg, **variant)
@@ -250,5 +261,5 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
     if best is not None:
         device_kind = mesh.devices.flat[0].device_kind
         record(op, key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                       w_transposed=w_transposed), best[0], best[1])
+                       w_transposed=w_transposed, w_dtype=w_dtype), best[0], best[1])
     return (best[0] if best else None), rows

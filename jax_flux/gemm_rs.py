@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from custom_calls import gemm_rs as kernel
+from custom_calls.gemm import mma_dtype
 from jax_flux import _fused
 from jax_flux._axes import ppermute
 from jax_flux._matmul import dot, dot_f32
@@ -96,14 +97,16 @@ def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed
     n = w.shape[0] if w_transposed else w.shape[1]
     m_own = m_total // size
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    mma = mma_dtype(x.dtype, w.dtype)  # the MMAs' dtype (a float8 tile widened to it)
     cfg = config or _fused.tuned_or_default(MatmulReduceScatterConfig, "matmul_reduce_scatter",
-                                            m_own, k, n, size, x.dtype, out_dtype, w_transposed)
+                                            m_own, k, n, size, x.dtype, out_dtype, w_transposed,
+                                            w.dtype)
     if not isinstance(cfg, MatmulReduceScatterConfig):
         raise ValueError(f"matmul_reduce_scatter(impl='fused') takes a "
                          f"MatmulReduceScatterConfig, got {type(cfg).__name__}")
     sig_off, data_off, nbytes = kernel.workspace_bytes(size, m_own, n, out_dtype.itemsize,
                                                        cfg.block_m, cfg.block_n)
-    launch = _fused.prepare("matmul_reduce_scatter", axis_name, size, nbytes, cfg, x.dtype)
+    launch = _fused.prepare("matmul_reduce_scatter", axis_name, size, nbytes, cfg, mma)
     tiles = size * _fused.cdiv(m_own, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
     grid = _fused.persistent_grid(cfg.num_programs, tiles, cfg.reduce_programs,
                                   launch.max_programs)
@@ -117,7 +120,7 @@ def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed
         gemm_programs=grid - cfg.reduce_programs, reduce_programs=cfg.reduce_programs,
         block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k, group_m=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
-        input_precision=_fused.input_precision(cfg, x.dtype), remote_cache=launch.remote_cache,
+        input_precision=_fused.input_precision(cfg, mma), remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,
         status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,
         w_transposed=w_transposed, rows=rows)

@@ -83,16 +83,13 @@ def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_tran
 
 # ------------------------------------------------------------ AG-GEMM vjp
 # The config tunes the op it was given to; the other op in the backward pass
-# uses its own default. With a preferred_element_type other than the operands'
-# dtype, the cotangent is cast to the operands' dtype: the backward pass runs
-# in it, as the forward's GEMM does. Float8 operands are the exception: their
-# backward pass runs in the cotangent's dtype (the result's), the operands
-# upcast to it, and the gradients are rounded to the operands' float8 dtype,
-# as JAX's autodiff of lax.dot_general(preferred_element_type=...) does.
-
-
-def _backward_dtype(operand_dtype, cotangent_dtype):
-    return cotangent_dtype if _validate.is_float8(operand_dtype) else operand_dtype
+# uses its own default. The backward pass runs in the dtype the forward's MMAs
+# ran in (``_validate.mma_dtype``: the cotangent is cast to it where the result
+# was given another dtype), except after float8 MMAs: then it runs in the
+# cotangent's dtype (the result's): ``_validate.backward_dtype``. Operands are never converted: a float8 w
+# meets the wider cotangent in the kernel, widened tile by tile in registers
+# (and in XLA's dot for impl xla/ring). Gradients are rounded to the operands'
+# dtypes, as JAX's autodiff of lax.dot_general(preferred_element_type=...) does.
 
 
 # w_transposed: w is given as w^T; its gradient then is (dW)^T, and dx's
@@ -116,12 +113,12 @@ def _ag_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
 
 def _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy):
     xg, w = res
-    dtype = _backward_dtype(xg.dtype, dy.dtype)
-    dy, xg_ = dy.astype(dtype), xg.astype(dtype)
-    dx = _rs_forward(dy, w.astype(dtype), axis_name, impl, size,
+    dtype = _validate.backward_dtype(xg.dtype, w.dtype, dy.dtype)
+    dy = dy.astype(dtype)
+    dx = _rs_forward(dy, w, axis_name, impl, size, out_dtype=dtype,
                      w_transposed=not w_transposed)
-    dw = dot_tn(dy, xg_) if w_transposed else dot_tn(xg_, dy)
-    return dx.astype(xg.dtype), dw.astype(w.dtype)
+    dw = dot_tn(dy, xg, w.dtype) if w_transposed else dot_tn(xg, dy, w.dtype)
+    return dx.astype(xg.dtype), dw
 
 
 _ag.defvjp(_ag_fwd, _ag_bwd)
@@ -142,12 +139,12 @@ def _rs_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
 
 def _rs_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dz):
     x, w = res
-    dtype = _backward_dtype(x.dtype, dz.dtype)
-    dz, x_ = dz.astype(dtype), x.astype(dtype)
-    dx, dzg = _ag_forward(dz, w.astype(dtype), axis_name, impl, size, return_gathered=True,
+    dtype = _validate.backward_dtype(x.dtype, w.dtype, dz.dtype)
+    dz = dz.astype(dtype)
+    dx, dzg = _ag_forward(dz, w, axis_name, impl, size, return_gathered=True, out_dtype=dtype,
                           w_transposed=not w_transposed)
-    dw = dot_tn(dzg, x_) if w_transposed else dot_tn(x_, dzg)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    dw = dot_tn(dzg, x, w.dtype) if w_transposed else dot_tn(x, dzg, w.dtype)
+    return dx.astype(x.dtype), dw
 
 
 _rs.defvjp(_rs_fwd, _rs_bwd)
@@ -214,7 +211,7 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     """
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size, w_transposed)
-    out_dtype = _validate.result_dtype(_AG, x, preferred_element_type)
+    out_dtype = _validate.result_dtype(_AG, x, w, preferred_element_type)
     impl = _resolve(_AG, impl, config)
     return _ag(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype,
                bool(w_transposed))
@@ -258,7 +255,7 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     size = _validate.axis_size(_RS, axis_name)
     _validate.check_operands(_RS, x, w, axis_name, size, w_transposed)
     _validate.check_scatter_rows(_RS, x, axis_name, size)
-    out_dtype = _validate.result_dtype(_RS, x, preferred_element_type)
+    out_dtype = _validate.result_dtype(_RS, x, w, preferred_element_type)
     impl = _resolve(_RS, impl, config)
     return _rs(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype,
                bool(w_transposed))

@@ -55,12 +55,13 @@ def mesh(devices=None, axis_name: str = "tp") -> Mesh:
     return Mesh(np.asarray(devices), (axis_name,))
 
 
-def random_operands(m: int, k: int, n: int, dtype, seed: int = 0):
-    """X [m, k] and W [k, n] from N(0, 1) (scaled for stable sums), as host float64 and jnp."""
+def random_operands(m: int, k: int, n: int, dtype, seed: int = 0, w_dtype=None):
+    """X [m, k] and W [k, n] from N(0, 1) (scaled for stable sums), as host float64 and jnp;
+    W in ``w_dtype`` if given (default ``dtype``)."""
     rng = np.random.default_rng(seed)
     x64 = rng.standard_normal((m, k))
     w64 = rng.standard_normal((k, n)) / np.sqrt(k)
-    x, w = jnp.asarray(x64, dtype), jnp.asarray(w64, dtype)
+    x, w = jnp.asarray(x64, dtype), jnp.asarray(w64, w_dtype or dtype)
     # The reference sees exactly the rounded values the op sees.
     return x, w, np.asarray(x, np.float64), np.asarray(w, np.float64)
 

@@ -99,6 +99,18 @@ def cases():
     yield ("rs_wT", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t, "bf16"),
            _rs("ieee", 0, True, 128), "float8_e4m3fn")
 
+    # Mixed operands: bfloat16 x against a float8_e4m3fn w (weight-only float8,
+    # and the backward pass's bfloat16 cotangent against a float8 weight). w's
+    # tiles are staged at one byte an element, then widened to bfloat16 in
+    # registers for the bfloat16 MMAs.
+    mixed = "bfloat16*float8_e4m3fn"
+    yield ("matmul_mix", gemm.matmul_kernel, gemm.pointer_types("bf16", t),
+           dict(gemm_fp8, BLOCK_K=64, B_TRANS=False), mixed)
+    yield ("ag_mix", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types("bf16", None, t),
+           _ag("ieee", False), mixed)
+    yield ("rs_mix", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types("bf16", None, t),
+           _rs("ieee", 0), mixed)
+
 
 def main(argv) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

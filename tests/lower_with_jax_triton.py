@@ -16,6 +16,7 @@ Run in a process of its own: Triton must be in compiled mode.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import re
@@ -101,8 +102,13 @@ def main() -> int:
     fp8 = {"preferred_element_type": jnp.bfloat16, "w_transposed": True}
     cases += [("all_gather_matmul", jnp.float8_e4m3fn, (512, 256, 1024), fp8, False),
               ("matmul_reduce_scatter", jnp.float8_e4m3fn, (512, 1024, 256), fp8, False)]
+    # Mixed operands: bfloat16 x against a float8 w (widened in registers).
+    w8 = {"w_dtype": jnp.float8_e4m3fn}
+    cases += [("all_gather_matmul", jnp.bfloat16, (512, 256, 1024), w8, False),
+              ("matmul_reduce_scatter", jnp.bfloat16, (512, 1024, 256), w8, False)]
     for op, dtype, (m, k, n), kw, vmapped in cases:
-        x, w, _, _ = testing.random_operands(m, k, n, dtype)
+        x, w, _, _ = testing.random_operands(m, k, n, dtype, w_dtype=kw.get("w_dtype"))
+        kw = {key: v for key, v in kw.items() if key != "w_dtype"}
         xs, ws = testing.place(op, mesh, x, w, w_transposed=kw.get("w_transposed", False))
         fn = testing.sharded(op, mesh, "fused", **kw) if kw.get("w_transposed") else fused_fn(
             op, mesh, **kw)
@@ -118,26 +124,32 @@ def main() -> int:
         assert len(configs) == 1, (op, len(configs))
         entry, target, f = _kernel(configs[0])
         out = jnp.dtype(kw.get("preferred_element_type", dtype)).name
-        print(f"{op:22s} {jnp.dtype(dtype).name:13s}-> {out:9s} "
+        wname = "" if w.dtype == x.dtype else f"x {w.dtype.name} "
+        print(f"{op:22s} {jnp.dtype(dtype).name:13s}{wname}-> {out:9s} "
               f"{'vmap ' if vmapped else ''}{'w^T ' if kw.get('w_transposed') else ''}"
               f"kernel={entry} target={target} cp.async={f['cp.async']} "
               f"wgmma={f['wgmma']} timer={f['timer']}")
         assert target == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)
     # The gradient: the forward's kernel and dx's, the other op reading w^T in
-    # place (no transpose of w in the program).
-    for op in testing.OPS:
+    # place (no transpose of w in the program); with float8 operands, dx's
+    # kernel takes the bfloat16 cotangent against the float8 w (no convert of w).
+    for op, dtype in itertools.product(testing.OPS, (jnp.bfloat16, jnp.float8_e4m3fn)):
         m, k, n = (512, 256, 1024) if op == "all_gather_matmul" else (512, 1024, 256)
-        x, w, _, _ = testing.random_operands(m, k, n, jnp.bfloat16)
+        x, w, _, _ = testing.random_operands(m, k, n, dtype)
         xs, ws = testing.place(op, mesh, x, w)
         g = jnp.ones((m, n), jnp.bfloat16)
-        text = testing.sharded(op, mesh, "fused", grad=True).trace(xs, ws, g).lower(
+        text = testing.sharded(op, mesh, "fused", grad=True,
+                               preferred_element_type=jnp.bfloat16).trace(xs, ws, g).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "stablehlo.transpose" not in text, op
+        local = "x".join(map(str, ws.sharding.shard_shape(ws.shape)))
+        assert f"tensor<{local}xf8E4M3FN>) -> tensor<{local}xbf16>" not in text, op
         kernels = [_kernel(c) for c in _backend_configs(text)]
         assert sorted(e for e, _, _ in kernels) == ["ag_gemm_kernel", "gemm_rs_kernel"], kernels
         assert all(t == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0
                    for _, t, f in kernels), (op, kernels)
-        print(f"{op:22s} gradient: kernels={[e for e, _, _ in kernels]}, no transpose of w")
+        print(f"{op:22s} {jnp.dtype(dtype).name:13s} gradient: "
+              f"kernels={[e for e, _, _ in kernels]}, no transpose or convert of w")
     check_residency(mesh)
     errors.watchdog.stop()
     return 0

@@ -114,30 +114,44 @@ def test_result_dtype_and_weight_layout_are_part_of_the_key(cache):
     variants = {autotune.key(autotune.RS, "kind", 8, 4, 16, jnp.bfloat16, 8, out_dtype=o,
                              w_transposed=t) for o in (None, jnp.float32) for t in (False, True)}
     assert len(variants) == 4
+    # A float8 w against bfloat16 x (weight-only float8, the backward pass of
+    # float8 operands): "|w=<dtype>"; w of x's dtype keeps the plain key.
+    assert autotune.key(autotune.RS, "kind", 8, 4, 16, jnp.bfloat16, 8,
+                        w_dtype=jnp.bfloat16) == plain
+    assert autotune.key(autotune.RS, "kind", 8, 4, 16, jnp.bfloat16, 8, w_transposed=True,
+                        w_dtype=jnp.float8_e4m3fn) == plain + "|w=float8_e4m3fn|wT"
     # A float32-result default is the heuristic's float32 one (8 warps on a GPU).
     space = autotune.candidates(autotune.RS, 512, 6144, 12288, jnp.bfloat16, 8,
                                 out_dtype=jnp.float32)
     assert space[0].num_warps == 8
 
 
-def test_the_backward_pass_looks_up_its_transposed_weight_launch(cache):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float8_e4m3fn], ids=["f32", "e4m3fn"])
+def test_the_backward_pass_looks_up_its_transposed_weight_launch(cache, dtype):
     # AG-GEMM's dx is a GEMM-RS of dy with w^T: it consults the "|wT" entry of
-    # that problem, so a config tuned for it (benchmarks.tune --backward) is used.
+    # that problem, so a config tuned for it (benchmarks.tune --backward) is
+    # used. Float8 operands (a bfloat16 result): dy stays bfloat16 and meets the
+    # float8 w as it is (the "|w=float8_e4m3fn" entry).
     mesh = mesh_of(8)
     seen = []
     real = autotune.lookup
 
     def spy(*a, **kw):
-        seen.append((a[0], a[2:5], kw.get("w_transposed")))
+        seen.append((a[0], a[2:5], jnp.dtype(a[5]).name, jnp.dtype(kw["out_dtype"]).name,
+                     kw.get("w_transposed"), jnp.dtype(kw["w_dtype"]).name))
         return real(*a, **kw)
 
-    x, w, _, _ = testing.random_operands(64, 32, 16, jnp.float32, seed=4)
-    g = jnp.ones((64, 16), jnp.float32)
+    out = jnp.bfloat16 if dtype != jnp.float32 else None
+    x, w, _, _ = testing.random_operands(64, 32, 16, dtype, seed=4)
+    g = jnp.ones((64, 16), out or dtype)
     xs, ws = testing.place(autotune.AG, mesh, x, w)
     try:
         autotune.lookup = spy
-        jax.block_until_ready(testing.sharded(autotune.AG, mesh, "fused", grad=True)(xs, ws, g))
+        jax.block_until_ready(testing.sharded(autotune.AG, mesh, "fused", grad=True,
+                                              preferred_element_type=out)(xs, ws, g))
     finally:
         autotune.lookup = real
     # Forward: x [8, 32] @ w [32, 2]; backward: dy [64, 2] @ w^T [2, 32], reduce-scattered.
-    assert seen == [(autotune.AG, (8, 32, 2), False), (autotune.RS, (8, 2, 32), True)]
+    d, o = jnp.dtype(dtype).name, jnp.dtype(out or dtype).name
+    assert seen == [(autotune.AG, (8, 32, 2), d, o, False, d),
+                    (autotune.RS, (8, 2, 32), o, o, True, d)]

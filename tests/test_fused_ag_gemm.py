@@ -57,6 +57,19 @@ def test_weight_read_transposed_in_place(cfg, dtype):
     assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(out_dtype or dtype)]
 
 
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_PULL], ids=["push", "pull"])
+def test_float8_weight_with_float16_activations(cfg):
+    # Mixed operands: float16 rows gathered, an e5m2 w widened tile by tile in
+    # registers; ragged in every dim.
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(8 * 13, 40, 8 * 7, jnp.float16, seed=5,
+                                             w_dtype=jnp.float8_e5m2)
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = testing.sharded(OP, mesh, "fused", cfg)(xs, ws)
+    assert out.dtype == jnp.float16
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(jnp.float16)]
+
+
 def test_default_config_every_axis_size():
     for size in (1, 2, 3, 8):
         mesh = mesh_of(size)

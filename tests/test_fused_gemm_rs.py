@@ -55,6 +55,19 @@ def test_weight_read_transposed_in_place(cfg, dtype):
     assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(out_dtype or dtype)]
 
 
+@REDUCERS
+def test_float8_weight_with_float16_activations(cfg):
+    # Mixed operands: an e4m3 w widened tile by tile in registers against
+    # float16 x, float16 partials; ragged in every dim.
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(8 * 13, 8 * 5, 40, jnp.float16, seed=7,
+                                             w_dtype=jnp.float8_e4m3fn)
+    xs, ws = testing.place(OP, mesh, x, w)
+    out = testing.sharded(OP, mesh, "fused", cfg)(xs, ws)
+    assert out.dtype == jnp.float16
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(jnp.float16)]
+
+
 def test_default_config_every_axis_size():
     for size in (1, 2, 3, 8):
         mesh = mesh_of(size)

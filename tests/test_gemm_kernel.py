@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from custom_calls import triton_call
-from custom_calls.gemm import matmul, matmul_kernel, upcast_operands
+from custom_calls.gemm import matmul, matmul_kernel, mma_dtype, upcast_operands
 from jax_flux import testing
 from tests.helpers import mesh_of
 
@@ -33,6 +33,32 @@ def test_gemm_reads_b_transposed_in_place(dtype):
                                      b_transposed=True))(a, b.T)
     assert c.shape == (50, 33)
     assert testing.relative_error(c, a64 @ b64) < testing.TOLERANCE[jnp.dtype(dtype)]
+
+
+@pytest.mark.parametrize("a_dtype,b_dtype", [(jnp.bfloat16, jnp.float8_e4m3fn),
+                                             (jnp.float8_e5m2, jnp.float32),
+                                             (jnp.float8_e4m3fn, jnp.float8_e5m2)],
+                         ids=["bf16-e4m3fn", "e5m2-f32", "e4m3fn-e5m2"])
+@pytest.mark.parametrize("b_transposed", [False, True], ids=["b", "bT"])
+def test_gemm_mixed_operands(a_dtype, b_dtype, b_transposed):
+    # One operand float8: widened in registers to the other's dtype, or, both
+    # float8 of two kinds, multiplied as they are (a bfloat16 result).
+    mma = mma_dtype(a_dtype, b_dtype)
+    out = jnp.bfloat16 if mma.itemsize == 1 else None
+    a, b, a64, b64 = testing.random_operands(50, 70, 33, a_dtype, seed=6, w_dtype=b_dtype)
+    c = jax.jit(lambda a, b: matmul(a, b, block_m=32, block_n=32, block_k=16, out_dtype=out,
+                                    b_transposed=b_transposed))(a, b.T if b_transposed else b)
+    assert c.dtype == jnp.dtype(out or mma)
+    assert testing.relative_error(c, a64 @ b64) < testing.TOLERANCE[c.dtype]
+
+
+def test_mma_dtype():
+    e4m3, e5m2 = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2)
+    assert mma_dtype(jnp.bfloat16, e4m3) == mma_dtype(e5m2, jnp.bfloat16) == jnp.bfloat16
+    assert mma_dtype(e4m3, e5m2) == e4m3 and mma_dtype(jnp.float16) == jnp.float16
+    with pytest.raises(ValueError, match="bfloat16 and float32: they must agree"):
+        mma_dtype(jnp.bfloat16, jnp.float32)
+    assert upcast_operands(jnp.bfloat16, e4m3) and not upcast_operands(e4m3, e5m2)
 
 
 def test_gemm_matches_jnp_dot():

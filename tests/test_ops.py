@@ -244,6 +244,64 @@ def test_float8_operands(op, impl, dtype, w_transposed):
         assert testing.relative_error(dw, np.asarray(rdw, np.float64)) < tol
 
 
+# (x dtype, w dtype, preferred_element_type, w_transposed): a float8 weight
+# with bfloat16 activations (weight-only float8: decode reads half the weight
+# bytes), and e4m3 activations against an e5m2 weight given transposed.
+MIXED = [(jnp.bfloat16, jnp.float8_e4m3fn, None, False),
+         (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16, True)]
+
+
+@pytest.mark.parametrize("mixed", MIXED, ids=["bf16-e4m3fn", "e4m3fn-e5m2-wT"])
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_mixed_operand_dtypes(op, impl, mixed):
+    # x and w of two dtypes, one float8: the product of the values as given
+    # (the float8 tile widened in registers), the backward in bfloat16 without
+    # converting either operand, the gradients rounded to each operand's dtype
+    # (as JAX's autodiff of lax.dot_general does: the lax reference's too).
+    xd, wd, out_dtype, w_transposed = mixed
+    mesh = mesh_of(8)
+    m, k, n = 48, 40, 32
+    x, w, x64, w64 = testing.random_operands(m, k, n, xd, seed=12, w_dtype=wd)
+    g, g64 = cotangent((m, n), jnp.bfloat16)
+    xs, ws = testing.place(op, mesh, x, w, w_transposed=w_transposed)
+    out, dx, dw = testing.sharded(op, mesh, impl, grad=True, preferred_element_type=out_dtype,
+                                  w_transposed=w_transposed)(xs, ws, g)
+    assert out.dtype == jnp.bfloat16 and dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert testing.relative_error(out, x64 @ w64) < testing.TOLERANCE[jnp.dtype(jnp.bfloat16)]
+    dw64 = x64.T @ g64
+    assert testing.relative_error(dx, g64 @ w64.T) < testing.TOLERANCE[jnp.dtype(xd)]
+    assert testing.relative_error(dw, dw64.T if w_transposed else dw64) < testing.TOLERANCE[
+        jnp.dtype(wd)]
+    if not w_transposed:
+        ref = lax_reference(op, mesh, grad=True, out_dtype=jnp.bfloat16)(xs, ws, g)
+        for got, want in zip((out, dx, dw), ref):
+            assert got.dtype == want.dtype
+            assert testing.relative_error(got, np.asarray(want, np.float64)) < testing.TOLERANCE[
+                jnp.dtype(got.dtype)]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fused_float8_weight_is_never_widened_in_xla(op):
+    # The fused kernels widen a float8 w tile by tile in registers, forward and
+    # backward (dx = d @ w^T against the bfloat16 cotangent): the lowered
+    # gradient converts no weight-shaped float8 tensor (a bfloat16 copy of w,
+    # each step, before mixed operands) and makes no transposed copy. (XLA's
+    # own dot for dW may widen the float8 x it reads; that is not w.)
+    mesh = mesh_of(8)
+    for xd in (jnp.bfloat16, jnp.float8_e4m3fn):
+        x, w, _, _ = testing.random_operands(64, 48, 40, xd, w_dtype=jnp.float8_e4m3fn)
+        g, _ = cotangent((64, 40), jnp.bfloat16)
+        xs, ws = testing.place(op, mesh, x, w)
+        text = testing.sharded(op, mesh, "fused", grad=True,
+                               preferred_element_type=jnp.bfloat16).lower(xs, ws, g).as_text()
+        local = "x".join(map(str, ws.sharding.shard_shape(ws.shape)))
+        converts = [line for line in text.splitlines() if "stablehlo.convert" in line]
+        assert not [c for c in converts if f"<{local}xf8E4M3FN>) ->" in c], converts
+        assert text.count("stablehlo.transpose") == 0
+        assert text.count("cpu_callback") == 2
+
+
 def test_preferred_element_type_must_be_a_supported_dtype():
     import jax
 

@@ -46,8 +46,8 @@ def test_contraction_of_a_transposed_weight(op):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 def test_float8_operands_need_a_preferred_element_type(op, dtype):
-    with pytest.raises(ValueError, match=r"float8 operands \(x float8_e\w+\) need "
-                                         r"preferred_element_type, one of bfloat16"):
+    with pytest.raises(ValueError, match=r"float8 operands \(x float8_e\w+, w float8_e\w+\) "
+                                         r"need preferred_element_type, one of bfloat16"):
         call(op, arr((8, 4), dtype), arr((4, 3), dtype))
     with pytest.raises(ValueError, match="preferred_element_type float8_e4m3fn is not supported"):
         call(op, arr((8, 4), dtype), arr((4, 3), dtype), preferred_element_type=jnp.float8_e4m3fn)
@@ -56,15 +56,25 @@ def test_float8_operands_need_a_preferred_element_type(op, dtype):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_dtypes_must_match(op):
-    with pytest.raises(ValueError, match="x float32 and w bfloat16"):
+def test_dtypes_must_match_unless_one_is_float8(op):
+    with pytest.raises(ValueError, match="one dtype unless one is float8.*x float32 and w "
+                                         "bfloat16"):
         call(op, arr((8, 4)), arr((4, 3), jnp.bfloat16))
+    # lax.dot_general's promotion: a float8 weight against bfloat16 (float32)
+    # activations gives bfloat16 (float32); two float8 kinds need the result named.
+    e4m3, e5m2 = jnp.float8_e4m3fn, jnp.float8_e5m2
+    assert call(op, arr((8, 4), jnp.bfloat16), arr((4, 3), e4m3)).dtype == jnp.bfloat16
+    assert call(op, arr((8, 4), e5m2), arr((4, 3), jnp.float32)).dtype == jnp.float32
+    with pytest.raises(ValueError, match=r"float8 operands \(x float8_e4m3fn, w float8_e5m2\)"):
+        call(op, arr((8, 4), e4m3), arr((4, 3), e5m2))
+    with pytest.raises(ValueError, match="w has dtype int8, not supported"):
+        call(op, arr((8, 4), e4m3), arr((4, 3), jnp.int8))
 
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int16, jnp.int8])
 def test_unsupported_dtype(op, dtype):
-    with pytest.raises(ValueError, match="is not supported"):
+    with pytest.raises(ValueError, match=f"x has dtype {jnp.dtype(dtype).name}, not supported"):
         call(op, arr((8, 4), dtype), arr((4, 3), dtype))
 
 

@@ -103,6 +103,22 @@ def main() -> int:
     assert len(launches(lib, first, 8)) == WORLD
     assert all(z.dtype == bf16 and z.shape == (m // WORLD, n) for z in zs)
 
+    # Mixed operands: bfloat16 x against a float8 w (its own pointer type).
+    xs16 = [x.astype(bf16) for x in xs8]
+    first = lib.fakeCudaLaunchCount()
+    zs, _ = world.gemm_rs(xs16, wts8,
+                          cfg=dict(block_m=16, block_n=64, block_k=64, reduce_programs=0,
+                                   num_warps=4, num_stages=3),
+                          grid=8, timeout_ms=5, precision="ieee", w_transposed=True)
+    got = launches(lib, first, 8)
+    assert len(got) == WORLD and all(z.dtype == bf16 for z in zs)
+    assert world.download(got[5]["params"][1], (n, k), f8).tobytes() == wts8[5].tobytes()
+    lib.fakeCudaSetParamCount(5)
+    first = lib.fakeCudaLaunchCount()
+    cs, _ = world.matmul(xs16, wts8, block_m=16, block_n=32, block_k=32, num_warps=4,
+                         num_stages=3, precision="ieee", b_transposed=True)
+    assert len(launches(lib, first, 5)) == WORLD and all(c.dtype == bf16 for c in cs)
+
     # GEMM-RS: 6 + 2 parameters; a second workspace size reuses the buffers.
     lib.fakeCudaSetParamCount(8)
     first = lib.fakeCudaLaunchCount()

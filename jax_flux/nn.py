@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_flux._matmul import dot_f32
+from jax_flux._validate import is_float8
 from jax_flux._axes import axis_names
 from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 
@@ -91,12 +92,13 @@ def _batch_spec(batch_axis) -> Any:
 
 
 def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
-                    impl: str = "auto", config=None, preferred_element_type=None):
+                    impl: str = "auto", config=None, preferred_element_type=None, scale=None):
     """Local-shard column-parallel matmul: ``x [S_local, ..., in] @ kernel [in, out_local...]``.
 
     With ``sequence_parallel`` the leading (sequence) dim of x is this rank's
     shard and the result covers the whole sequence; otherwise x is replicated.
-    The result is in ``preferred_element_type`` (default x's dtype).
+    The result is in ``preferred_element_type`` (default x's dtype); ``scale``
+    (this rank's output features, ``quantize_float8``) multiplies it before the bias.
     """
     lead, k_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_in)
@@ -107,18 +109,19 @@ def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: 
         lead = (y.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
         y = dot_f32(x2, k2).astype(preferred_element_type or x.dtype)
-    y = y.reshape(*lead, *kernel.shape[1:])
+    y = _scaled(y.reshape(*lead, *kernel.shape[1:]), scale)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
 def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
-                 impl: str = "auto", config=None, preferred_element_type=None):
+                 impl: str = "auto", config=None, preferred_element_type=None, scale=None):
     """Local-shard row-parallel matmul: ``x [S, ..., in_local...] @ kernel [in_local..., out]``.
 
     With ``sequence_parallel`` the sum over ranks is scattered along the
     leading (sequence) dim; otherwise it is all-reduced (replicated result).
     The result (and the partial sums) in ``preferred_element_type`` (default
-    x's dtype).
+    x's dtype); ``scale`` (the output features, ``quantize_float8``) multiplies
+    the sum before the bias.
     """
     n_in = kernel.ndim - 1
     lead = x.shape[:x.ndim - n_in]
@@ -131,8 +134,13 @@ def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: boo
         lead = (z.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
         z = lax.psum(dot_f32(x2, k2).astype(out_dtype), axis_name)
-    z = z.reshape(*lead, kernel.shape[-1])
+    z = _scaled(z.reshape(*lead, kernel.shape[-1]), scale)
     return z if bias is None else z + bias.astype(z.dtype)
+
+
+def _scaled(y, scale):
+    """y times a per-output-feature scale (y's trailing dims), in float32."""
+    return y if scale is None else (y.astype(jnp.float32) * scale).astype(y.dtype)
 
 
 class _ParallelLinear(nnx.Module):
@@ -177,12 +185,22 @@ class _ParallelLinear(nnx.Module):
                 raise ValueError(f"{type(self).__name__}: kernel {kernel_shape} dim "
                                  f"{self._fsdp_dim()} ({dim}) is split over fsdp_axis "
                                  f"{fsdp_axis!r}, not divisible by its size {size}")
+        if is_float8(param_dtype) and dtype is None:
+            raise ValueError(f"{type(self).__name__}: param_dtype {jnp.dtype(param_dtype).name} "
+                             f"needs dtype, the compute dtype (bfloat16, say): float8 has no "
+                             f"implicit promotion")
         self.use_bias = use_bias
         fan_shape = (math.prod(self.in_shape), math.prod(self.out_shape))
-        value = kernel_init(rngs.params(), fan_shape, param_dtype).reshape(kernel_shape)
+        # jax.random's samplers give NaN in float8: draw in float32, then round.
+        draw = jnp.float32 if is_float8(param_dtype) else param_dtype
+        value = kernel_init(rngs.params(), fan_shape, draw).astype(param_dtype).reshape(
+            kernel_shape)
         self.kernel = nnx.Param(value, out_sharding=self.param_sharding(), mesh=mesh)
-        self.bias = nnx.Param(bias_init(rngs.params(), self.bias_shape(), param_dtype),
+        self.bias = nnx.Param(bias_init(rngs.params(), self.bias_shape(), draw),
                               out_sharding=self.bias_sharding(), mesh=mesh) if use_bias else None
+        # A float32 scale per output feature once quantize_float8 made the kernel
+        # float8 (a data attribute, so that it may become a Param then).
+        self.kernel_scale = nnx.data(None)
 
     def _compute_dtype(self, x):
         return self.dtype or jnp.result_type(x.dtype, self.param_dtype)
@@ -208,8 +226,14 @@ class _ParallelLinear(nnx.Module):
         self._check_input(x)
         dtype = self._compute_dtype(x)
         x = x.astype(dtype)
-        kernel = self.kernel[...].astype(dtype)
+        kernel = self.kernel[...]
+        if not is_float8(kernel.dtype) or is_float8(dtype):
+            kernel = kernel.astype(dtype)
+        # else a float8 kernel meets wider activations as it is (weight-only
+        # float8): the ops widen its tiles in registers, and FSDP gathers it
+        # at one byte an element.
         bias = None if self.bias is None else self.bias[...]
+        scale = None if self.kernel_scale is None else self.kernel_scale[...]
         fn = self._local_fn(sp)
         if in_manual_context(self.axis_name):
             if self.fsdp_axis is not None and in_manual_context(self.fsdp_axis):
@@ -217,16 +241,18 @@ class _ParallelLinear(nnx.Module):
                 # gradient's transpose reduce-scatters it back).
                 kernel = lax.all_gather(kernel, self.fsdp_axis, axis=self._fsdp_dim(),
                                         tiled=True)
-            return fn(x, kernel, bias)
+            return fn(x, kernel, bias, scale)
         if self.fsdp_axis is not None:
             # Pinned as stored first: the transpose of the gather below then
             # reduce-scatters the kernel's gradient back to this layout
             # (unpinned, XLA all-reduces it and keeps it whole along the axis).
             kernel = place(kernel, self.mesh, P(*self.param_sharding()))
         x_spec, out_spec = self._activation_specs(x.ndim, sp)
+        # The scale lies as the bias does: the output features, split like y's.
         specs = (x_spec, P(*self.kernel_sharding()),
-                 None if bias is None else P(*self.bias_sharding()))
-        args = [a if a is None else place(a, self.mesh, s) for a, s in zip((x, kernel, bias),
+                 None if bias is None else P(*self.bias_sharding()),
+                 None if scale is None else P(*self.bias_sharding()))
+        args = [a if a is None else place(a, self.mesh, s) for a, s in zip((x, kernel, bias, scale),
                                                                           specs)]
         return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_spec)(*args)
 
@@ -250,7 +276,11 @@ class ColumnParallelLinear(_ParallelLinear):
       dtype: compute dtype (default: promote x and params); param_dtype: of
         the parameters; preferred_element_type: the result's dtype (default:
         the compute dtype), as in ``nnx.Linear``: float32 logits from
-        bfloat16 operands, say.
+        bfloat16 operands, say. A float8 param_dtype stores the kernel in
+        float8 (the bias in float32) and needs dtype; against a wider dtype
+        the kernel stays float8 (weight-only float8: the ops widen its tiles
+        in registers); ``quantize_float8`` makes a trained kernel float8 with
+        a scale per output feature.
       fsdp_axis: mesh axis (or axes) to store the kernel split over along
         its input features as well (FSDP; typically the batch axis), or None.
       kernel_init, bias_init: initialisers; rngs: ``nnx.Rngs``.
@@ -262,6 +292,9 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def _split_features(self):
         return "output", self.out_shape
+
+    def _input_dims(self):
+        return (0,)
 
     def _fsdp_dim(self):
         return 0  # the input features
@@ -281,10 +314,11 @@ class ColumnParallelLinear(_ParallelLinear):
                              f"got {x.shape}")
 
     def _local_fn(self, sp):
-        def fn(x, kernel, bias):
+        def fn(x, kernel, bias, scale):
             return column_parallel(x, kernel, bias, axis_name=self.axis_name,
                                    sequence_parallel=sp, impl=self.impl, config=self.config,
-                                   preferred_element_type=self.preferred_element_type)
+                                   preferred_element_type=self.preferred_element_type,
+                                   scale=scale)
         return fn
 
     def _activation_specs(self, ndim, sp):
@@ -318,6 +352,9 @@ class RowParallelLinear(_ParallelLinear):
     def _split_features(self):
         return "input", self.in_shape
 
+    def _input_dims(self):
+        return tuple(range(len(self.in_shape)))
+
     def _fsdp_dim(self):
         return len(self.in_shape)  # the output features
 
@@ -337,10 +374,11 @@ class RowParallelLinear(_ParallelLinear):
                              f"feature dim sharded), got {x.shape}")
 
     def _local_fn(self, sp):
-        def fn(x, kernel, bias):
+        def fn(x, kernel, bias, scale):
             return row_parallel(x, kernel, bias, axis_name=self.axis_name,
                                 sequence_parallel=sp, impl=self.impl, config=self.config,
-                                preferred_element_type=self.preferred_element_type)
+                                preferred_element_type=self.preferred_element_type,
+                                scale=scale)
         return fn
 
     def _activation_specs(self, ndim, sp):

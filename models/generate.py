@@ -2,6 +2,7 @@
 
     python -m models.generate --preset tiny --tp 8 --impl fused
     python -m models.generate --impl fused --batch 8 --token-parallel-decode
+    python -m models.generate --impl fused --train-steps 100 --float8-weights
 
 Prefill runs the prompt through AG-GEMM / GEMM-RS (sequence parallel); each
 decode step runs one token per sequence with replicated activations (local
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_flux import errors  # noqa: E402
+from jax_flux.quantize import quantize_float8  # noqa: E402
 from models.config import PRESETS  # noqa: E402
 from models.data import progressions  # noqa: E402
 from models.llama import KVCache, copy_parameters  # noqa: E402
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--token-parallel-decode", action="store_true",
                    help="decode with the batch's tokens split over --tp (AG-GEMM / GEMM-RS "
                         "instead of all-reduce; --batch divisible by --tp)")
+    p.add_argument("--float8-weights", action="store_true",
+                   help="decode with the blocks' kernels in float8, a scale per output feature "
+                        "(jax_flux.quantize.quantize_float8; after --train-steps)")
     a = p.parse_args(argv)
     if a.batch % a.dp:
         p.error(f"--batch {a.batch} must be divisible by --dp {a.dp}")
@@ -105,6 +110,8 @@ def main(argv=None) -> int:
         trained, _ = train(a.preset, a.tp, a.train_steps, "xla", seed=a.seed,
                            log=lambda s: None, dp=a.dp)
         copy_parameters(trained, model)
+    if a.float8_weights:
+        quantize_float8(model.blocks)
     prompt = progressions(np.random.default_rng(a.seed + 7), a.batch, a.prompt_len,
                           model.cfg.vocab)
     out = generate(model, jnp.asarray(prompt), a.new_tokens,

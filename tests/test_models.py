@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from jax_flux import testing
+from jax_flux.quantize import quantize_float8
 from models import PRESETS, KVCache, Llama
 from models.generate import generate
 from models.llama import copy_parameters, cross_entropy
@@ -65,14 +66,20 @@ def test_prefill_and_decode_logits_match_a_full_forward():
     model = Llama(CFG, mesh=mesh_of(8), impl="xla", rngs=nnx.Rngs(2))
     tokens = _tokens(batch=2, length=24, seed=6)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
-    cache = KVCache.empty(CFG, 2, model.mesh)
-    logits, cache = nnx.jit(lambda m, t, c: m.prefill(t, c))(model, tokens[:, :16], cache)
-    assert testing.relative_error(logits, np.asarray(full[:, :16], np.float64)) < 1e-5
+    assert int(_prefill_then_decode_follow(model, tokens, full, 16).length) == 24
+
+
+def _prefill_then_decode_follow(model, tokens, full, prompt):
+    """Prefills ``prompt`` tokens, then decodes the rest one at a time; each
+    step's logits must equal ``full`` (a full forward's). Returns the cache."""
+    cache = KVCache.empty(model.cfg, tokens.shape[0], model.mesh)
+    logits, cache = nnx.jit(lambda m, t, c: m.prefill(t, c))(model, tokens[:, :prompt], cache)
+    assert testing.relative_error(logits, np.asarray(full[:, :prompt], np.float64)) < 1e-5
     step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
-    for pos in range(16, 24):
+    for pos in range(prompt, tokens.shape[1]):
         logits, cache = step(model, tokens[:, pos:pos + 1], cache)
         assert testing.relative_error(logits[:, 0], np.asarray(full[:, pos], np.float64)) < 1e-5
-    assert int(cache.length) == 24
+    return cache
 
 
 def test_tied_embeddings_and_gelu_mlp_match_one_device():
@@ -165,6 +172,37 @@ def test_scan_puts_one_block_in_the_program_and_remat_saves_the_collectives():
     assert plain == 2 * (4 + 1)
     assert _launches(scanned["collective_matmuls"], grad=True) == plain
     assert _launches(scanned["full"], grad=True) == plain + 3
+
+
+@pytest.mark.parametrize("scan,impl", [(False, "xla"), (True, "fused")],
+                         ids=["loop-xla", "scanned-fused"])
+def test_weight_only_float8_blocks(scan, impl):
+    # quantize_float8(model.blocks): every block's kernels in float8 with a
+    # scale per output feature (embedding, norms and head stay wide). The
+    # logits equal those of the model holding the dequantized kernels
+    # (kernel8 * scale, float32), and stay near the model's before; prefill
+    # and decode steps follow a full forward of the quantized model.
+    from jax_flux.nn import _ParallelLinear
+
+    cfg = dataclasses.replace(CFG, scan_layers=scan)
+    model = Llama(cfg, mesh=mesh_of(8), impl=impl, rngs=nnx.Rngs(2))
+    dequantized = Llama(cfg, mesh=mesh_of(8), impl="xla", rngs=nnx.Rngs(2))
+    tokens = _tokens(batch=2, length=24, seed=6)
+    forward = nnx.jit(lambda m, t: m(t))
+    before = np.asarray(forward(model, tokens), np.float64)
+    assert quantize_float8(model.blocks) == (4 if scan else 4 * cfg.layers)
+    up = model.blocks.mlp.up if scan else model.blocks[0].mlp.up
+    assert up.kernel[...].dtype == jnp.float8_e4m3fn and up.kernel_scale[...].dtype == jnp.float32
+    pairs = zip(*([n for _, n in nnx.iter_graph(m.blocks) if isinstance(n, _ParallelLinear)]
+                  for m in (model, dequantized)))
+    for q, d in pairs:
+        lead = q.kernel[...].ndim - len(q.in_shape) - len(q.out_shape)
+        scale = jnp.expand_dims(q.kernel_scale[...], tuple(lead + i for i in q._input_dims()))
+        d.kernel[...] = q.kernel[...].astype(jnp.float32) * scale
+    full = forward(model, tokens)
+    assert testing.relative_error(full, np.asarray(forward(dequantized, tokens))) < 1e-5
+    assert 0 < testing.relative_error(full, before) < 0.15  # float8's rounding, 2 blocks deep
+    _prefill_then_decode_follow(model, tokens[:, :20], full, 16)
 
 
 def test_scanned_model_generates_as_the_loop_model():

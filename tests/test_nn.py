@@ -251,3 +251,79 @@ def test_float32_results_from_bfloat16_compute(impl):
         z = nnx.jit(lambda r, h: r(h, sequence_parallel=sp))(row, h16)
         assert z.dtype == jnp.float32
         assert testing.relative_error(z, f64(h16) @ f64(row.kernel[...])) < 2e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_float8_weights_with_bfloat16_compute(impl):
+    # Weight-only float8: kernels stored in e4m3 (drawn in float32, rounded;
+    # biases float32), bfloat16 activations; the kernels reach the ops as
+    # float8, both paths (sequence parallel and decode), against the host
+    # product of the values as stored.
+    mesh = mesh_of(8)
+    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.float8_e4m3fn, impl=impl, use_bias=True)
+    col = ColumnParallelLinear(16, 32, mesh=mesh, rngs=nnx.Rngs(0), **kw)
+    row = RowParallelLinear(32, 24, mesh=mesh, rngs=nnx.Rngs(1), **kw)
+    assert col.kernel[...].dtype == jnp.float8_e4m3fn and col.bias[...].dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(col.kernel[...], np.float32)))
+    x = _x().astype(jnp.bfloat16)
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    if impl == "fused":  # no convert of the kernel (XLA's CPU dot widens it itself)
+        assert "xf8E4M3FN>) -> tensor" not in nnx.jit(lambda c, x: c(x)).lower(col, x).as_text()
+    for sp in (True, False):
+        h = nnx.jit(lambda c, x: c(x, sequence_parallel=sp))(col, x)
+        assert h.dtype == jnp.bfloat16
+        want = np.einsum("sbi,io->sbo", f64(x), f64(col.kernel[...])) + f64(col.bias[...])
+        assert testing.relative_error(h, want) < 2e-2
+        z = nnx.jit(lambda r, h: r(h, sequence_parallel=sp))(row, h)
+        assert testing.relative_error(z, f64(h) @ f64(row.kernel[...]) + f64(row.bias[...])) < 2e-2
+    with pytest.raises(ValueError, match="param_dtype float8_e4m3fn needs dtype"):
+        ColumnParallelLinear(16, 32, mesh=mesh, param_dtype=jnp.float8_e4m3fn, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_quantize_float8_with_a_scale_per_output_feature(impl):
+    # A trained layer made weight-only float8: the kernel stored in e4m3 with
+    # a float32 scale per output feature (placed as the bias), the result
+    # (x @ kernel8) * scale + bias; against the host product of the values as
+    # stored, and within float8's rounding of the layer before.
+    from jax_flux.quantize import quantize_float8
+
+    mesh = mesh_of(8)
+    col, row = _pair(mesh, impl, dtype=jnp.bfloat16)
+    x = _x().astype(jnp.bfloat16)
+    col.kernel[...] = col.kernel[...] * jnp.linspace(0.01, 3, 64).reshape(32, 2)  # column ranges
+    before_col = np.asarray(nnx.jit(lambda c, x: c(x))(col, x), np.float64)
+    for layer in (col, row):
+        assert quantize_float8(layer) == 1
+        assert layer.kernel[...].dtype == jnp.float8_e4m3fn
+        assert layer.kernel_scale[...].sharding.spec == P(*layer.bias_sharding())
+    assert col.kernel_scale[...].shape == (32, 2) and row.kernel_scale[...].shape == (24,)
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    # Every column's largest magnitude is float8's largest.
+    assert np.allclose(np.abs(f64(col.kernel[...])).max(axis=0), 448)
+    for sp in (True, False):
+        h = nnx.jit(lambda c, x: c(x, sequence_parallel=sp))(col, x)
+        want = (np.einsum("sbi,ifo->sbfo", f64(x), f64(col.kernel[...])) *
+                f64(col.kernel_scale[...]) + f64(col.bias[...]))
+        assert h.dtype == jnp.bfloat16 and testing.relative_error(h, want) < 1e-2
+        assert testing.relative_error(h, before_col) < 5e-2
+    out = nnx.jit(_mlp)(col, row, x)  # through both quantized layers
+    assert out.dtype == jnp.bfloat16
+    assert testing.relative_error(out, _dense_scaled(col, row, x)) < 2e-2
+    with pytest.raises(ValueError, match="ColumnParallelLinear at .: kernel is already "
+                                         "float8_e4m3fn"):
+        quantize_float8(col)
+    with pytest.raises(ValueError, match="no ColumnParallelLinear or RowParallelLinear in Rngs"):
+        quantize_float8(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dtype must be float8_e4m3fn or float8_e5m2"):
+        quantize_float8(_pair(mesh, impl)[0], jnp.bfloat16)
+
+
+def _dense_scaled(col, row, x):
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    h = (np.einsum("sbi,ifo->sbfo", f64(x), f64(col.kernel[...])) * f64(col.kernel_scale[...]) +
+         f64(col.bias[...]))
+    h = np.asarray(jnp.asarray(h, jnp.bfloat16), np.float64)
+    g = np.asarray(jnp.asarray(h[..., 0] / (1 + np.exp(-h[..., 0])) * h[..., 1], jnp.bfloat16),
+                   np.float64)
+    return (g @ f64(row.kernel[...])) * f64(row.kernel_scale[...]) + f64(row.bias[...])

@@ -1,6 +1,7 @@
 """Static report of the fused kernels as compiled for Hopper, for the sweeps' shapes. No GPU.
 
     python -m benchmarks.compiled --sweep gpt3-175b --dtype bfloat16
+    python -m benchmarks.compiled --sweep llama2-70b --w-dtype float8_e4m3fn   # float8 weights
 
 For each op and shape of a sweep (TP=8, the per-rank problem), takes the
 config ``impl="fused"`` would use (the shape heuristic; ``--tuned`` adds the
@@ -49,7 +50,8 @@ from benchmarks.ops import AG, sweep_shapes  # noqa: E402
 from custom_calls import ag_gemm, gemm, gemm_rs  # noqa: E402
 from custom_calls.assembly import (cuda_tool, programs_per_sm, ptx_features,  # noqa: E402
                                    sass_features)
-from custom_calls.compiler import TRITON_TYPE, compile_kernel  # noqa: E402
+from custom_calls.compiler import (FLOAT8_TYPE, TRITON_TYPE, compile_kernel,  # noqa: E402
+                                   pointer_type)
 from jax_flux import autotune  # noqa: E402
 from jax_flux._fused import persistent_grid  # noqa: E402
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig  # noqa: E402
@@ -97,27 +99,30 @@ def operand_reads(blocks: int, tiles_m: int, tiles_n: int, programs: int,
 
 
 def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind: str | None,
-            sms: int):
+            sms: int, w_dtype=None):
     cls = AllGatherMatmulConfig if op == AG else MatmulReduceScatterConfig
     if tuned_kind:
-        cfg = autotune.lookup(op, tuned_kind, m_local, k, n, dtype, world)
+        cfg = autotune.lookup(op, tuned_kind, m_local, k, n, dtype, world, w_dtype=w_dtype)
         if cfg is not None:
             return cfg, "tuned"
     return cls.default(m_local, k, n, world, interpreting=False, sms=sms,
-                       itemsize=jnp.dtype(dtype).itemsize), "heuristic"
+                       itemsize=gemm.mma_dtype(dtype, w_dtype).itemsize), "heuristic"
 
 
-def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None) -> dict:
-    """One row of the report: the fused kernel and the plain GEMM of the same tile."""
+def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
+            w_dtype=None, w_transposed: bool = False) -> dict:
+    """One row of the report: the fused kernel and the plain GEMM of the same tile
+    (w of ``w_dtype``, default x's ``dtype``; given as w^T with ``w_transposed``)."""
     t = TRITON_TYPE[jnp.dtype(dtype).name]
-    precision = "tf32" if jnp.dtype(dtype) == jnp.float32 else "ieee"
+    tw = pointer_type(w_dtype or dtype)[1:]
+    precision = "tf32" if gemm.mma_dtype(dtype, w_dtype) == jnp.float32 else "ieee"
     m_local = shape.m // world
     if shape.op == AG:
         k, n = shape.k, shape.n // world  # x [m, K] per rank, w [K, N / P]
-        cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind, sms)
+        cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind, sms, w_dtype)
         sig_off, data_off, _ = ag_gemm.workspace_bytes(world, m_local, k, jnp.dtype(dtype).itemsize,
                                                        cfg.chunk_rows)
-        kernel, pointers = ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t)
+        kernel, pointers = ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t, None, tw)
         constexprs = dict(M_LOCAL=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, CHUNK_ROWS=cfg.chunk_rows,
                           COMM_PROGRAMS=cfg.comm_programs, COPY_ROWS=cfg.copy_rows,
@@ -129,10 +134,10 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
         gemm_mkn = (world * m_local, k, n)
     else:
         k, n = shape.k // world, shape.n  # x [M, K / P] per rank, w [K / P, N]
-        cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind, sms)
+        cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind, sms, w_dtype)
         sig_off, data_off, _ = gemm_rs.workspace_bytes(world, m_local, n, jnp.dtype(dtype).itemsize,
                                                        cfg.block_m, cfg.block_n)
-        kernel, pointers = gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t)
+        kernel, pointers = gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t, None, tw)
         constexprs = dict(M_OWN=m_local, N=n, K=k, WORLD=world, SIG_OFF=sig_off,
                           DATA_OFF=data_off, REDUCE_PROGRAMS=cfg.reduce_programs)
         helpers = cfg.reduce_programs
@@ -141,12 +146,12 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None)
     tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=precision)
     fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
-                                            ROTATE=cfg.rotate, W_TRANS=False,
+                                            ROTATE=cfg.rotate, W_TRANS=w_transposed,
                                             ROWS=m_local, TIMED=True),
                      cfg, cc)
     gm, gk, gn = gemm_mkn
-    plain = _compile(gemm.matmul_kernel, gemm.pointer_types(t),
-                     dict(M=gm, N=gn, K=gk, **tile, B_TRANS=False), cfg, cc)
+    plain = _compile(gemm.matmul_kernel, gemm.pointer_types(t, tw),
+                     dict(M=gm, N=gn, K=gk, **tile, B_TRANS=w_transposed), cfg, cc)
     # The persistent grid as the ops size it on a GPU.
     tiles = world * -(-m_local // cfg.block_m) * -(-n // cfg.block_n)
     gemm_programs = persistent_grid(cfg.num_programs, tiles, helpers,
@@ -186,6 +191,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sweep", default="gpt3-175b", choices=["gpt3-175b", "llama2-70b", "quick"])
     p.add_argument("--dtype", default="bfloat16", choices=sorted(TRITON_TYPE))
+    p.add_argument("--w-dtype", default=None, choices=sorted(TRITON_TYPE) + sorted(FLOAT8_TYPE),
+                   help="w's dtype (default: x's; they differ only where one is float8)")
+    p.add_argument("--w-transposed", action="store_true",
+                   help="w given as w^T [n, K] (K contiguous), read in place")
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--sms", type=int, default=132, help="SMs of the target (H100 SXM: 132)")
     p.add_argument("--arch", type=int, default=90)
@@ -199,12 +208,16 @@ def main(argv=None) -> int:
     if cuda_tool("nvdisasm") is None:
         print("Triton's CUDA tools (cuobjdump, nvdisasm) are missing", file=sys.stderr)
         return 2
-    dtype = jnp.dtype(a.dtype)
+    dtype, w_dtype = jnp.dtype(a.dtype), jnp.dtype(a.w_dtype or a.dtype)
+    try:
+        gemm.mma_dtype(dtype, w_dtype)
+    except ValueError as e:
+        p.error(str(e))
     rows = []
     for shape in sweep_shapes(a.sweep):
         if shape.m % a.world:
             continue
-        row = analyse(shape, dtype, a.world, a.sms, a.arch, a.tuned)
+        row = analyse(shape, dtype, a.world, a.sms, a.arch, a.tuned, w_dtype, a.w_transposed)
         rows.append(row)
         print(harness.format_row(row, ["op", "shape", "M", "tile", "warps", "regs", "stack",
                                        "fit_per_sm", "gemm_programs", "tiles", "waves",
@@ -240,11 +253,14 @@ def main(argv=None) -> int:
         "GB/s; an AG-GEMM needs about (P-1)/(P n) bytes per GEMM flop (n: w's columns a rank).",
     ]
     os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, f"compiled_{a.sweep}_{dtype.name}_sm{a.arch}")
+    wname = ("" if w_dtype == dtype else f"_w_{w_dtype.name}") + ("_wT" if a.w_transposed else "")
+    base = os.path.join(a.out, f"compiled_{a.sweep}_{dtype.name}{wname}_sm{a.arch}")
     columns = COLUMNS[:5] + ["config"] + COLUMNS[5:]
     harness.write_csv(base + ".csv", [{c: r.get(c) for c in columns} for r in rows])
     harness.write_markdown(base + ".md", f"Fused kernels as compiled for sm_{a.arch}: {a.sweep}, "
-                           f"{dtype.name}, P={a.world}", env,
+                           f"{dtype.name} x {w_dtype.name}{' (w^T)' if a.w_transposed else ''}, "
+                           f"P={a.world}",
+                           env,
                            [("per shape", harness.markdown_table(rows, columns))], notes)
     print(f"wrote {base}.csv/.md")
     return 0

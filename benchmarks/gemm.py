@@ -2,6 +2,7 @@
 
     python -m benchmarks.gemm --sweep gpt3-175b --dtype bfloat16     # on a GPU
     python -m benchmarks.gemm --sweep gpt3-175b --b-transposed       # the backward's layout
+    python -m benchmarks.gemm --b-dtype float8_e4m3fn                # a float8 weight
     python -m benchmarks.gemm --quick                                # CPU smoke run
 
 ``custom_calls.gemm.matmul`` runs the same ``gemm_tile`` loop the fused
@@ -13,7 +14,9 @@ small shapes, against XLA's result otherwise) and the best is reported.
 ``a @ bt.T``, the Triton GEMM's transposed-operand path): the layout the fused
 kernels read w in during the backward pass (and float8 weights should be
 given in: Hopper's FP8 MMAs read b K-major). Float8 operands give bfloat16
-results on both sides.
+results on both sides. ``--b-dtype`` gives b another dtype than a's (one of
+them float8): bfloat16 a against a float8 b is weight-only float8 and the
+float8 backward's dx, where the Triton GEMM widens b's tiles in registers.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.ops import AG, result_dtype, sweep_shapes
-from custom_calls.gemm import matmul
+from custom_calls.gemm import matmul, mma_dtype
 from jax_flux import testing
 
 # (float8 operands take block_k=128 in place of 64: the same bytes a row.)
@@ -37,7 +40,7 @@ GPU_CONFIGS = [dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stage
                dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
                dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)]
 CPU_CONFIGS = [dict(block_m=32, block_n=32, block_k=32)]
-COLUMNS = ["shape", "M", "K", "N", "dtype", "xla_ms", "triton_ms", "ratio_vs_xla",
+COLUMNS = ["shape", "M", "K", "N", "dtype", "b_dtype", "xla_ms", "triton_ms", "ratio_vs_xla",
            "triton_tflops", "xla_tflops", "best_config", "rel_err"]
 
 
@@ -47,6 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dtype", default="bfloat16",
                    choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"])
+    p.add_argument("--b-dtype", default=None,
+                   choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"],
+                   help="b's dtype (default: a's; they differ only where one is float8)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--b-transposed", action="store_true", help="b given as b^T [N, K]")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -55,10 +61,14 @@ def main(argv=None) -> int:
     on_gpu = device.platform == "gpu"
     sweep = "quick" if a.quick else a.sweep
     reps = 2 if a.quick else a.reps
-    dtype = jnp.dtype(a.dtype)
-    out_dtype = result_dtype(dtype)
+    dtype, b_dtype = jnp.dtype(a.dtype), jnp.dtype(a.b_dtype or a.dtype)
+    try:
+        mma = mma_dtype(dtype, b_dtype)
+    except ValueError as e:
+        p.error(str(e))
+    out_dtype = result_dtype(dtype, b_dtype)
     configs = GPU_CONFIGS if on_gpu else CPU_CONFIGS
-    if on_gpu and dtype.itemsize == 1:
+    if on_gpu and mma.itemsize == 1:
         configs = [dict(c, block_k=2 * c["block_k"]) for c in configs]
     env = harness.environment([device])
     rows, seen = [], set()
@@ -67,11 +77,12 @@ def main(argv=None) -> int:
         if (m, k, n) in seen:
             continue
         seen.add((m, k, n))
-        x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=m)
+        x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=m, w_dtype=b_dtype)
         bt = a.b_transposed
         x, w = jax.device_put(x, device), jax.device_put(w.T if bt else w, device)
-        xla = jax.jit(lambda x, w: jnp.dot(x, w.T if bt else w, preferred_element_type=jnp.float32)
-                      .astype(out_dtype))
+        xla = jax.jit(lambda x, w: jax.lax.dot_general(
+            x, w, (((1,), (1 if bt else 0,)), ((), ())),
+            preferred_element_type=jnp.float32).astype(out_dtype))
         ref = np.asarray(xla(x, w), np.float64) if m * k * n > 2**31 else x64 @ w64
         t_xla = harness.time_fn(xla, (x, w), reps=reps)
         best = None
@@ -87,7 +98,7 @@ def main(argv=None) -> int:
                 best = (cfg, t, err)
         flops = 2 * m * k * n
         row = dict(shape=f"{'ag' if shape.op == AG else 'rs'}:{shape.name}", M=m, K=k, N=n,
-                   dtype=dtype.name, xla_ms=t_xla.median_ms,
+                   dtype=dtype.name, b_dtype=b_dtype.name, xla_ms=t_xla.median_ms,
                    xla_tflops=flops / t_xla.median_ms / 1e9)
         if best is not None:
             cfg, t, err = best
@@ -97,14 +108,18 @@ def main(argv=None) -> int:
         rows.append(row)
         print(harness.format_row(row, COLUMNS))
     layout = "_bT" if a.b_transposed else ""
-    base = os.path.join(a.out, f"gemm_{sweep}{layout}_{dtype.name}_{device.platform}")
+    bname = "" if b_dtype == dtype else f"_b_{b_dtype.name}"
+    base = os.path.join(a.out, f"gemm_{sweep}{layout}_{dtype.name}{bname}_{device.platform}")
     notes = ["ratio_vs_xla > 1: the Triton GEMM is faster than XLA's dot."]
     if a.b_transposed:
         notes.append("b given as b^T [N, K] (K contiguous) to both, as the backward pass reads w.")
     if not on_gpu:
         notes.append("CPU: Triton's interpreter against XLA's CPU dot.")
-    harness.write_report(base, f"Triton GEMM vs XLA dot: {sweep}{layout}, {dtype.name}", env, rows,
-                         COLUMNS, notes, on_gpu)
+    if b_dtype != dtype:
+        notes.append(f"a {dtype.name}, b {b_dtype.name}: the Triton GEMM widens the float8 "
+                     f"tiles in registers; XLA's dot gets the mixed operands as they are.")
+    harness.write_report(base, f"Triton GEMM vs XLA dot: {sweep}{layout}, {dtype.name}{bname}",
+                         env, rows, COLUMNS, notes, on_gpu)
     print(f"wrote {base}.csv/.md")
     return 0
 

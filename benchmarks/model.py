@@ -3,12 +3,16 @@
     python -m benchmarks.model --preset llama2-7b --layers 2        # on GPUs
     python -m benchmarks.model --quick                              # CPU smoke run
     python -m benchmarks.model --preset llama2-7b --layers 4 --scan-layers --remat full
+    python -m benchmarks.model --preset llama2-70b --layers 2 --float8-weights  # + w8 decode
 
 For each impl: forward+backward time of one decoder block on [S, B, H]
 activations (sequence parallel), the time and tokens/s of one AdamW
 training step of the model (--layers overrides the preset's depth so big
-shapes fit), and of one decode step, replicated and token parallel. Same process, same parameters; the loss of every impl is
-checked against xla's before anything is timed.
+shapes fit), and of one decode step, replicated and token parallel (with
+``--float8-weights`` also with the blocks' kernels in float8,
+``jax_flux.quantize.quantize_float8``: weight-only float8 decode). Same process,
+same parameters; the loss of every impl is checked against xla's before
+anything is timed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from jax_flux import remat  # noqa: E402
+from jax_flux.quantize import quantize_float8  # noqa: E402
 from models import PRESETS, Llama  # noqa: E402
 from models.data import progressions  # noqa: E402
 from models.blocks import Block, KVCache  # noqa: E402
@@ -72,10 +77,13 @@ def train_step(cfg, mesh, impl, seq, batch, reps, fsdp=False):
     return first, harness.time_fn(step, (model, optimizer, tokens), warmup=1, reps=reps)
 
 
-def decode_step(cfg, mesh, impl, batch, token_parallel, reps):
+def decode_step(cfg, mesh, impl, batch, token_parallel, reps, float8=False):
     """One decode step of ``batch`` sequences (an empty cache: the step's GEMMs and
-    communication do not depend on how full it is; attention reads all of it)."""
+    communication do not depend on how full it is; attention reads all of it);
+    with ``float8`` the blocks' kernels are float8 (weight-only)."""
     model = Llama(cfg, mesh=mesh, batch_axis="dp", impl=impl, rngs=nnx.Rngs(0))
+    if float8:
+        quantize_float8(model.blocks)
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab, (batch, 1)), jnp.int32)
     targets = jnp.asarray(rng.integers(0, cfg.vocab, (batch, 1)), jnp.int32)
@@ -112,6 +120,8 @@ def main(argv=None) -> int:
                    help="train step: rematerialise each block with this policy")
     p.add_argument("--decode-batch", type=int, default=None,
                    help="sequences of the decode step (default 64; --quick: the device count)")
+    p.add_argument("--float8-weights", action="store_true",
+                   help="also time decode steps with the blocks' kernels in float8")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny model, 1 rep (CPU smoke run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -144,13 +154,21 @@ def main(argv=None) -> int:
     if decode_batch % len(devices) == 0:
         benches.append(("decode step, token parallel", decode_batch, lambda impl: decode_step(
             cfg, mesh, impl, decode_batch, True, reps)))
+    if a.float8_weights:
+        for tp_decode in ([False, True] if decode_batch % len(devices) == 0 else [False]):
+            what = "decode step, " + ("token parallel, " if tp_decode else "") + "float8 weights"
+            benches.append((what, decode_batch, lambda impl, tp_decode=tp_decode: decode_step(
+                cfg, mesh, impl, decode_batch, tp_decode, reps, float8=True)))
     for impl in [i for i in a.impls.split(",") if i]:
         for what, tokens, fn in benches:
             row = {"what": what, "impl": impl}
             loss, t = fn(impl)
-            # Decode rows compare with xla's replicated decode (the same logits).
-            # The fsdp train step computes the same loss as the plain one.
-            key = "decode step" if what.startswith("decode") else what.replace(", fsdp", "")
+            # Decode rows compare with xla's replicated decode (the same logits;
+            # float8 weights: xla's replicated decode with them). The fsdp train
+            # step computes the same loss as the plain one.
+            key = what.replace(", fsdp", "")
+            if what.startswith("decode"):
+                key = "decode step" + (", float8 weights" if "float8" in what else "")
             ref.setdefault(key, loss)
             rel = abs(loss - ref[key]) / max(abs(ref[key]), 1e-30)
             rows.append(dict(row, median_ms=t.median_ms, spread_pct=t.spread_pct,

@@ -2,6 +2,7 @@
 
     python -m benchmarks.ops --sweep gpt3-175b --dtype bfloat16      # on GPUs
     python -m benchmarks.ops --dtype float8_e4m3fn --w-transposed     # FP8, bf16 results
+    python -m benchmarks.ops --w-dtype float8_e4m3fn --sweep llama2-70b   # float8 weights
     python -m benchmarks.ops --quick                                  # CPU smoke run
 
 Shapes are the per-rank GEMMs of tensor parallelism over 8 ranks (the Flux
@@ -18,7 +19,10 @@ non-split GEMM time, E = 1 - ECT_impl / ECT_xla.
 
 Float8 operands give bfloat16 results (preferred_element_type); with
 ``--w-transposed`` every impl gets W as W^T [N, K] (K contiguous: what
-Hopper's FP8 MMAs read without a transpose).
+Hopper's FP8 MMAs read without a transpose). ``--w-dtype`` gives W another
+dtype than X's (one of them float8): ``--w-dtype float8_e4m3fn`` with bfloat16
+X is weight-only float8, whose decode points read half the weight bytes; the
+fused kernels widen W's tiles in registers (xla and ring: XLA's mixed dot).
 
 On CPU devices the numbers only show the harness works: 8 emulated devices
 share the host's cores and fused kernels run in Triton's interpreter.
@@ -41,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from custom_calls.gemm import mma_dtype  # noqa: E402
 from jax_flux import testing  # noqa: E402
 
 AG, RS = "all_gather_matmul", "matmul_reduce_scatter"
@@ -84,13 +89,16 @@ def sweep_shapes(sweep: str) -> list[Shape]:
     raise ValueError(f"unknown sweep {sweep!r}")
 
 
-def result_dtype(dtype):
-    """What the ops return for operands of ``dtype``: bfloat16 for float8."""
-    return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype).itemsize == 1 else jnp.dtype(dtype)
+def result_dtype(dtype, w_dtype=None):
+    """What the ops return for x of ``dtype`` and w of ``w_dtype`` (default the
+    same): their MMAs' dtype, bfloat16 for two float8 operands."""
+    mma = mma_dtype(dtype, w_dtype)
+    return jnp.dtype(jnp.bfloat16) if mma.itemsize == 1 else mma
 
 
 def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=result_dtype(a.dtype))
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                               preferred_element_type=result_dtype(a.dtype, b.dtype))
 
 
 def measure_peak(device, dtype, size: int, reps: int) -> float:
@@ -101,22 +109,23 @@ def measure_peak(device, dtype, size: int, reps: int) -> float:
     return 2 * size**3 / (t.median_ms * 1e-3) / 1e12
 
 
-def local_gemm_ms(device, shape: Shape, dtype, reps: int) -> float:
+def local_gemm_ms(device, shape: Shape, dtype, reps: int, w_dtype=None) -> float:
     m, k, n = shape.local_gemm()
-    x, w, _, _ = testing.random_operands(m, k, n, dtype, seed=1)
+    x, w, _, _ = testing.random_operands(m, k, n, dtype, seed=1, w_dtype=w_dtype)
     x, w = jax.device_put(x, device), jax.device_put(w, device)
     return harness.time_fn(jax.jit(_dot), (x, w), reps=reps).median_ms
 
 
 def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms: float,
-              w_transposed: bool = False):
+              w_transposed: bool = False, w_dtype=None):
     p = mesh.devices.size
     m, k, n = shape.global_operands(p)
-    x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=m)
+    w_dtype = jnp.dtype(w_dtype or dtype)
+    x, w, x64, w64 = testing.random_operands(m, k, n, dtype, seed=m, w_dtype=w_dtype)
     xs, ws = testing.place(shape.op, mesh, x, w, w_transposed=w_transposed)
-    out_dtype = result_dtype(dtype)
-    variant = dict(preferred_element_type=out_dtype if out_dtype != dtype else None,
-                   w_transposed=w_transposed)
+    out_dtype = result_dtype(dtype, w_dtype)
+    variant = dict(preferred_element_type=out_dtype if out_dtype != mma_dtype(dtype, w_dtype)
+                   else None, w_transposed=w_transposed)
     tol = testing.TOLERANCE[out_dtype]
     xla_out = np.asarray(testing.sharded(shape.op, mesh, "xla", **variant)(xs, ws), np.float64)
     host_ref = x64 @ w64 if m * k * n <= 2**31 else None
@@ -124,7 +133,7 @@ def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms:
     rows, times = [], {}
     for impl in impls:
         row = dict(op=shape.op, shape=shape.name, M=m, K=k, N=n, P=p, dtype=jnp.dtype(dtype).name,
-                   impl=impl)
+                   w_dtype=w_dtype.name, impl=impl)
         fn = testing.sharded(shape.op, mesh, impl, **variant)
         out = fn(xs, ws)
         err = testing.relative_error(out, xla_out)
@@ -149,7 +158,7 @@ def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms:
     return rows
 
 
-COLUMNS = ["op", "shape", "M", "K", "N", "P", "dtype", "impl", "median_ms", "spread_pct",
+COLUMNS = ["op", "shape", "M", "K", "N", "P", "dtype", "w_dtype", "impl", "median_ms", "spread_pct",
            "tflops", "pct_peak", "speedup_vs_xla", "gemm_ms", "ect_ms", "overlap_E", "rel_err",
            "status"]
 
@@ -160,6 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes, few reps (CPU smoke run)")
     p.add_argument("--dtype", default="bfloat16",
                    choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"])
+    p.add_argument("--w-dtype", default=None,
+                   choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"],
+                   help="W's dtype (default: X's; they differ only where one is float8)")
     p.add_argument("--w-transposed", action="store_true", help="W given as W^T [N, K]")
     p.add_argument("--impls", default="xla,ring,fused")
     p.add_argument("--reps", type=int, default=20)
@@ -170,23 +182,34 @@ def main(argv=None) -> int:
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     devices = gpus or jax.devices("cpu")[:8]
     mesh = testing.mesh(devices)
-    dtype = jnp.dtype(a.dtype)
+    dtype, w_dtype = jnp.dtype(a.dtype), jnp.dtype(a.w_dtype or a.dtype)
+    try:
+        mma = mma_dtype(dtype, w_dtype)
+    except ValueError as e:
+        p.error(str(e))
     impls = [i for i in a.impls.split(",") if i]
     env = harness.environment(devices)
-    peak = measure_peak(devices[0], dtype, 512 if a.quick else 8192, reps)
-    print(f"{env['device']}: dense-GEMM peak {peak:.3g} TFLOP/s ({dtype.name})")
+    # The peak of the MMAs the ops run (a float8 w against bfloat16 x: bfloat16).
+    peak = measure_peak(devices[0], mma, 512 if a.quick else 8192, reps)
+    print(f"{env['device']}: dense-GEMM peak {peak:.3g} TFLOP/s ({mma.name})")
     rows = []
     for shape in sweep_shapes(sweep):
-        gemm_ms = local_gemm_ms(devices[0], shape, dtype, reps)
-        for row in run_point(shape, mesh, impls, dtype, reps, peak, gemm_ms, a.w_transposed):
+        gemm_ms = local_gemm_ms(devices[0], shape, dtype, reps, w_dtype)
+        for row in run_point(shape, mesh, impls, dtype, reps, peak, gemm_ms, a.w_transposed,
+                             w_dtype):
             rows.append(row)
             print(harness.format_row(row, COLUMNS))
     layout = "_wT" if a.w_transposed else ""
-    base = os.path.join(a.out, f"ops_{sweep}{layout}_{dtype.name}_{env['platform']}{len(devices)}")
+    wname = "" if w_dtype == dtype else f"_w_{w_dtype.name}"
+    base = os.path.join(a.out, f"ops_{sweep}{layout}_{dtype.name}{wname}_{env['platform']}"
+                               f"{len(devices)}")
     notes = [f"Dense-GEMM peak measured here: {peak:.3g} TFLOP/s. Shapes are TP=8 per-rank "
              f"GEMMs run over P={len(devices)} devices (see benchmarks/ops.py)."]
-    if result_dtype(dtype) != dtype:
-        notes.append(f"{dtype.name} operands, {result_dtype(dtype).name} results.")
+    if w_dtype != dtype:
+        notes.append(f"X {dtype.name}, W {w_dtype.name}: the fused kernels widen the float8 "
+                     f"tiles in registers; xla and ring hand XLA a dot of mixed operands.")
+    if result_dtype(dtype, w_dtype) != mma:
+        notes.append(f"{mma.name} operands, {result_dtype(dtype, w_dtype).name} results.")
     if a.w_transposed:
         notes.append("W given as W^T [N, K] to every impl (w_transposed=True).")
     harness.write_report(base, f"jax_flux op sweep: {sweep}, {dtype.name}", env, rows, COLUMNS,

@@ -17,7 +17,11 @@ A CSV/markdown report lists the winner and how many candidates failed.
 each shape instead: dx of AG-GEMM is a GEMM-RS of dy with w^T, dx of GEMM-RS an
 AG-GEMM of dz with w^T (k and n swapped, w read transposed in place).
 ``--out-dtype`` tunes for a result dtype other than the operands' (the ops'
-preferred_element_type). Both are part of the cache key.
+preferred_element_type; float8 operands need it), ``--w-dtype`` for a w of
+another dtype than x's (one of them float8: a float8 weight against bfloat16
+activations). With ``--backward`` and float8 operands, x is the cotangent
+(the result's dtype) and w the float8 weight, as the ops' backward pass
+launches them. All are part of the cache key.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ import jax.numpy as jnp
 
 from benchmarks import harness
 from benchmarks.ops import AG, RS, sweep_shapes
+from custom_calls.gemm import mma_dtype
 from jax_flux import autotune, testing
+from jax_flux._validate import backward_dtype, is_float8
 
-COLUMNS = ["op", "name", "M", "K", "N", "P", "dtype", "out", "w", "best_ms", "candidates",
+DTYPES = ["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"]
+COLUMNS = ["op", "name", "M", "K", "N", "P", "dtype", "w_dtype", "out", "w", "best_ms",
+           "candidates",
            "failed", "config", "first_failure"]
 
 
@@ -70,8 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default="gpt3-175b", choices=["gpt3-175b", "llama2-70b", "quick"])
     p.add_argument("--quick", action="store_true",
                    help="one tiny shape per op, one config (CPU smoke run)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--out-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="x's dtype")
+    p.add_argument("--w-dtype", default=None, choices=DTYPES,
+                   help="w's dtype (default: x's; they differ only where one is float8)")
+    p.add_argument("--out-dtype", default=None, choices=DTYPES[:3],
                    help="result dtype (preferred_element_type); default: the operands'")
     p.add_argument("--backward", action="store_true",
                    help="tune the backward pass's launches (other op, w transposed)")
@@ -87,8 +97,14 @@ def main(argv=None) -> int:
     devices = jax.devices()
     world = len(devices)
     mesh = testing.mesh(devices)
-    dtype = jnp.dtype(a.dtype)
-    out_dtype = jnp.dtype(a.out_dtype or a.dtype)
+    dtype, w_dtype = jnp.dtype(a.dtype), jnp.dtype(a.w_dtype or a.dtype)
+    mma = mma_dtype(dtype, w_dtype)
+    if is_float8(mma) and not a.out_dtype:
+        p.error(f"float8 operands ({dtype.name}, {w_dtype.name}) need --out-dtype")
+    out_dtype = jnp.dtype(a.out_dtype or mma)
+    if a.backward:
+        # dx's launch: the cotangent (in the backward pass's dtype) against w.
+        dtype = out_dtype = backward_dtype(dtype, w_dtype, out_dtype)
     device_kind = devices[0].device_kind
     rows, winners = [], {}
     shapes = sweep_shapes(sweep)
@@ -100,7 +116,7 @@ def main(argv=None) -> int:
             op, m_local, k, n = backward_problem(op, m_local, k, n)
         if m_local < 1:
             continue
-        variant = dict(out_dtype=out_dtype, w_transposed=a.backward)
+        variant = dict(out_dtype=out_dtype, w_transposed=a.backward, w_dtype=w_dtype)
         best, results = autotune.tune(op, mesh, m_local, k, n, dtype, max_configs=max_configs,
                                       reps=reps, log=lambda s: None, **variant)
         ok = [r for r in results if r["status"] == "ok"]
@@ -108,7 +124,7 @@ def main(argv=None) -> int:
         if a.backward:
             K, N = N, K
         row = {"op": op, "name": shape.name, "M": M, "K": K, "N": N, "P": world,
-               "dtype": dtype.name, "out": out_dtype.name, "w": "w^T" if a.backward else "w",
+               "dtype": dtype.name, "w_dtype": w_dtype.name, "out": out_dtype.name, "w": "w^T" if a.backward else "w",
                "candidates": len(results),
                "failed": sum(r["status"].startswith(("failed", "wrong")) for r in results),
                "best_ms": round(min(r["median_ms"] for r in ok), 4) if ok else None,
@@ -125,6 +141,7 @@ def main(argv=None) -> int:
     on_gpu = devices[0].platform == "gpu"
     harness.write_report(
         os.path.join(a.out, f"tune_{sweep}{'_backward' if a.backward else ''}_{dtype.name}"
+                            f"{'' if w_dtype == dtype else '_w_' + w_dtype.name}"
                             f"{'' if out_dtype == dtype else '_' + out_dtype.name}"
                             f"_{devices[0].platform}{world}"),
         f"Autotuned fused kernels ({sweep})", harness.environment(devices), rows, COLUMNS,

@@ -40,6 +40,18 @@ def test_ops_points_with_float8_and_w_transposed():
         assert float(rows[0]["rel_err"]) < 2e-2
 
 
+def test_ops_points_with_a_float8_weight():
+    # What `benchmarks.ops --w-dtype float8_e4m3fn` times: bfloat16 X, e4m3 W.
+    import jax.numpy as jnp
+
+    mesh = testing.mesh(jax.devices()[:8])
+    for op in (ops.AG, ops.RS):
+        rows = ops.run_point(ops.Shape(op, "tiny", 64, 128, 256), mesh, ["xla", "fused"],
+                             jnp.bfloat16, 1, 1.0, 1.0, w_dtype=jnp.float8_e4m3fn)
+        assert [r["status"] for r in rows] == ["ok", "ok"], rows
+        assert all(r["w_dtype"] == "float8_e4m3fn" and float(r["rel_err"]) < 2e-2 for r in rows)
+
+
 def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert gemm.main(["--quick", "--out", str(tmp_path)]) == 0
     csv_path = tmp_path / "gemm_quick_bfloat16_cpu.csv"
@@ -50,16 +62,21 @@ def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert text.startswith("# PROJECTION (not a measurement)")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
-def test_gemm_quick_with_b_transposed(tmp_path, dtype):
-    assert gemm.main(["--quick", "--b-transposed", "--dtype", dtype, "--out", str(tmp_path)]) == 0
-    rows = _rows(tmp_path / f"gemm_quick_bT_{dtype}_cpu.csv")
+@pytest.mark.parametrize("dtype,b_dtype", [("bfloat16", None), ("float8_e4m3fn", None),
+                                           ("bfloat16", "float8_e4m3fn")])
+def test_gemm_quick_with_b_transposed(tmp_path, dtype, b_dtype):
+    extra = ["--b-dtype", b_dtype] if b_dtype else []
+    assert gemm.main(["--quick", "--b-transposed", "--dtype", dtype, "--out", str(tmp_path)] +
+                     extra) == 0
+    name = dtype + (f"_b_{b_dtype}" if b_dtype else "")
+    rows = _rows(tmp_path / f"gemm_quick_bT_{name}_cpu.csv")
     assert rows and all(r["ratio_vs_xla"] and float(r["rel_err"]) < 2e-2 for r in rows), rows
 
 
 @pytest.mark.parametrize("impls,extra,name", [
     ("xla,ring", [], "model_tiny_L2_cpu8"),
-    ("xla", ["--dp", "2", "--scan-layers", "--remat", "collective_matmuls", "--fsdp"],
+    ("xla", ["--dp", "2", "--scan-layers", "--remat", "collective_matmuls", "--fsdp",
+             "--float8-weights"],
      "model_tiny_L2_dp2_scan_remat-collective_matmuls_cpu8")])
 def test_model_quick(tmp_path, impls, extra, name):
     assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path), *extra]) == 0
@@ -67,6 +84,8 @@ def test_model_quick(tmp_path, impls, extra, name):
     what = {"block fwd+bwd", "train step", "decode step", "decode step, token parallel"}
     if "--fsdp" in extra:
         what.add("train step, fsdp")
+    if "--float8-weights" in extra:
+        what |= {"decode step, float8 weights", "decode step, token parallel, float8 weights"}
     assert len(rows) == len(what) * len(impls.split(",")) and all(r["status"] == "ok"
                                                                   for r in rows)
     assert {r["what"] for r in rows} == what
@@ -105,26 +124,33 @@ def test_tune_quick_records_and_ships(tmp_path, monkeypatch):
         assert autotune.cached_entry(entry_key) == entry
 
 
-def test_tune_quick_backward_with_a_float32_result(tmp_path, monkeypatch):
-    # The backward pass's launches (the other op, w^T) with a float32 result:
+def test_tune_quick_backward_of_float8_operands(tmp_path, monkeypatch):
+    # The backward pass's launches (the other op, w^T) of float8 operands with
+    # bfloat16 results: the bfloat16 cotangent against the float8 weight, under
     # their own cache keys, which the ops' backward then looks up.
     from benchmarks import tune
     from jax_flux import autotune
 
     monkeypatch.setenv("JAX_FLUX_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))
-    assert tune.main(["--quick", "--backward", "--out-dtype", "float32",
-                      "--out", str(tmp_path)]) == 0
-    rows = _rows(tmp_path / "tune_quick_backward_bfloat16_float32_cpu8.csv")
+    assert tune.main(["--quick", "--backward", "--dtype", "float8_e4m3fn", "--out-dtype",
+                      "bfloat16", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "tune_quick_backward_bfloat16_w_float8_e4m3fn_cpu8.csv")
     assert {r["op"] for r in rows} == {"all_gather_matmul", "matmul_reduce_scatter"}
-    assert all(r["w"] == "w^T" and r["out"] == "float32" and r["config"] != "none passed"
-               for r in rows), rows
+    assert all(r["w"] == "w^T" and (r["dtype"], r["w_dtype"], r["out"]) == (
+        "bfloat16", "float8_e4m3fn", "bfloat16") and r["config"] != "none passed"
+        for r in rows), rows
     cached = autotune._read(autotune.cache_path())
-    assert len(cached) == 2 and all(k.endswith("|out=float32|wT") for k in cached), cached
+    assert len(cached) == 2 and all(
+        k.endswith("|bfloat16|P=8|w=float8_e4m3fn|wT") for k in cached), cached
 
 
-def test_compiled_report_quick(tmp_path):
+@pytest.mark.parametrize("extra,name", [
+    ([], "bfloat16"), (["--w-dtype", "float8_e4m3fn", "--w-transposed"],
+                       "bfloat16_w_float8_e4m3fn_wT")])
+def test_compiled_report_quick(tmp_path, extra, name):
     """The static report compiles the fused kernels for sm_90 (a subprocess: this
-    process runs Triton's interpreter) and reads their SASS."""
+    process runs Triton's interpreter) and reads their SASS; also for a float8
+    w given transposed against bfloat16 x."""
     import os
     import subprocess
     import sys
@@ -134,16 +160,16 @@ def test_compiled_report_quick(tmp_path):
     env.update(PYTHONPATH=repo, TRITON_CACHE_DIR=str(tmp_path / "cache"),
                TRITON_DEFAULT_FP_FUSION="1")
     r = subprocess.run([sys.executable, "-m", "benchmarks.compiled", "--sweep", "quick",
-                        "--out", str(tmp_path)], cwd=repo, env=env, capture_output=True,
+                        "--out", str(tmp_path), *extra], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    rows = _rows(tmp_path / "compiled_quick_bfloat16_sm90.csv")
+    rows = _rows(tmp_path / f"compiled_quick_{name}_sm90.csv")
     assert {r["op"] for r in rows} == {"ag", "rs"}
     for row in rows:
         assert int(row["regs"]) > 0 and int(row["fit_per_sm"]) >= 1, row
         assert int(row["loop_mma"]) > 0 and row["loop_spills"] == "0", row
         assert int(row["tiles"]) <= int(row["waves"]) * int(row["gemm_programs"]), row
-    md = (tmp_path / "compiled_quick_bfloat16_sm90.md").read_text()
+    md = (tmp_path / f"compiled_quick_{name}_sm90.md").read_text()
     assert "compiled on a CPU-only host, not run" in md and "command" in md
 
 

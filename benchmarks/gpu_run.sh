@@ -12,7 +12,8 @@
 # 300 s; the device tool allows 600 s a call, so split a full run over calls by naming steps); the
 # exit status is that of the first failing step. Steps: env compile pytest_gpu emulated
 # emulated_fp8 status_check gemm_gpt3 gemm_gpt3_bT gemm_gpt3_fp8 gemm_llama70b gemm_llama70b_w8
-# ops_gpt3 ops_gpt3_fp8 model_7b model_7b_remat (tune with TUNE=1; tune_backward with TUNE=1 too).
+# ops_gpt3 ops_gpt3_fp8 model_7b model_7b_wT model_7b_remat (tune with TUNE=1; tune_backward with
+# TUNE=1 too).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -54,6 +55,7 @@ step gemm_llama70b_w8 python -m benchmarks.gemm --sweep llama2-70b --b-dtype flo
 step ops_gpt3 python -m benchmarks.ops --sweep gpt3-175b --out "$OUT"
 step ops_gpt3_fp8 python -m benchmarks.ops --sweep gpt3-175b --dtype float8_e4m3fn --w-transposed --impls xla,fused --out "$OUT"
 step model_7b python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,ring,fused --float8-weights --out "$OUT"
+step model_7b_wT python -m benchmarks.model --preset llama2-7b --layers 2 --impls xla,fused --float8-weights --kernels-transposed --out "$OUT"
 step model_7b_remat python -m benchmarks.model --preset llama2-7b --layers 2 --scan-layers --remat collective_matmuls --impls xla,fused --out "$OUT"
 # Optional (GPU time): autotune the GPT-3 sweep at this world size; add --ship to keep the winners.
 if [ "${TUNE:-0}" = "1" ] || [[ "$wanted" == *" tune"* ]]; then

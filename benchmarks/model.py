@@ -122,6 +122,8 @@ def main(argv=None) -> int:
                    help="sequences of the decode step (default 64; --quick: the device count)")
     p.add_argument("--float8-weights", action="store_true",
                    help="also time decode steps with the blocks' kernels in float8")
+    p.add_argument("--kernels-transposed", action="store_true",
+                   help="store the parallel layers' kernels transposed ([out, in])")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny model, 1 rep (CPU smoke run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     preset = "tiny" if a.quick else a.preset
     cfg = PRESETS[preset]
     cfg = dataclasses.replace(cfg, layers=a.layers or cfg.layers, scan_layers=a.scan_layers,
-                              remat=a.remat)
+                              remat=a.remat, kernels_transposed=a.kernels_transposed)
     seq = a.seq or (16 if a.quick else 2048)
     batch = a.batch or (2 if a.quick else 1) * a.dp
     reps = 1 if a.quick else a.reps
@@ -176,12 +178,14 @@ def main(argv=None) -> int:
                              loss_vs_xla=rel, status="ok" if rel < 2e-2 else "LOSS DIFFERS"))
             print(harness.format_row(rows[-1], COLUMNS))
     variant = ("" if a.dp == 1 else f"_dp{a.dp}") + ("_scan" if cfg.scan_layers else "") + (
-        "" if cfg.remat == "none" else f"_remat-{cfg.remat}")
+        "" if cfg.remat == "none" else f"_remat-{cfg.remat}") + (
+        "_wT" if cfg.kernels_transposed else "")
     base = os.path.join(a.out, f"model_{preset}_L{cfg.layers}{variant}_{env['platform']}"
                                f"{len(devices)}")
     notes = [f"Model {preset} with {cfg.layers} layers, seq {seq}, batch {batch}, "
              f"{cfg.dtype}; {a.dp} data-parallel group(s) x tensor parallel over "
-             f"{len(devices) // a.dp} devices; train step with "
+             f"{len(devices) // a.dp} devices; kernels_transposed={cfg.kernels_transposed}; "
+             f"train step with "
              f"scan_layers={cfg.scan_layers}, remat={cfg.remat!r}. Decode: one step of "
              f"{decode_batch} sequences on an empty cache, activations replicated (local "
              f"matmuls + all-reduce) or, token parallel, split over the ranks (AG-GEMM / "

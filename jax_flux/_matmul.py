@@ -8,10 +8,11 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def dot_f32(a, b):
-    """``a @ b`` accumulated in float32 (float32 result)."""
-    return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+def dot_f32(a, b, b_transposed: bool = False):
+    """``a @ b`` accumulated in float32 (float32 result); with ``b_transposed``, b
+    is given as b^T (``a @ b.T``, contracting b's last dim where it lies)."""
+    return lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 1 if b_transposed else 0,)),
+                                  ((), ())), preferred_element_type=jnp.float32)
 
 
 def dot(a, b, out_dtype=None):

@@ -92,8 +92,10 @@ def _batch_spec(batch_axis) -> Any:
 
 
 def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
-                    impl: str = "auto", config=None, preferred_element_type=None, scale=None):
-    """Local-shard column-parallel matmul: ``x [S_local, ..., in] @ kernel [in, out_local...]``.
+                    impl: str = "auto", config=None, preferred_element_type=None, scale=None,
+                    kernel_transposed: bool = False):
+    """Local-shard column-parallel matmul: ``x [S_local, ..., in] @ kernel [in, out_local...]``
+    (with ``kernel_transposed`` the kernel is ``[out_local..., in]``, read in place).
 
     With ``sequence_parallel`` the leading (sequence) dim of x is this rank's
     shard and the result covers the whole sequence; otherwise x is replicated.
@@ -102,20 +104,24 @@ def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: 
     """
     lead, k_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_in)
-    k2 = kernel.reshape(kernel.shape[0], -1)
+    out_dims = kernel.shape[:-1] if kernel_transposed else kernel.shape[1:]
+    k2 = kernel.reshape(-1, k_in) if kernel_transposed else kernel.reshape(k_in, -1)
     if sequence_parallel:
         y = all_gather_matmul(x2, k2, axis_name, impl=impl, config=config,
-                              preferred_element_type=preferred_element_type)
+                              preferred_element_type=preferred_element_type,
+                              w_transposed=kernel_transposed)
         lead = (y.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
-        y = dot_f32(x2, k2).astype(preferred_element_type or x.dtype)
-    y = _scaled(y.reshape(*lead, *kernel.shape[1:]), scale)
+        y = dot_f32(x2, k2, kernel_transposed).astype(preferred_element_type or x.dtype)
+    y = _scaled(y.reshape(*lead, *out_dims), scale)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
 def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
-                 impl: str = "auto", config=None, preferred_element_type=None, scale=None):
-    """Local-shard row-parallel matmul: ``x [S, ..., in_local...] @ kernel [in_local..., out]``.
+                 impl: str = "auto", config=None, preferred_element_type=None, scale=None,
+                 kernel_transposed: bool = False):
+    """Local-shard row-parallel matmul: ``x [S, ..., in_local...] @ kernel [in_local..., out]``
+    (with ``kernel_transposed`` the kernel is ``[out, in_local...]``, read in place).
 
     With ``sequence_parallel`` the sum over ranks is scattered along the
     leading (sequence) dim; otherwise it is all-reduced (replicated result).
@@ -126,21 +132,33 @@ def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: boo
     n_in = kernel.ndim - 1
     lead = x.shape[:x.ndim - n_in]
     x2 = x.reshape(math.prod(lead), -1)
-    k2 = kernel.reshape(-1, kernel.shape[-1])
+    n_out = kernel.shape[0] if kernel_transposed else kernel.shape[-1]
+    k2 = kernel.reshape(n_out, -1) if kernel_transposed else kernel.reshape(-1, n_out)
     out_dtype = preferred_element_type or x.dtype
     if sequence_parallel:
         z = matmul_reduce_scatter(x2, k2, axis_name, impl=impl, config=config,
-                                  preferred_element_type=preferred_element_type)
+                                  preferred_element_type=preferred_element_type,
+                                  w_transposed=kernel_transposed)
         lead = (z.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
-        z = lax.psum(dot_f32(x2, k2).astype(out_dtype), axis_name)
-    z = _scaled(z.reshape(*lead, kernel.shape[-1]), scale)
+        z = lax.psum(dot_f32(x2, k2, kernel_transposed).astype(out_dtype), axis_name)
+    z = _scaled(z.reshape(*lead, n_out), scale)
     return z if bias is None else z + bias.astype(z.dtype)
 
 
 def _scaled(y, scale):
     """y times a per-output-feature scale (y's trailing dims), in float32."""
     return y if scale is None else (y.astype(jnp.float32) * scale).astype(y.dtype)
+
+
+def relayout(kernel, layer, transposed: bool):
+    """``kernel``, laid out as ``layer``'s would be with ``kernel_transposed=
+    transposed`` (and any leading stack dims), in ``layer``'s own layout."""
+    src, dst = layer._order(transposed), layer._order()
+    lead = kernel.ndim - len(src)
+    inverse = [src.index(d) for d in range(len(src))]  # stored dim of each [*in, *out] dim
+    perm = tuple(range(lead)) + tuple(lead + inverse[d] for d in dst)
+    return jnp.transpose(kernel, perm)
 
 
 class _ParallelLinear(nnx.Module):
@@ -150,10 +168,14 @@ class _ParallelLinear(nnx.Module):
                  axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
                  config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
                  param_dtype=jnp.float32, preferred_element_type=None, fsdp_axis=None,
-                 kernel_init=default_kernel_init,
+                 kernel_transposed: bool = False, kernel_init=default_kernel_init,
                  bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
         self.in_shape = _as_shape(in_features)
         self.out_shape = _as_shape(out_features)
+        if kernel_transposed not in (True, False):
+            raise ValueError(f"{type(self).__name__}: kernel_transposed must be a bool, got "
+                             f"{kernel_transposed!r}")
+        self.kernel_transposed = bool(kernel_transposed)
         self.mesh = mesh
         self.axis_name = axis_name
         self.tp = axis_size(mesh, axis_name)
@@ -170,7 +192,7 @@ class _ParallelLinear(nnx.Module):
         self.param_dtype = param_dtype
         self.preferred_element_type = preferred_element_type
         self.fsdp_axis = fsdp_axis or None
-        kernel_shape = self.in_shape + self.out_shape
+        kernel_shape = self._stored(self.in_shape + self.out_shape)
         if self.fsdp_axis is not None:
             fsdp = axis_names(self.fsdp_axis)
             if not set(fsdp) <= set(mesh.axis_names):
@@ -194,7 +216,7 @@ class _ParallelLinear(nnx.Module):
         # jax.random's samplers give NaN in float8: draw in float32, then round.
         draw = jnp.float32 if is_float8(param_dtype) else param_dtype
         value = kernel_init(rngs.params(), fan_shape, draw).astype(param_dtype).reshape(
-            kernel_shape)
+            self.in_shape + self.out_shape).transpose(self._order())
         self.kernel = nnx.Param(value, out_sharding=self.param_sharding(), mesh=mesh)
         self.bias = nnx.Param(bias_init(rngs.params(), self.bias_shape(), draw),
                               out_sharding=self.bias_sharding(), mesh=mesh) if use_bias else None
@@ -204,6 +226,32 @@ class _ParallelLinear(nnx.Module):
 
     def _compute_dtype(self, x):
         return self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+
+    def _order(self, transposed: bool | None = None) -> tuple[int, ...]:
+        """The kernel's dims as stored, as positions in ``[*in, *out]``: that order,
+        or with ``kernel_transposed`` ``[*out, *in]`` (PyTorch's and Megatron's
+        Linear layout, Flux's transpose_weight: the contraction dim last).
+        ``transposed`` asks for that layout instead of the layer's."""
+        n_in, n = len(self.in_shape), len(self.in_shape) + len(self.out_shape)
+        if self.kernel_transposed if transposed is None else transposed:
+            return tuple(range(n_in, n)) + tuple(range(n_in))
+        return tuple(range(n))
+
+    def _stored(self, dims: tuple) -> tuple:
+        """Per-dim entries of ``[*in, *out]`` (a shape, a spec) in stored order."""
+        return tuple(dims[i] for i in self._order())
+
+    def stored_dim(self, dim: int) -> int:
+        """Where dim ``dim`` of ``[*in, *out]`` lies in the stored kernel."""
+        return self._order().index(dim)
+
+    def kernel_sharding(self):
+        """The kernel's spec (as stored) for a call: split over the tensor-parallel axis."""
+        return self._stored(self._kernel_spec())
+
+    def _fsdp_dim(self) -> int:
+        """The stored kernel's dim split over ``fsdp_axis``."""
+        return self.stored_dim(self._fsdp_feature_dim())
 
     def param_sharding(self):
         """The kernel as stored: ``kernel_sharding()`` (how a call uses it), and
@@ -258,7 +306,8 @@ class _ParallelLinear(nnx.Module):
 
 
 class ColumnParallelLinear(_ParallelLinear):
-    """``y = x @ kernel (+ bias)``, kernel ``[in, *out]`` sharded along ``out[0]``.
+    """``y = x @ kernel (+ bias)``, kernel ``[in, *out]`` sharded along ``out[0]``
+    (``[*out, in]`` with ``kernel_transposed``).
 
     Args:
       in_features: input features (the last dim of x).
@@ -283,6 +332,11 @@ class ColumnParallelLinear(_ParallelLinear):
         a scale per output feature.
       fsdp_axis: mesh axis (or axes) to store the kernel split over along
         its input features as well (FSDP; typically the batch axis), or None.
+      kernel_transposed: store the kernel as ``[*out, in]`` (PyTorch's and
+        Megatron's layout; Flux's transpose_weight), the contraction dim
+        contiguous: the ops read it in place (``w_transposed``). Hopper's
+        float8 MMAs want it so (README, "float8"). Drawn as the plain
+        layout's kernel, transposed.
       kernel_init, bias_init: initialisers; rngs: ``nnx.Rngs``.
 
     Raises:
@@ -296,10 +350,10 @@ class ColumnParallelLinear(_ParallelLinear):
     def _input_dims(self):
         return (0,)
 
-    def _fsdp_dim(self):
+    def _fsdp_feature_dim(self):
         return 0  # the input features
 
-    def kernel_sharding(self):
+    def _kernel_spec(self):
         return (None, self.axis_name) + (None,) * (len(self.out_shape) - 1)
 
     def bias_shape(self):
@@ -318,7 +372,7 @@ class ColumnParallelLinear(_ParallelLinear):
             return column_parallel(x, kernel, bias, axis_name=self.axis_name,
                                    sequence_parallel=sp, impl=self.impl, config=self.config,
                                    preferred_element_type=self.preferred_element_type,
-                                   scale=scale)
+                                   scale=scale, kernel_transposed=self.kernel_transposed)
         return fn
 
     def _activation_specs(self, ndim, sp):
@@ -329,7 +383,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
 
 class RowParallelLinear(_ParallelLinear):
-    """``z = x @ kernel (+ bias)``, kernel ``[*in, out]`` sharded along ``in[0]``.
+    """``z = x @ kernel (+ bias)``, kernel ``[*in, out]`` sharded along ``in[0]``
+    (``[out, *in]`` with ``kernel_transposed``).
 
     Args:
       in_features: int or tuple, the trailing dims of x; the first is split
@@ -338,6 +393,8 @@ class RowParallelLinear(_ParallelLinear):
       mesh, axis_name, impl, config, batch_axis, dtype, param_dtype, preferred_element_type,
         kernel_init, bias_init, rngs: as ColumnParallelLinear (impl/config go
         to ``matmul_reduce_scatter``).
+      kernel_transposed: store the kernel as ``[out, *in]``, as
+        ColumnParallelLinear.
       fsdp_axis: as ColumnParallelLinear, splitting the kernel along its
         output features.
       use_bias: add a (replicated) bias after the reduction.
@@ -355,10 +412,10 @@ class RowParallelLinear(_ParallelLinear):
     def _input_dims(self):
         return tuple(range(len(self.in_shape)))
 
-    def _fsdp_dim(self):
+    def _fsdp_feature_dim(self):
         return len(self.in_shape)  # the output features
 
-    def kernel_sharding(self):
+    def _kernel_spec(self):
         return (self.axis_name,) + (None,) * len(self.in_shape)
 
     def bias_shape(self):
@@ -378,7 +435,7 @@ class RowParallelLinear(_ParallelLinear):
             return row_parallel(x, kernel, bias, axis_name=self.axis_name,
                                 sequence_parallel=sp, impl=self.impl, config=self.config,
                                 preferred_element_type=self.preferred_element_type,
-                                scale=scale)
+                                scale=scale, kernel_transposed=self.kernel_transposed)
         return fn
 
     def _activation_specs(self, ndim, sp):

@@ -83,7 +83,7 @@ def _quantize(layer: _ParallelLinear, dtype) -> None:
     kernel = layer.kernel[...]
     # Leading dims beyond [*in, *out]: a stack of layers (nnx.vmap).
     lead = kernel.ndim - len(layer.in_shape) - len(layer.out_shape)
-    input_dims = tuple(lead + d for d in layer._input_dims())
+    input_dims = tuple(lead + layer.stored_dim(d) for d in layer._input_dims())
     scale = float8_scale(kernel, input_dims, dtype)
     kernel8 = (kernel.astype(jnp.float32) / jnp.expand_dims(scale, input_dims)).astype(dtype)
     layer.kernel.set_value(jax.device_put(kernel8, kernel.sharding))  # a new dtype: not [...] =

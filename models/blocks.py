@@ -70,7 +70,8 @@ def _layer_options(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs
     """Keyword arguments every parallel linear layer of the model gets."""
     return dict(mesh=mesh, axis_name=axis_name, impl=impl, batch_axis=batch_axis,
                 fsdp_axis=fsdp_axis, dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                kernel_transposed=cfg.kernels_transposed, rngs=rngs)
 
 
 class Attention(nnx.Module):

@@ -29,6 +29,10 @@ class LlamaConfig:
       rope_theta: rotary base; norm_eps: RMSNorm epsilon.
       tie_embeddings: the output head reuses the embedding table.
       dtype: compute dtype; param_dtype: parameter dtype.
+      kernels_transposed: store the parallel layers' kernels transposed
+        (``[out, in]``: PyTorch's and Megatron's layout; ``jax_flux.nn``'s
+        ``kernel_transposed``), read in place by the ops: what Hopper's float8
+        MMAs want (float8 training, and ``quantize_float8`` for decode).
       scan_layers: keep the blocks' parameters stacked along a leading layer
         dim and run them with one ``scan`` (as MaxText does): the program
         holds one block, so compile time no longer grows with depth. A
@@ -54,6 +58,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    kernels_transposed: bool = False
     scan_layers: bool = False
     remat: str = "none"
 

@@ -2,7 +2,7 @@
 
     python -m models.generate --preset tiny --tp 8 --impl fused
     python -m models.generate --impl fused --batch 8 --token-parallel-decode
-    python -m models.generate --impl fused --train-steps 100 --float8-weights
+    python -m models.generate --impl fused --train-steps 100 --float8-weights --kernels-transposed
 
 Prefill runs the prompt through AG-GEMM / GEMM-RS (sequence parallel); each
 decode step runs one token per sequence with replicated activations (local
@@ -99,13 +99,16 @@ def main(argv=None) -> int:
     p.add_argument("--token-parallel-decode", action="store_true",
                    help="decode with the batch's tokens split over --tp (AG-GEMM / GEMM-RS "
                         "instead of all-reduce; --batch divisible by --tp)")
+    p.add_argument("--kernels-transposed", action="store_true",
+                   help="store the parallel layers' kernels transposed ([out, in])")
     p.add_argument("--float8-weights", action="store_true",
                    help="decode with the blocks' kernels in float8, a scale per output feature "
                         "(jax_flux.quantize.quantize_float8; after --train-steps)")
     a = p.parse_args(argv)
     if a.batch % a.dp:
         p.error(f"--batch {a.batch} must be divisible by --dp {a.dp}")
-    model = build(a.preset, a.tp, a.impl, None, a.seed, a.dp, scan_layers=a.scan_layers)
+    model = build(a.preset, a.tp, a.impl, None, a.seed, a.dp, scan_layers=a.scan_layers,
+                  kernels_transposed=a.kernels_transposed)
     if a.train_steps:
         trained, _ = train(a.preset, a.tp, a.train_steps, "xla", seed=a.seed,
                            log=lambda s: None, dp=a.dp)

@@ -17,6 +17,8 @@ lookup's sum reduce-scattered into the sequence-parallel layout); with
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,7 +27,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_flux import remat
-from jax_flux.nn import ColumnParallelLinear, axis_size, column_parallel, place
+from jax_flux.nn import (ColumnParallelLinear, _ParallelLinear, axis_size, column_parallel,
+                         place, relayout)
 from models.blocks import (Block, KVCache, RMSNorm, _axes_size, _axis_names,
                            _layer_options, rows_to_tokens, tokens_to_rows)
 from models.config import LlamaConfig
@@ -135,12 +138,15 @@ class Llama(nnx.Module):
         if self.head is not None:
             logits = self.head(h, sequence_parallel=sp)
         else:
-            table = self._embedding().astype(h.dtype).T  # [H, vocab], split over vocab
+            # The table [vocab, H] is the head's kernel transposed: read in place
+            # (no transposed copy of the embedding a step).
+            table = self._embedding().astype(h.dtype)
             fn = lambda h, k: column_parallel(h, k, None, axis_name=self.axis_name,  # noqa: E731
                                               sequence_parallel=sp, impl=self.impl,
-                                              preferred_element_type=jnp.float32)
+                                              preferred_element_type=jnp.float32,
+                                              kernel_transposed=True)
             ax, bx = self.axis_name, self.batch_axis
-            specs = (P(ax if sp else None, bx, None), P(None, ax))
+            specs = (P(ax if sp else None, bx, None), P(ax, None))
             logits = jax.shard_map(fn, mesh=self.mesh, in_specs=specs,
                                    out_specs=P(None, bx, ax))(
                 *(place(a, self.mesh, s) for a, s in zip((h, table), specs)))
@@ -228,8 +234,9 @@ def copy_parameters(src: Llama, dst: Llama) -> None:
     """Copies ``src``'s parameters into ``dst``, placed as ``dst``'s are.
 
     The two may differ in ``scan_layers`` (the blocks' parameters are then
-    stacked or unstacked along the layer dim), in mesh and in impl; not in
-    shapes. Use it to move a checkpoint between the two layouts.
+    stacked or unstacked along the layer dim), in ``kernels_transposed`` (the
+    parallel layers' kernels are transposed), in mesh and in impl; not in
+    shapes. Use it to move a checkpoint between these layouts.
 
     Raises:
       ValueError: when the models' parameter shapes differ.
@@ -241,6 +248,11 @@ def copy_parameters(src: Llama, dst: Llama) -> None:
     elif dst.cfg.scan_layers and not src.cfg.scan_layers:
         params["blocks"] = jax.tree.map(lambda *a: jnp.stack(a),
                                         *[blocks[i] for i in range(layers)])
+    if src.cfg.kernels_transposed != dst.cfg.kernels_transposed:
+        for path, layer in nnx.iter_graph(dst):
+            if isinstance(layer, _ParallelLinear):
+                node = functools.reduce(lambda d, key: d[key], path, params)
+                node["kernel"] = relayout(node["kernel"], layer, src.cfg.kernels_transposed)
     target = nnx.state(dst, nnx.Param)
     placed = nnx.to_pure_dict(target)
     if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, placed):

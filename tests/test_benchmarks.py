@@ -76,8 +76,8 @@ def test_gemm_quick_with_b_transposed(tmp_path, dtype, b_dtype):
 @pytest.mark.parametrize("impls,extra,name", [
     ("xla,ring", [], "model_tiny_L2_cpu8"),
     ("xla", ["--dp", "2", "--scan-layers", "--remat", "collective_matmuls", "--fsdp",
-             "--float8-weights"],
-     "model_tiny_L2_dp2_scan_remat-collective_matmuls_cpu8")])
+             "--float8-weights", "--kernels-transposed"],
+     "model_tiny_L2_dp2_scan_remat-collective_matmuls_wT_cpu8")])
 def test_model_quick(tmp_path, impls, extra, name):
     assert model.main(["--quick", "--impls", impls, "--out", str(tmp_path), *extra]) == 0
     rows = _rows(tmp_path / f"{name}.csv")

@@ -174,9 +174,9 @@ def test_scan_puts_one_block_in_the_program_and_remat_saves_the_collectives():
     assert _launches(scanned["full"], grad=True) == plain + 3
 
 
-@pytest.mark.parametrize("scan,impl", [(False, "xla"), (True, "fused")],
-                         ids=["loop-xla", "scanned-fused"])
-def test_weight_only_float8_blocks(scan, impl):
+@pytest.mark.parametrize("scan,impl,transposed", [(False, "xla", False), (True, "fused", True)],
+                         ids=["loop-xla", "scanned-fused-kernels_transposed"])
+def test_weight_only_float8_blocks(scan, impl, transposed):
     # quantize_float8(model.blocks): every block's kernels in float8 with a
     # scale per output feature (embedding, norms and head stay wide). The
     # logits equal those of the model holding the dequantized kernels
@@ -184,7 +184,7 @@ def test_weight_only_float8_blocks(scan, impl):
     # and decode steps follow a full forward of the quantized model.
     from jax_flux.nn import _ParallelLinear
 
-    cfg = dataclasses.replace(CFG, scan_layers=scan)
+    cfg = dataclasses.replace(CFG, scan_layers=scan, kernels_transposed=transposed)
     model = Llama(cfg, mesh=mesh_of(8), impl=impl, rngs=nnx.Rngs(2))
     dequantized = Llama(cfg, mesh=mesh_of(8), impl="xla", rngs=nnx.Rngs(2))
     tokens = _tokens(batch=2, length=24, seed=6)
@@ -193,11 +193,13 @@ def test_weight_only_float8_blocks(scan, impl):
     assert quantize_float8(model.blocks) == (4 if scan else 4 * cfg.layers)
     up = model.blocks.mlp.up if scan else model.blocks[0].mlp.up
     assert up.kernel[...].dtype == jnp.float8_e4m3fn and up.kernel_scale[...].dtype == jnp.float32
+    assert up.kernel[...].shape[-1] == (cfg.hidden if transposed else 2)  # [.., out, in]
     pairs = zip(*([n for _, n in nnx.iter_graph(m.blocks) if isinstance(n, _ParallelLinear)]
                   for m in (model, dequantized)))
     for q, d in pairs:
         lead = q.kernel[...].ndim - len(q.in_shape) - len(q.out_shape)
-        scale = jnp.expand_dims(q.kernel_scale[...], tuple(lead + i for i in q._input_dims()))
+        scale = jnp.expand_dims(q.kernel_scale[...],
+                                tuple(lead + q.stored_dim(i) for i in q._input_dims()))
         d.kernel[...] = q.kernel[...].astype(jnp.float32) * scale
     full = forward(model, tokens)
     assert testing.relative_error(full, np.asarray(forward(dequantized, tokens))) < 1e-5
@@ -226,6 +228,21 @@ def test_copy_parameters_round_trips_and_checks_shapes():
                  rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="differ in shape"):
         copy_parameters(loop, wide)
+    # Into a scanned model with kernels stored transposed ([out, in]), and back:
+    # the same logits, the same parameters.
+    cfg_t = dataclasses.replace(CFG, scan_layers=True, kernels_transposed=True)
+    transposed = Llama(cfg_t, mesh=mesh_of(8), impl="xla", rngs=nnx.Rngs(5))
+    copy_parameters(loop, transposed)
+    assert transposed.blocks.mlp.up.kernel[...].shape == (CFG.layers, CFG.ffn, 2, CFG.hidden)
+    assert transposed.blocks.attn.out.kernel[...].shape == (
+        CFG.layers, CFG.hidden, CFG.heads, CFG.head_dim)
+    forward, tokens = nnx.jit(lambda m, t: m(t)), _tokens(length=16)
+    assert testing.relative_error(forward(transposed, tokens),
+                                  np.asarray(forward(loop, tokens), np.float64)) < 1e-5
+    back = Llama(CFG, mesh=mesh_of(8), impl="xla", rngs=nnx.Rngs(9))
+    copy_parameters(transposed, back)
+    for a, b in zip(jax.tree.leaves(_host(nnx.state(back, nnx.Param))), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_config_rejects_an_unknown_remat_policy():

@@ -132,6 +132,54 @@ def test_fsdp_parameters_split_over_the_data_parallel_axis_too(impl):
     assert testing.relative_error(f(state, x), _dense(col, row, x)) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_kernels_stored_transposed(impl):
+    # kernel_transposed=True: the column kernel [*out, in], the row kernel
+    # [out, *in] (PyTorch's layout), holding the plain layout's values
+    # transposed, read in place by the ops. The same outputs (sequence parallel
+    # and decode) and gradients (transposed), with FSDP on a (dp, tp) mesh, in
+    # global view and inside a user's shard_map.
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    kw = dict(batch_axis="dp", fsdp_axis="dp")
+    col, row = _pair(mesh, impl, **kw)
+    colt, rowt = _pair(mesh, impl, kernel_transposed=True, **kw)
+    np.testing.assert_array_equal(colt.kernel[...], jnp.transpose(col.kernel[...], (1, 2, 0)))
+    np.testing.assert_array_equal(rowt.kernel[...], row.kernel[...].T)
+    assert nnx.get_partition_spec(nnx.state(colt))["kernel"].get_value() == P("tp", None, "dp")
+    assert nnx.get_partition_spec(nnx.state(rowt))["kernel"].get_value() == P("dp", "tp")
+    x = _x(b=4, seed=10)
+    for sp in (True, False):
+        want = np.asarray(nnx.jit(lambda c, r, x: _mlp(c, r, x, sp))(col, row, x), np.float64)
+        got = nnx.jit(lambda c, r, x: _mlp(c, r, x, sp))(colt, rowt, x)
+        assert testing.relative_error(got, want) < 1e-6, sp
+
+    def grads(col, row):
+        loss = lambda c, r: jnp.sum(jnp.sin(_mlp(c, r, x)))  # noqa: E731
+        return nnx.state(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(col, row))
+
+    want, got = grads(col, row), grads(colt, rowt)
+    pairs = ((got[0]["kernel"][...], jnp.transpose(want[0]["kernel"][...], (1, 2, 0))),
+             (got[1]["kernel"][...], want[1]["kernel"][...].T),
+             (got[0]["bias"][...], want[0]["bias"][...]))
+    for a, b in pairs:
+        assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
+    assert got[1]["kernel"][...].sharding.spec == P("dp", "tp")  # stored as the kernel
+    graph, state = nnx.split((colt, rowt))
+
+    def body(state, x):
+        c, r = nnx.merge(graph, state)
+        return _mlp(c, r, x)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(nnx.get_partition_spec(state),
+                                                         P("tp", "dp")),
+                              out_specs=P("tp", "dp")))
+    assert testing.relative_error(f(state, x), _dense(col, row, x)) < 1e-5
+    with pytest.raises(ValueError, match="kernel_transposed must be a bool"):
+        _pair(mesh, impl, kernel_transposed="yes")
+
+
 @pytest.mark.parametrize("impl", ["ring", "fused"])
 def test_tensor_parallel_over_a_tuple_of_axes(impl):
     # axis_name=("x", "y"): one tensor-parallel axis of 8 over a 2 x 4 mesh.
@@ -280,18 +328,21 @@ def test_float8_weights_with_bfloat16_compute(impl):
         ColumnParallelLinear(16, 32, mesh=mesh, param_dtype=jnp.float8_e4m3fn, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("impl", ["xla", "fused"])
-def test_quantize_float8_with_a_scale_per_output_feature(impl):
+@pytest.mark.parametrize("impl,transposed", [("xla", False), ("fused", False), ("fused", True)],
+                         ids=["xla", "fused", "fused-kernel_transposed"])
+def test_quantize_float8_with_a_scale_per_output_feature(impl, transposed):
     # A trained layer made weight-only float8: the kernel stored in e4m3 with
     # a float32 scale per output feature (placed as the bias), the result
     # (x @ kernel8) * scale + bias; against the host product of the values as
-    # stored, and within float8's rounding of the layer before.
+    # stored, and within float8's rounding of the layer before. Kernels
+    # stored transposed too (what float8 wants, README).
     from jax_flux.quantize import quantize_float8
 
     mesh = mesh_of(8)
-    col, row = _pair(mesh, impl, dtype=jnp.bfloat16)
+    col, row = _pair(mesh, impl, dtype=jnp.bfloat16, kernel_transposed=transposed)
     x = _x().astype(jnp.bfloat16)
-    col.kernel[...] = col.kernel[...] * jnp.linspace(0.01, 3, 64).reshape(32, 2)  # column ranges
+    ranges = jnp.linspace(0.01, 3, 64).reshape(32, 2)  # column ranges
+    col.kernel[...] = col.kernel[...] * (ranges[..., None] if transposed else ranges)
     before_col = np.asarray(nnx.jit(lambda c, x: c(x))(col, x), np.float64)
     for layer in (col, row):
         assert quantize_float8(layer) == 1
@@ -300,10 +351,10 @@ def test_quantize_float8_with_a_scale_per_output_feature(impl):
     assert col.kernel_scale[...].shape == (32, 2) and row.kernel_scale[...].shape == (24,)
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     # Every column's largest magnitude is float8's largest.
-    assert np.allclose(np.abs(f64(col.kernel[...])).max(axis=0), 448)
+    assert np.allclose(np.abs(_plain(col)).max(axis=0), 448)
     for sp in (True, False):
         h = nnx.jit(lambda c, x: c(x, sequence_parallel=sp))(col, x)
-        want = (np.einsum("sbi,ifo->sbfo", f64(x), f64(col.kernel[...])) *
+        want = (np.einsum("sbi,ifo->sbfo", f64(x), _plain(col)) *
                 f64(col.kernel_scale[...]) + f64(col.bias[...]))
         assert h.dtype == jnp.bfloat16 and testing.relative_error(h, want) < 1e-2
         assert testing.relative_error(h, before_col) < 5e-2
@@ -319,11 +370,17 @@ def test_quantize_float8_with_a_scale_per_output_feature(impl):
         quantize_float8(_pair(mesh, impl)[0], jnp.bfloat16)
 
 
+def _plain(layer):
+    """The layer's kernel on the host (float64) in the plain [*in, *out] layout."""
+    kernel = np.asarray(layer.kernel[...], np.float64)
+    return np.transpose(kernel, np.argsort(layer._order()))
+
+
 def _dense_scaled(col, row, x):
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    h = (np.einsum("sbi,ifo->sbfo", f64(x), f64(col.kernel[...])) * f64(col.kernel_scale[...]) +
+    h = (np.einsum("sbi,ifo->sbfo", f64(x), _plain(col)) * f64(col.kernel_scale[...]) +
          f64(col.bias[...]))
     h = np.asarray(jnp.asarray(h, jnp.bfloat16), np.float64)
     g = np.asarray(jnp.asarray(h[..., 0] / (1 + np.exp(-h[..., 0])) * h[..., 1], jnp.bfloat16),
                    np.float64)
-    return (g @ f64(row.kernel[...])) * f64(row.kernel_scale[...]) + f64(row.bias[...])
+    return (g @ _plain(row)) * f64(row.kernel_scale[...]) + f64(row.bias[...])

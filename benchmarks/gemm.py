@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.ops import AG, result_dtype, sweep_shapes
+from benchmarks.ops import AG, parse_ms, result_dtype, select, sweep_shapes
 from custom_calls.gemm import matmul, mma_dtype
 from jax_flux import testing
 
@@ -54,6 +54,9 @@ def main(argv=None) -> int:
                    choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"],
                    help="b's dtype (default: a's; they differ only where one is float8)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--ms", default=None, help="only the sweep's points with these M")
+    p.add_argument("--configs", type=int, default=None,
+                   help="try only the first N tile configs (on a GPU: of %d)" % len(GPU_CONFIGS))
     p.add_argument("--b-transposed", action="store_true", help="b given as b^T [N, K]")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
@@ -61,18 +64,24 @@ def main(argv=None) -> int:
     on_gpu = device.platform == "gpu"
     sweep = "quick" if a.quick else a.sweep
     reps = 2 if a.quick else a.reps
+    try:
+        shapes = select(sweep_shapes(sweep), parse_ms(a.ms))
+    except ValueError as e:
+        p.error(str(e))
+    if a.configs is not None and a.configs < 1:
+        p.error(f"--configs must be at least 1, got {a.configs}")
     dtype, b_dtype = jnp.dtype(a.dtype), jnp.dtype(a.b_dtype or a.dtype)
     try:
         mma = mma_dtype(dtype, b_dtype)
     except ValueError as e:
         p.error(str(e))
     out_dtype = result_dtype(dtype, b_dtype)
-    configs = GPU_CONFIGS if on_gpu else CPU_CONFIGS
+    configs = (GPU_CONFIGS if on_gpu else CPU_CONFIGS)[:a.configs]
     if on_gpu and mma.itemsize == 1:
         configs = [dict(c, block_k=2 * c["block_k"]) for c in configs]
     env = harness.environment([device])
     rows, seen = [], set()
-    for shape in sweep_shapes(sweep):
+    for shape in shapes:
         m, k, n = shape.local_gemm()
         if (m, k, n) in seen:
             continue

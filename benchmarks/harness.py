@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 import platform
 import shlex
@@ -24,6 +25,7 @@ class Timing:
     min_ms: float
     max_ms: float
     reps: int
+    batch: int = 1  # calls per timed sample (see time_fn)
 
     @property
     def spread_pct(self) -> float:
@@ -31,18 +33,35 @@ class Timing:
         return 100.0 * (self.max_ms - self.min_ms) / self.median_ms if self.median_ms else 0.0
 
 
-def time_fn(fn: Callable, args: Sequence, *, warmup: int = 2, reps: int = 10) -> Timing:
-    """Median wall time of ``fn(*args)``, each run synchronised on its outputs."""
+def time_fn(fn: Callable, args: Sequence, *, warmup: int = 2, reps: int = 10,
+            min_sample_ms: float = 5.0) -> Timing:
+    """Per-call wall time of ``fn(*args)``: median, min and max over ``reps`` samples.
+
+    A sample is a batch of back-to-back calls, synchronised once on the last
+    one's outputs (the device runs them in order, so it has run them all), and
+    counts as the batch's time over its size. The batch is as many calls as
+    take ``min_sample_ms`` by the last warm-up call's time, so a short kernel's
+    time is not the host's dispatch and synchronisation latency (tens of
+    microseconds a call, as much as a decode GEMM) while a long one is still
+    timed call by call. Warm-up (compilation, first launch, lazy loading) is
+    excluded.
+    """
     import jax
 
-    for _ in range(warmup):
+    one_ms = 0.0
+    for _ in range(max(1, warmup)):
+        t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
+        one_ms = (time.perf_counter() - t0) * 1e3
+    batch = max(1, min(1000, math.ceil(min_sample_ms / max(one_ms, 1e-3))))
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
+        for _ in range(batch - 1):
+            fn(*args)
         jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(samples), min(samples), max(samples), reps)
+        samples.append((time.perf_counter() - t0) * 1e3 / batch)
+    return Timing(statistics.median(samples), min(samples), max(samples), reps, batch)
 
 
 def environment(devices) -> dict:

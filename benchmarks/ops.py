@@ -89,6 +89,27 @@ def sweep_shapes(sweep: str) -> list[Shape]:
     raise ValueError(f"unknown sweep {sweep!r}")
 
 
+def parse_ms(text: str | None) -> tuple[int, ...] | None:
+    """``--ms 64,1024``: the total token counts M to keep (None: every one)."""
+    if not text:
+        return None
+    ms = tuple(int(v) for v in text.split(",") if v)
+    if not ms or any(v <= 0 for v in ms):
+        raise ValueError(f"--ms takes positive integers separated by commas, got {text!r}")
+    return ms
+
+
+def select(shapes: list[Shape], ms: tuple[int, ...] | None) -> list[Shape]:
+    """The shapes whose M is in ``ms`` (all for None); an empty selection is an error."""
+    if ms is None:
+        return shapes
+    kept = [s for s in shapes if s.m in ms]
+    if not kept:
+        raise ValueError(f"no shape of the sweep has M in {ms}: "
+                         f"it has {sorted({s.m for s in shapes})}")
+    return kept
+
+
 def result_dtype(dtype, w_dtype=None):
     """What the ops return for x of ``dtype`` and w of ``w_dtype`` (default the
     same): their MMAs' dtype, bfloat16 for two float8 operands."""
@@ -103,7 +124,8 @@ def _dot(a, b):
 
 def measure_peak(device, dtype, size: int, reps: int) -> float:
     """Dense-GEMM TFLOP/s of one device (XLA's dot on a square problem)."""
-    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    a = np.random.default_rng(0).standard_normal((size, size), np.float32) / np.sqrt(size)
+    a = jax.device_put(jnp.asarray(a).astype(dtype), device)
     f = jax.jit(lambda a: _dot(a, a))
     t = harness.time_fn(f, (a,), reps=reps)
     return 2 * size**3 / (t.median_ms * 1e-3) / 1e12
@@ -174,10 +196,15 @@ def main(argv=None) -> int:
                    help="W's dtype (default: X's; they differ only where one is float8)")
     p.add_argument("--w-transposed", action="store_true", help="W given as W^T [N, K]")
     p.add_argument("--impls", default="xla,ring,fused")
+    p.add_argument("--ms", default=None, help="only these total M, e.g. 64,1024,8192")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     sweep = "quick" if a.quick else a.sweep
+    try:
+        shapes = select(sweep_shapes(sweep), parse_ms(a.ms))
+    except ValueError as e:
+        p.error(str(e))
     reps = min(3, a.reps) if a.quick else a.reps
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     devices = gpus or jax.devices("cpu")[:8]
@@ -189,11 +216,12 @@ def main(argv=None) -> int:
         p.error(str(e))
     impls = [i for i in a.impls.split(",") if i]
     env = harness.environment(devices)
-    # The peak of the MMAs the ops run (a float8 w against bfloat16 x: bfloat16).
+    # The peak of the MMAs the ops run (a float8 w against bfloat16 x: bfloat16),
+    # on random data (zeros and ones run faster than real data on these chips).
     peak = measure_peak(devices[0], mma, 512 if a.quick else 8192, reps)
     print(f"{env['device']}: dense-GEMM peak {peak:.3g} TFLOP/s ({mma.name})")
     rows = []
-    for shape in sweep_shapes(sweep):
+    for shape in shapes:
         gemm_ms = local_gemm_ms(devices[0], shape, dtype, reps, w_dtype)
         for row in run_point(shape, mesh, impls, dtype, reps, peak, gemm_ms, a.w_transposed,
                              w_dtype):

@@ -173,16 +173,34 @@ def test_compiled_report_quick(tmp_path, extra, name):
     assert "compiled on a CPU-only host, not run" in md and "command" in md
 
 
-def test_gpu_run_script_lists_the_steps_it_has():
-    # The header's step list is what a GPU session names (bash gpu_run.sh STEP ...).
-    import os
-    import re
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "benchmarks", "gpu_run.sh")
-    text = open(path).read()
-    header = " ".join(line[1:] for line in text.split("set -uo")[0].splitlines()
-                      if line.startswith("#"))
-    listed = set(re.search(r"Steps:(.*?)\(tune", header, re.S).group(1).split())
-    defined = set(re.findall(r"^\s*step (\w+) ", text, re.M))
-    assert listed == defined - {"tune", "tune_backward"}, (listed, defined)
+def test_time_fn_batches_short_calls_and_times_long_ones_alone():
+    import time
+
+    import jax.numpy as jnp
+
+    from benchmarks import harness
+
+    calls = []
+    x = jnp.ones((4,))
+    fast = jax.jit(lambda x: x + 1)
+
+    def slow(x):
+        calls.append(1)
+        time.sleep(0.02)
+        return x
+
+    t = harness.time_fn(fast, (x,), reps=3, min_sample_ms=5.0)
+    assert t.batch > 1 and t.median_ms < 5.0, t
+    t = harness.time_fn(slow, (x,), warmup=1, reps=3, min_sample_ms=5.0)
+    assert t.batch == 1 and len(calls) == 4 and 15 < t.median_ms < 200, t
+
+
+def test_sweeps_keep_the_points_asked_for():
+    assert ops.parse_ms(None) is None and ops.parse_ms("64,8192") == (64, 8192)
+    shapes = ops.select(ops.sweep_shapes("gpt3-175b"), (64, 8192))
+    assert sorted({s.m for s in shapes}) == [64, 8192] and len(shapes) == 4
+    with pytest.raises(ValueError, match="positive integers"):
+        ops.parse_ms("64,-1")
+    with pytest.raises(ValueError, match="no shape of the sweep has M in"):
+        ops.select(ops.sweep_shapes("gpt3-175b"), (3,))

@@ -7,9 +7,10 @@ of TP=8, XLA's dot and the Triton GEMM). Output: predicted time and overlap
 efficiency of each impl on P GPUs connected all-to-all (NVLink: about
 450 GB/s per direction per H100), from this model:
 
-* communication per rank: AG-GEMM receives (P-1)/P * M * K * bytes (the
-  other ranks' rows), GEMM-RS sends (P-1)/P * M * N * bytes (partials of the
-  other ranks' rows); ``comm = volume / link_bw``.
+* communication per rank: AG-GEMM receives (P-1)/P * M * K * x's bytes (the
+  other ranks' rows), GEMM-RS sends (P-1)/P * M * N * the result's bytes
+  (partials of the other ranks' rows: bfloat16 for float8 operands);
+  ``comm = volume / link_bw``.
 * xla: collective, then GEMM: ``comm + gemm``.
 * ring: the first chunk GEMM (gemm / P) is exposed, then P // 2
   bidirectional steps, each ``max(two chunk GEMMs, one shard transfer)``
@@ -38,12 +39,26 @@ COLUMNS = ["shape", "M", "K", "N", "P", "gemm_ms", "comm_ms", "xla_ms", "ring_ms
            "E_ring", "E_fused"]
 
 
+def wire_itemsize(row: dict) -> int:
+    """Bytes an element of what travels: x's rows (AG-GEMM) or the partial
+    sums, in the result's dtype (GEMM-RS)."""
+    import jax.numpy as jnp
+
+    from benchmarks.ops import result_dtype
+
+    x = jnp.dtype(row["dtype"])
+    if row["shape"].startswith("ag"):
+        return x.itemsize
+    return jnp.dtype(result_dtype(x, jnp.dtype(row.get("b_dtype") or x))).itemsize
+
+
 def project(row: dict, p: int, link_gbps: float, hbm_gbps: float, sms: int, comm_sms: int,
-            step_us: float, itemsize: int) -> dict:
+            step_us: float) -> dict:
     m, k, n = int(row["M"]), int(row["K"]), int(row["N"])
     gemm = float(row["xla_ms"])
     triton = float(row["triton_ms"]) if row.get("triton_ms") else gemm
     ag = row["shape"].startswith("ag")
+    itemsize = wire_itemsize(row)
     volume = (p - 1) / p * m * (k if ag else n) * itemsize  # bytes per rank
     comm = volume / (link_gbps * 1e9) * 1e3
     xla = comm + gemm
@@ -73,9 +88,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     with open(a.gemm_csv) as f:
         rows = [r for r in csv.DictReader(f) if r.get("xla_ms")]
-    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[rows[0]["dtype"]]
-    out = [project(r, a.p, a.link_gbps, a.hbm_gbps, a.sms, a.comm_sms, a.step_us, itemsize)
-           for r in rows]
+    out = [project(r, a.p, a.link_gbps, a.hbm_gbps, a.sms, a.comm_sms, a.step_us) for r in rows]
     path = a.out or os.path.splitext(a.gemm_csv)[0] + f"_projection_P{a.p}.md"
     params = (f"P={a.p}, link {a.link_gbps} GB/s per direction, HBM {a.hbm_gbps} GB/s, "
               f"{a.sms} SMs ({a.comm_sms} for communication), ring step overhead {a.step_us} us")

@@ -62,6 +62,27 @@ def test_gemm_quick_and_the_projection_from_it(tmp_path):
     assert text.startswith("# PROJECTION (not a measurement)")
 
 
+def test_projection_sends_what_each_op_sends():
+    # AG-GEMM moves x's rows (1 byte for float8), GEMM-RS the partial sums in the
+    # result's dtype (bfloat16 for float8 operands, the wider one for mixed).
+    row = dict(M=8192, K=12288, N=6144, xla_ms=1.0, triton_ms=1.0)
+    sizes = {(op, d, b): projection.wire_itemsize(dict(row, shape=f"{op}:x", dtype=d, b_dtype=b))
+             for op in ("ag", "rs") for d, b in [("bfloat16", "bfloat16"), ("float32", ""),
+                                                 ("float8_e4m3fn", "float8_e4m3fn"),
+                                                 ("bfloat16", "float8_e4m3fn")]}
+    assert sizes == {("ag", "bfloat16", "bfloat16"): 2, ("ag", "float32", ""): 4,
+                     ("ag", "float8_e4m3fn", "float8_e4m3fn"): 1,
+                     ("ag", "bfloat16", "float8_e4m3fn"): 2,
+                     ("rs", "bfloat16", "bfloat16"): 2, ("rs", "float32", ""): 4,
+                     ("rs", "float8_e4m3fn", "float8_e4m3fn"): 2,
+                     ("rs", "bfloat16", "float8_e4m3fn"): 2}
+    fp8 = projection.project(dict(row, shape="ag:x", dtype="float8_e4m3fn",
+                                  b_dtype="float8_e4m3fn"), 8, 450.0, 3350.0, 132, 4, 10.0)
+    bf16 = projection.project(dict(row, shape="ag:x", dtype="bfloat16", b_dtype="bfloat16"),
+                              8, 450.0, 3350.0, 132, 4, 10.0)
+    assert fp8["comm_ms"] == pytest.approx(bf16["comm_ms"] / 2)
+
+
 @pytest.mark.parametrize("dtype,b_dtype", [("bfloat16", None), ("float8_e4m3fn", None),
                                            ("bfloat16", "float8_e4m3fn")])
 def test_gemm_quick_with_b_transposed(tmp_path, dtype, b_dtype):

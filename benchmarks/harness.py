@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import os
 import platform
 import shlex
@@ -17,6 +16,8 @@ import statistics
 import sys
 import time
 from typing import Callable, Sequence
+
+from jax_flux._timing import sample_ms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,32 +36,11 @@ class Timing:
 
 def time_fn(fn: Callable, args: Sequence, *, warmup: int = 2, reps: int = 10,
             min_sample_ms: float = 5.0) -> Timing:
-    """Per-call wall time of ``fn(*args)``: median, min and max over ``reps`` samples.
-
-    A sample is a batch of back-to-back calls, synchronised once on the last
-    one's outputs (the device runs them in order, so it has run them all), and
-    counts as the batch's time over its size. The batch is as many calls as
-    take ``min_sample_ms`` by the last warm-up call's time, so a short kernel's
-    time is not the host's dispatch and synchronisation latency (tens of
-    microseconds a call, as much as a decode GEMM) while a long one is still
-    timed call by call. Warm-up (compilation, first launch, lazy loading) is
-    excluded.
-    """
-    import jax
-
-    one_ms = 0.0
-    for _ in range(max(1, warmup)):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        one_ms = (time.perf_counter() - t0) * 1e3
-    batch = max(1, min(1000, math.ceil(min_sample_ms / max(one_ms, 1e-3))))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(batch - 1):
-            fn(*args)
-        jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - t0) * 1e3 / batch)
+    """Per-call wall time of ``fn(*args)``: median, min and max over ``reps``
+    samples, each a batch of back-to-back calls synchronised once
+    (``jax_flux._timing.sample_ms``: a short kernel is not timed as the host's
+    dispatch latency). Warm-up is excluded."""
+    samples, batch = sample_ms(fn, args, warmup=warmup, reps=reps, min_sample_ms=min_sample_ms)
     return Timing(statistics.median(samples), min(samples), max(samples), reps, batch)
 
 

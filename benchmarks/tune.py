@@ -9,6 +9,8 @@ For every shape of the sweep (the same ones ``benchmarks.ops`` times), over
 all devices of the default backend as one "tp" axis, ``jax_flux.autotune.tune``
 verifies and times the pruned config space and records the fastest in the
 user cache (``$JAX_FLUX_AUTOTUNE_CACHE`` or ~/.cache/jax_flux/autotune.json).
+It also times impls xla and ring on each problem and records them beside the
+fused config: ``impl="auto"`` then runs the fastest of the three there.
 ``--ship`` also merges those entries into ``jax_flux/tuned_defaults.json``,
 the defaults every install uses for this device kind, shapes and axis size.
 A CSV/markdown report lists the winner and how many candidates failed.
@@ -42,8 +44,7 @@ from jax_flux._validate import backward_dtype, is_float8
 
 DTYPES = ["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"]
 COLUMNS = ["op", "name", "M", "K", "N", "P", "dtype", "w_dtype", "out", "w", "best_ms",
-           "candidates",
-           "failed", "config", "first_failure"]
+           "xla_ms", "ring_ms", "auto", "candidates", "failed", "config", "first_failure"]
 
 
 def per_rank(shape, world: int) -> tuple[int, int, int]:
@@ -120,6 +121,9 @@ def main(argv=None) -> int:
         best, results = autotune.tune(op, mesh, m_local, k, n, dtype, max_configs=max_configs,
                                       reps=reps, log=lambda s: None, **variant)
         ok = [r for r in results if r["status"] == "ok"]
+        entry_key = autotune.key(op, device_kind, m_local, k, n, dtype, world, **variant)
+        entry = autotune.cached_entry(entry_key)
+        times = autotune.measured_ms(entry) if entry else {}
         M, K, N = shape.global_operands(world)
         if a.backward:
             K, N = N, K
@@ -128,13 +132,16 @@ def main(argv=None) -> int:
                "candidates": len(results),
                "failed": sum(r["status"].startswith(("failed", "wrong")) for r in results),
                "best_ms": round(min(r["median_ms"] for r in ok), 4) if ok else None,
+               "xla_ms": round(times["xla"], 4) if "xla" in times else None,
+               "ring_ms": round(times["ring"], 4) if "ring" in times else None,
+               "auto": autotune.best_impl(op, device_kind, m_local, k, n, dtype, world,
+                                          **variant) or "xla",
                "config": repr(best) if best else "none passed",
                "first_failure": next((r["status"] for r in results if r["status"] != "ok"), "")}
         rows.append(row)
         print(harness.format_row(row, COLUMNS), flush=True)
-        if best is not None:
-            entry_key = autotune.key(op, device_kind, m_local, k, n, dtype, world, **variant)
-            winners[entry_key] = autotune.cached_entry(entry_key)
+        if entry is not None:  # the fused winner and the baselines' times (auto's choice)
+            winners[entry_key] = entry
     if a.ship and winners:
         ship(winners, a.shipped_path)
         print(f"shipped {len(winners)} entries to {a.shipped_path}")
@@ -146,7 +153,8 @@ def main(argv=None) -> int:
                             f"_{devices[0].platform}{world}"),
         f"Autotuned fused kernels ({sweep})", harness.environment(devices), rows, COLUMNS,
         [f"jax_flux.autotune.tune per shape over {world} device(s), median of {reps} timed "
-         f"runs per verified candidate."], on_gpu=on_gpu)
+         f"runs per verified candidate; xla_ms and ring_ms: those impls on the same problem; "
+         f"auto: what impl='auto' now runs there (the fastest of the three)."], on_gpu=on_gpu)
     return 0
 
 

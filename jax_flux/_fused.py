@@ -93,17 +93,22 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
     from jax_flux import autotune
 
     out_dtype = jnp.dtype(out_dtype or dtype)
-    # The abstract mesh of a shard_map may not know its device kind; the
-    # default backend's devices are the ones a fused kernel can run on.
-    device_kind = (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
-                   jax.devices()[0].device_kind)
-    tuned = autotune.lookup(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+    tuned = autotune.lookup(op, device_kind(), m_local, k, n, dtype, world, out_dtype=out_dtype,
                             w_transposed=w_transposed, w_dtype=w_dtype)
     if tuned is not None:
         return tuned
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
                        itemsize=mma_dtype(dtype, w_dtype).itemsize,
                        out_itemsize=out_dtype.itemsize)
+
+
+def device_kind() -> str:
+    """The device kind autotuned entries are keyed by, at trace time: the
+    enclosing mesh's, else the default backend's (the abstract mesh of a
+    shard_map may not know it; that backend's devices are the ones a fused
+    kernel can run on)."""
+    return (getattr(jax.sharding.get_abstract_mesh(), "device_kind", None) or
+            jax.devices()[0].device_kind)
 
 
 def vmap_folding(launch: Callable, rows: int) -> Callable:

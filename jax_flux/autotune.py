@@ -3,9 +3,12 @@
 ``tune(...)`` runs every candidate config of one op and shape on a mesh,
 discards any whose result is not within tolerance of the lax collective,
 times the rest (median of device-synchronised runs) and records the fastest
-in the cache. ``impl="fused"`` with ``config=None`` consults, in order: the
-user's cache, the defaults shipped with jax_flux (``tuned_defaults.json``),
-then the shape heuristic of the config class.
+in the cache, with the times of impls ``"xla"`` and ``"ring"`` on the same
+problem in the same process. ``impl="fused"`` with ``config=None`` consults,
+in order: the user's cache, the defaults shipped with jax_flux
+(``tuned_defaults.json``), then the shape heuristic of the config class.
+``impl="auto"`` takes the impl measured fastest there (``best_impl``), and
+xla for a problem never measured.
 
 Cache entries are keyed by device kind, op, per-rank shape, dtype and axis
 size, and, where they are not the plain case, the result dtype
@@ -25,11 +28,11 @@ import threading
 import time
 from typing import Iterable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from custom_calls.gemm import mma_dtype
+from jax_flux._timing import sample_ms
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig
 
 AG, RS = "all_gather_matmul", "matmul_reduce_scatter"
@@ -76,16 +79,48 @@ def _read(path: str) -> dict:
         return _loaded[path]
 
 
-def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-           out_dtype=None, w_transposed: bool = False, w_dtype=None):
-    """The tuned config for this problem, or None (user cache first, then shipped)."""
-    entry_key = key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                    w_transposed=w_transposed, w_dtype=w_dtype)
+def _entry(entry_key: str) -> dict | None:
+    """The entry for ``entry_key``: the user cache's, else the shipped one."""
     for path in (cache_path(), SHIPPED):
         entry = _read(path).get(entry_key)
         if entry is not None:
-            return CONFIG_CLASSES[op](**entry["config"])
+            return entry
     return None
+
+
+def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
+           out_dtype=None, w_transposed: bool = False, w_dtype=None):
+    """The tuned config for this problem, or None (user cache first, then shipped;
+    None too where no fused config passed when it was tuned)."""
+    entry = _entry(key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+                       w_transposed=w_transposed, w_dtype=w_dtype))
+    if entry is None or not entry.get("config"):
+        return None
+    return CONFIG_CLASSES[op](**entry["config"])
+
+
+def measured_ms(entry: dict) -> dict[str, float]:
+    """{impl: median ms} of what an entry measured: the fused config's (if one
+    passed), xla's and ring's (entries tuned before these were recorded: the
+    fused one alone)."""
+    times = {"fused": entry.get("median_ms") if entry.get("config") else None,
+             "xla": entry.get("xla_ms"), "ring": entry.get("ring_ms")}
+    return {impl: float(t) for impl, t in times.items() if t is not None}
+
+
+def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
+              out_dtype=None, w_transposed: bool = False, w_dtype=None) -> str | None:
+    """The impl measured fastest for this problem on this device kind (``"fused"``,
+    ``"xla"`` or ``"ring"``: what ``impl="auto"`` runs), or None where it was not
+    timed against xla (no entry, or one tuned before xla's time was recorded).
+    The entry is the one ``lookup`` reads: the user cache's, else the shipped one.
+    """
+    entry = _entry(key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+                       w_transposed=w_transposed, w_dtype=w_dtype))
+    times = measured_ms(entry) if entry is not None else {}
+    if "xla" not in times:
+        return None
+    return min(times, key=lambda impl: (times[impl], impl != "xla"))  # a tie stays on xla
 
 
 def cached_entry(entry_key: str) -> dict | None:
@@ -93,12 +128,15 @@ def cached_entry(entry_key: str) -> dict | None:
     return _read(cache_path()).get(entry_key)
 
 
-def record(op: str, entry_key: str, config, median_ms: float) -> None:
-    """Stores ``config`` under ``entry_key`` in the user cache (atomic file replace)."""
+def record(op: str, entry_key: str, config, median_ms: float | None, *,
+           baselines_ms: dict[str, float] | None = None) -> None:
+    """Stores ``config`` (None: no fused config passed) under ``entry_key`` in the user
+    cache (atomic file replace), with the other impls' times (``{"xla": ms, ...}``)."""
     path = cache_path()
     data = dict(_read(path))
-    data[entry_key] = {"op": op, "config": dataclasses.asdict(config), "median_ms": median_ms,
-                       "tuned": time.strftime("%Y-%m-%d %H:%M:%S")}
+    data[entry_key] = {"op": op, "config": dataclasses.asdict(config) if config else None,
+                       "median_ms": median_ms, "tuned": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       **{f"{impl}_ms": ms for impl, ms in (baselines_ms or {}).items()}}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -202,14 +240,16 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
 
 def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterable | None = None,
          reps: int = 10, max_configs: int | None = None, log=print, out_dtype=None,
-         w_transposed: bool = False, w_dtype=None):
+         w_transposed: bool = False, w_dtype=None, baselines: Iterable[str] = ("xla", "ring")):
     """Verifies and times candidate configs on ``mesh`` (axis "tp"); records the best.
 
     ``out_dtype`` (the ops' preferred_element_type), ``w_dtype`` (w's, where
     it is not x's ``dtype``: a float8 weight, or the backward pass's float8
     weight against a wider cotangent) and ``w_transposed`` (w given as w^T,
     as the backward passes launch the kernels) select the problem variant,
-    and are part of the recorded key.
+    and are part of the recorded key. The ``baselines`` impls are verified
+    and timed on the same problem too, and their times recorded beside the
+    fused config's: ``impl="auto"`` then runs the fastest (``best_impl``).
 
     Returns (best config or None, rows of {config, status, median_ms}). A
     candidate that fails (compiler, device, a timed-out wait) is reported and
@@ -233,33 +273,45 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
     xs, ws = testing.place(op, mesh, x, w, w_transposed=w_transposed)
     ref = np.asarray(testing.sharded(op, mesh, "xla", **variant)(xs, ws), np.float64)
     tol = max(testing.TOLERANCE[jnp.dtype(d)] for d in (dtype, w_dtype or dtype))
+
+    def verified_ms(fn) -> float:
+        """Median ms of ``fn`` once its result is within ``tol`` of the reference."""
+        err = testing.relative_error(fn(xs, ws), ref)
+        if not err < tol:
+            raise _Wrong(f"wrong (rel err {err:.2e})")
+        return statistics.median(sample_ms(fn, (xs, ws), warmup=1, reps=reps)[0])
+
     rows, best = [], None
     for cfg in configs:
-        fn = testing.sharded(op, mesh, "fused", cfg, **variant)
         try:
-            err = testing.relative_error(fn(xs, ws), ref)
-            if not err < tol:
-                rows.append({"config": cfg, "status": f"wrong (rel err {err:.2e})"})
-                continue
-            jax.block_until_ready(fn(xs, ws))
-            samples = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(xs, ws))
-                samples.append((time.perf_counter() - t0) * 1e3)
+            ms = verified_ms(testing.sharded(op, mesh, "fused", cfg, **variant))
+        except _Wrong as e:
+            rows.append({"config": cfg, "status": str(e)})
+            continue
         except Exception as e:  # the compiler or device rejects it, or a wait timed out
             last = [line for line in str(e).splitlines() if line.strip()][-1:] or [""]
             rows.append({"config": cfg, "status": f"failed: {type(e).__name__}: {last[0]}"[:300]})
             # A timed-out call leaves the workspace out of step (see PeerTimeoutError).
             workspace.reset()
             continue
-        ms = statistics.median(samples)
         rows.append({"config": cfg, "status": "ok", "median_ms": ms})
         log(f"{ms:10.3f} ms  {cfg}")
         if best is None or ms < best[1]:
             best = (cfg, ms)
-    if best is not None:
+    timed = {}
+    for impl in baselines:
+        try:
+            timed[impl] = verified_ms(testing.sharded(op, mesh, impl, **variant))
+            log(f"{timed[impl]:10.3f} ms  impl={impl}")
+        except _Wrong as e:
+            log(f"impl={impl}: {e}, not recorded")
+    if best is not None or timed:
         device_kind = mesh.devices.flat[0].device_kind
         record(op, key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                       w_transposed=w_transposed, w_dtype=w_dtype), best[0], best[1])
+                       w_transposed=w_transposed, w_dtype=w_dtype),
+               best[0] if best else None, best[1] if best else None, baselines_ms=timed)
     return (best[0] if best else None), rows
+
+
+class _Wrong(Exception):
+    """A result outside the tolerance: not timed."""

@@ -34,26 +34,29 @@ _AG = "all_gather_matmul"
 _RS = "matmul_reduce_scatter"
 
 
-def _fused_is_default() -> bool:
-    """Whether impl="auto" picks the fused kernels.
-
-    On CPU devices the kernels run through Triton's interpreter, which is for
-    testing, not speed, so auto stays on xla there. On GPUs too, until the
-    fused kernels have been measured faster than xla there (benchmarks.ops):
-    none has run on a GPU yet.
-    """
-    return False
-
-
 def _resolve(op: str, impl: str, config: Any) -> str:
-    """The concrete impl for ``impl``; ``"auto"`` picks fused where supported."""
+    """``impl`` checked; ``"auto"`` stays, to be resolved per launch (``_auto``)."""
     _validate.check_impl(op, impl)
-    if impl == "auto":
-        return "fused" if _fused_is_default() else "xla"
     if impl in ("xla", "ring") and config is not None:
         raise ValueError(f"{op}: config applies to impl='fused' only, got impl={impl!r} with "
                          f"config={config!r}")
     return impl
+
+
+def _auto(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> str:
+    """What ``impl="auto"`` runs for this launch: the impl measured fastest for its
+    per-rank problem on this device kind (``jax_flux.autotune``: ``benchmarks.tune``
+    records xla's and ring's times beside the fused config's, and jax_flux ships
+    such entries), else xla. Resolved per launch, so the backward pass's ops
+    follow their own measurements (``benchmarks.tune --backward``)."""
+    from jax_flux import autotune
+    from jax_flux._fused import device_kind
+
+    n = w.shape[0] if w_transposed else w.shape[1]
+    m_local = x.shape[0] if op == _AG else x.shape[0] // size
+    return autotune.best_impl(op, device_kind(), m_local, x.shape[1], n, x.dtype, size,
+                              out_dtype=out_dtype, w_transposed=w_transposed,
+                              w_dtype=w.dtype) or "xla"
 
 
 # With w_transposed, w is given as w^T (the backward passes' ``d @ w^T``): the
@@ -62,6 +65,8 @@ def _resolve(op: str, impl: str, config: Any) -> str:
 
 def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
                 out_dtype=None, w_transposed=False):
+    if impl == "auto":
+        impl = _auto(_AG, x, w, size, out_dtype, w_transposed)
     kw = dict(return_gathered=return_gathered, out_dtype=out_dtype)
     if impl == "fused":
         return ag_gemm.fused(x, w, axis_name, size, config, w_transposed=w_transposed, **kw)
@@ -72,6 +77,8 @@ def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
 
 
 def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_transposed=False):
+    if impl == "auto":
+        impl = _auto(_RS, x, w, size, out_dtype, w_transposed)
     if impl == "fused":
         return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype,
                              w_transposed=w_transposed)
@@ -188,9 +195,12 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
         (one axis of their sizes' product, the first major, as in ``lax``).
       impl: ``"xla"`` (all-gather then matmul), ``"ring"`` (bidirectional
         collective-permute ring overlapping chunk matmuls), ``"fused"`` (the
-        Flux Triton kernel) or ``"auto"`` (fused where supported, else xla).
-      config: ``AllGatherMatmulConfig`` for impl ``"fused"``; None picks a
-        default by shape.
+        Flux Triton kernel) or ``"auto"``: the one measured fastest for this
+        per-rank problem on this device kind (``jax_flux.autotune``, filled
+        by ``benchmarks.tune`` or shipped), else xla.
+      config: ``AllGatherMatmulConfig`` for impl ``"fused"`` (and ``"auto"``
+        where it picks fused); None picks the tuned config, else a default
+        by shape.
       preferred_element_type: the result's dtype (bfloat16, float16 or
         float32), as in ``lax.dot_general``; None: x's (float8 operands must
         give it). The product is accumulated in float32 either way.

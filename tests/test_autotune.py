@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, autotune, testing
@@ -155,3 +156,89 @@ def test_the_backward_pass_looks_up_its_transposed_weight_launch(cache, dtype):
     d, o = jnp.dtype(dtype).name, jnp.dtype(out or dtype).name
     assert seen == [(autotune.AG, (8, 32, 2), d, o, False, d),
                     (autotune.RS, (8, 2, 32), o, o, True, d)]
+
+
+def test_tune_records_xla_and_ring_beside_the_fused_config(cache):
+    mesh = mesh_of(8)
+    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=1)
+    best, rows = autotune.tune(autotune.RS, mesh, 8, 4, 16, jnp.float32, configs=[cfg], reps=2,
+                               log=lambda s: None)
+    assert best == cfg and [r["status"] for r in rows] == ["ok"]
+    kind = jax.devices()[0].device_kind
+    entry = autotune.cached_entry(autotune.key(autotune.RS, kind, 8, 4, 16, jnp.float32, 8))
+    times = autotune.measured_ms(entry)
+    assert set(times) == {"fused", "xla", "ring"} and all(t > 0 for t in times.values()), entry
+    assert autotune.best_impl(autotune.RS, kind, 8, 4, 16, jnp.float32, 8) == min(times,
+                                                                                  key=times.get)
+
+
+def _fresh(op, mesh, grad=False):
+    # testing.sharded memoises its jitted functions, and auto is resolved when
+    # a call is traced: a new function each time sees the current records.
+    return testing.sharded.__wrapped__(op, mesh, "auto", grad=grad)
+
+
+def _impls_in(text: str) -> set:
+    """Which impls a lowered program holds: the kernel (a host callback on CPU
+    devices), the lax collectives, the ring's permutes."""
+    return {impl for impl, op in (("fused", "cpu_callback"), ("xla", "all_gather"),
+                                  ("xla", "reduce_scatter"), ("ring", "collective_permute"))
+            if op in text}
+
+
+def _record(op, m_local, k, n, *, fused=None, xla=None, ring=None, w_transposed=False):
+    kind = jax.devices()[0].device_kind
+    cfg = (AllGatherMatmulConfig if op == autotune.AG else MatmulReduceScatterConfig)(
+        block_m=16, block_n=16, block_k=16)
+    autotune.record(op, autotune.key(op, kind, m_local, k, n, jnp.float32, 8,
+                                     w_transposed=w_transposed),
+                    cfg if fused else None, fused,
+                    baselines_ms={k_: v for k_, v in (("xla", xla), ("ring", ring)) if v})
+
+
+def test_auto_runs_the_impl_measured_fastest_else_xla(cache):
+    mesh = mesh_of(8)
+    x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=5)
+    xs, ws = testing.place(autotune.AG, mesh, x, w)
+
+    def impls():
+        return _impls_in(_fresh(autotune.AG, mesh).lower(xs, ws).as_text())
+
+    # Per rank: x [8, 32] @ w [32, 2]. Never measured: xla.
+    assert impls() == {"xla"}
+    # An entry tuned before xla's time was kept (the fused time alone): still xla.
+    _record(autotune.AG, 8, 32, 2, fused=0.5)
+    assert impls() == {"xla"}
+    _record(autotune.AG, 8, 32, 2, fused=0.5, xla=1.0, ring=2.0)
+    assert impls() == {"fused"}
+    out = _fresh(autotune.AG, mesh)(xs, ws)  # the fused kernel, with the recorded config
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+    _record(autotune.AG, 8, 32, 2, fused=0.5, xla=1.0, ring=0.25)
+    assert impls() == {"ring"}
+    _record(autotune.AG, 8, 32, 2, fused=2.0, xla=1.0, ring=1.0)  # a tie stays on xla
+    assert impls() == {"xla"}
+    # No fused config passed when it was tuned: xla or ring, never fused.
+    _record(autotune.AG, 8, 32, 2, xla=1.0, ring=3.0)
+    assert impls() == {"xla"}
+    kind = jax.devices()[0].device_kind
+    assert autotune.lookup(autotune.AG, kind, 8, 32, 2, jnp.float32, 8) is None
+
+
+def test_auto_in_the_backward_pass_follows_the_backward_launch_record(cache):
+    # Forward AG-GEMM measured fastest on xla, its dx launch (a GEMM-RS of dy
+    # [64, 2] with w^T [2, 32]) fastest fused: the gradient runs both.
+    mesh = mesh_of(8)
+    _record(autotune.AG, 8, 32, 2, fused=2.0, xla=1.0)
+    _record(autotune.RS, 8, 2, 32, fused=0.5, xla=1.0, w_transposed=True)
+    x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=6)
+    g64 = np.random.default_rng(7).standard_normal((64, 16))
+    xs, ws = testing.place(autotune.AG, mesh, x, w)
+    fn = _fresh(autotune.AG, mesh, grad=True)
+    g = jnp.asarray(g64, jnp.float32)
+    text = fn.lower(xs, ws, g).as_text()
+    assert text.count("cpu_callback") == 1 and _impls_in(text) == {"fused", "xla"}
+    assert "reduce_scatter" not in text
+    out, dx, dw = fn(xs, ws, g)
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+    assert testing.relative_error(dx, g64 @ w64.T) < 1e-5
+    assert testing.relative_error(dw, x64.T @ g64) < 1e-5

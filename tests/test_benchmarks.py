@@ -138,10 +138,16 @@ def test_tune_quick_records_and_ships(tmp_path, monkeypatch):
                       "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / "tune_quick_bfloat16_cpu8.csv")
     assert rows and all(r["config"] != "none passed" for r in rows), rows
+    # The baselines beside each winner, and what auto runs: the fastest of the three.
+    for r in rows:
+        times = {"fused": float(r["best_ms"]), "xla": float(r["xla_ms"]),
+                 "ring": float(r["ring_ms"])}
+        assert times[r["auto"]] <= min(times.values()) + 1e-3, r  # (the CSV rounds)
     entries = json.loads(shipped.read_text())
     assert len(entries) == len(rows)
     for entry_key, entry in entries.items():
         assert "|P=8" in entry_key and entry["config"] and entry["median_ms"] > 0
+        assert entry["xla_ms"] > 0 and entry["ring_ms"] > 0
         assert autotune.cached_entry(entry_key) == entry
 
 

@@ -43,6 +43,12 @@ ARCHIVE = "gpu_results.tar.gz"
 SUMMARY = "summary.md"
 # Seconds kept back from the budget for packing the results after the last step.
 RESERVE_S = 10
+# What every step runs with (unless set already): lazily loaded CUDA modules can
+# deadlock kernels that spin-wait on each other, so load them all up front;
+# jax_flux's workspace and the rank emulation allocate outside XLA's pool, so
+# leave room; unbuffered output, so a step cut at its limit has logged what it did.
+STEP_ENV = {"CUDA_MODULE_LOADING": "EAGER", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
+            "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONUNBUFFERED": "1"}
 
 # GPU tests worth the first minutes: each op through jax-triton at world size 1
 # (bfloat16), the 8-ranks-on-one-GPU protocol for both ops (the 200-repetition
@@ -77,8 +83,9 @@ class Step:
 
 
 def _pytest(expr: str, *files: str) -> tuple[str, ...]:
-    return (PY, "-m", "pytest", "-v", "-rfE", "--durations=15", "-p", "no:cacheprovider",
-            "-m", "gpu", "-k", expr, *files)
+    # Without JAX_FLUX_TEST_PLATFORM=gpu the suite pins JAX to the CPU and skips these.
+    return ("env", "JAX_FLUX_TEST_PLATFORM=gpu", PY, "-m", "pytest", "-v", "-rfE",
+            "--durations=15", "-p", "no:cacheprovider", "-m", "gpu", "-k", expr, *files)
 
 
 def _bench(module: str, *args: str) -> tuple[str, ...]:
@@ -154,7 +161,8 @@ def _run_one(argv: list[str], log_path: str, timeout_s: float) -> tuple[int, str
     last = ""
     with open(log_path, "a") as log:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, text=True, errors="replace", bufsize=1)
+                                start_new_session=True, text=True, errors="replace", bufsize=1,
+                                env={**STEP_ENV, **os.environ})
 
         def pump():
             nonlocal last

@@ -20,10 +20,6 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH="$PWD"
 fi
-# Lazy module loading can deadlock spin-waiting kernels: load every module up front.
-export CUDA_MODULE_LOADING=EAGER
-export TRITON_DEFAULT_FP_FUSION=1
-export PYTHONUNBUFFERED=1
-# jax_flux's workspace and the rank emulation allocate outside XLA's pool: leave room.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
+# Every step also gets gpu_run.STEP_ENV (CUDA_MODULE_LOADING=EAGER: lazily loaded modules can
+# deadlock spin-waiting kernels; room beside XLA's memory pool for the workspace).
 exec python3 -m benchmarks.gpu_run "$@"

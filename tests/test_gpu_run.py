@@ -36,8 +36,9 @@ def test_plans_name_steps_and_expand_in_order():
 
 def _collected(step: str) -> set[str]:
     argv = gpu_run.STEPS[step].command("unused")
-    assert argv[1:3] == ["-m", "pytest"]
-    args = [a for a in argv[3:] if a != "-v"]
+    # On the GPU: the suite's conftest pins JAX to the CPU unless told otherwise.
+    assert argv[:2] == ["env", "JAX_FLUX_TEST_PLATFORM=gpu"] and argv[3:5] == ["-m", "pytest"]
+    args = [a for a in argv[5:] if a != "-v"]
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *args],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -101,8 +102,9 @@ def test_budget_timeouts_failures_and_what_comes_back(tmp_path, capsys):
             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('spinning', flush=True); "
             "time.sleep(60)")
     steps = [
-        Step("ok", _py("import sys; print('hello'); open(sys.argv[1] + '/r.csv', 'w')"
-                       ".write('a\\n1\\n')") + ("{results}",), 5, 30, 1),
+        Step("ok", _py("import os, sys; print('hello', os.environ['CUDA_MODULE_LOADING']); "
+                       "open(sys.argv[1] + '/r.csv', 'w').write('a\\n1\\n')") + ("{results}",),
+             5, 30, 1),
         Step("hangs", _py(hang), 5, 3, 1),
         Step("fails", _py("import sys; print('boom'); sys.exit(3)"), 5, 30, 1),
         Step("too_big", _py("print('never')"), 5, 600, 500),
@@ -130,7 +132,7 @@ def test_budget_timeouts_failures_and_what_comes_back(tmp_path, capsys):
     assert "| fails | failed | 3 |" in summary and "not started" in summary
     printed = capsys.readouterr().out
     assert printed.rstrip().endswith(summary.strip().splitlines()[-1])  # the table comes last
-    assert "hello" in printed and "boom" in printed
+    assert "hello EAGER" in printed and "boom" in printed  # gpu_run.STEP_ENV
 
 
 def test_main_returns_the_first_failing_rc_and_refuses_out_as_results(tmp_path, monkeypatch):

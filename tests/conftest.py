@@ -30,23 +30,35 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-def gpu_available() -> bool:
-    """True when JAX's default backend is a CUDA GPU and jax-triton imports."""
+def gpu_missing() -> str | None:
+    """Why the GPU tests cannot run here (None: JAX's default backend is a CUDA GPU
+    and jax-triton imports)."""
     try:
-        if not any(d.platform == "gpu" for d in jax.devices()):
-            return False
-    except RuntimeError:
-        return False
+        platforms = sorted({d.platform for d in jax.devices()})
+    except RuntimeError as e:
+        return f"JAX has no devices: {e}"
+    if "gpu" not in platforms:
+        return f"JAX sees no GPU (platforms: {', '.join(platforms)})"
     try:
         import jax_triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as e:
+        return f"jax_triton does not import ({type(e).__name__}: {e})"
+    return None
+
+
+def gpu_available() -> bool:
+    """True when JAX's default backend is a CUDA GPU and jax-triton imports."""
+    return gpu_missing() is None
 
 
 def pytest_collection_modifyitems(config, items):
-    if gpu_available():
+    missing = gpu_missing()
+    if missing is None:
         return
+    if ON_GPU and any("gpu" in item.keywords for item in items):
+        # Asked for the GPU (JAX_FLUX_TEST_PLATFORM=gpu): a skip would pass silently.
+        raise pytest.UsageError(f"JAX_FLUX_TEST_PLATFORM=gpu, but the GPU tests cannot run: "
+                                f"{missing}")
     skip = pytest.mark.skip(reason="needs a CUDA GPU with jax-triton "
                                    "(run with JAX_FLUX_TEST_PLATFORM=gpu on a GPU host)")
     for item in items:

@@ -59,3 +59,19 @@ def test_ops_world_size_1(op, impl):
     xs, ws = testing.place(op, mesh, x, w)
     out = testing.sharded(op, mesh, impl)(xs, ws)
     assert testing.relative_error(out, x64 @ w64) < 2e-2
+
+
+def test_asking_for_the_gpu_where_it_cannot_run_is_an_error_not_a_skip():
+    # JAX_FLUX_TEST_PLATFORM=gpu on a host where JAX sees no GPU (or jax-triton is
+    # missing): the GPU tests would all be skipped and pytest would pass; it refuses.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_FLUX_TEST_PLATFORM="gpu", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                        "gpu", "tests/test_gpu.py"], cwd=root, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == pytest.ExitCode.USAGE_ERROR, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "the GPU tests cannot run: JAX sees no GPU" in r.stdout + r.stderr

@@ -18,6 +18,14 @@ start included, and returns at most 8 files from ``$OUT``. So:
   ``$OUT/summary.md``: a call killed at its limit still returns what ran;
 * the summary table is printed last (the device tool returns the output's tail).
 
+A session with a lent GPU (15 minutes of device time here, the machine's
+start included): download jax-triton 0.3.1's wheel into ``.whl/`` (README of
+the device tool), then one call ``bash benchmarks/gpu_run.sh --budget 480
+first`` carrying ``.whl`` with a timeout of about 540 s, and, while the
+machine is still warm, ``--budget 240 pytest_gpu_rest status_check`` or what
+the summary says is next; unpack ``gpu_results.tar.gz`` into
+``benchmarks/results/`` and commit what matters.
+
 The estimates are guesses until a GPU session measures them: the summary
 records every step's actual seconds next to its estimate, so the next session
 can correct ``STEPS``. The exit status is the first failing step's.

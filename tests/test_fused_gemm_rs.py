@@ -187,11 +187,12 @@ def test_ag_then_rs_on_one_axis_stays_exact_and_repeatable():
     # Regression: with per-call layouts, AG-GEMM data pushed into a rank's buffer
     # landed in the signal words a later GEMM-RS waits on; a garbage value >= the
     # epoch let the reduction read a partial before it arrived (about 1 call in 8;
-    # the layout test above is the deterministic check).
+    # the layout test above is the deterministic check). 64-wide column tiles:
+    # the interpreter's time goes by tiles (16-wide ones took 88 s here).
     from jax_flux import AllGatherMatmulConfig
 
     mesh = mesh_of(8)
-    small = dict(block_m=16, block_n=16, block_k=16)
+    small = dict(block_m=16, block_n=64, block_k=16)
     ag = fused_fn("all_gather_matmul", mesh,
                   AllGatherMatmulConfig(chunk_rows=16, comm_programs=1, **small))
     rs = fused_fn("matmul_reduce_scatter", mesh, MatmulReduceScatterConfig(reduce_programs=1,

@@ -208,7 +208,9 @@ def _status(rc: int | None) -> str:
 
 def write_summary(rows: list[dict], results: str, out: str | None, header: list[str]) -> str:
     """Summary table to ``results``/summary.md (+ .csv) and, with ``out``, a copy
-    there beside the packed results; returns the table's text."""
+    there beside the packed results; returns the table's text. (Not
+    benchmarks.harness's writers: they import jax_flux, and the runner imports
+    nothing the steps it launches and times could share.)"""
     cols = ["step", "status", "rc", "seconds", "est_s", "last"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -252,6 +254,7 @@ def run(steps: list[Step], budget_s: float, results: str, out: str | None,
               f"steps: {' '.join(s.name for s in steps)}",
               f"results: {results}" + (f", packed into $OUT/{ARCHIVE}" if out else "")]
     rows: list[dict] = []
+    table = ""
     for s in steps:
         left = deadline - clock()
         row = dict(step=s.name, status="skipped", rc=None, seconds=0, est_s=s.est_s, last="")
@@ -269,12 +272,10 @@ def run(steps: list[Step], budget_s: float, results: str, out: str | None,
             row.update(status=_status(rc), rc=rc, seconds=round(clock() - t0), last=last[:160])
             print(f"== {s.name}: {row['status']} (rc={rc}) in {row['seconds']} s", flush=True)
         rows.append(row)
-        write_summary(rows, results, out, header)
+        # After every step, so a call cut at its limit still returns what ran.
+        table = write_summary(rows, results, out, header + [f"took {clock() - start:.0f} s"])
         if out:
             pack(results, out)
-    table = write_summary(rows, results, out, header + [f"took {clock() - start:.0f} s"])
-    if out:
-        pack(results, out)
     print("\n" + table, flush=True)
     return rows
 

@@ -1,0 +1,79 @@
+"""The tensor-parallel layers' matmuls on local shards: ``column_parallel``, ``row_parallel``.
+
+Each runs inside a ``shard_map`` manual over ``axis_name`` (``jax_flux.nn``
+wraps them in one in global view). Under sequence parallelism they are the
+collective matmuls (``all_gather_matmul`` / ``matmul_reduce_scatter``); for
+replicated activations (decode) a local matmul, plus an all-reduce after the
+row-parallel one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Hashable
+
+import jax.numpy as jnp
+from jax import lax
+
+from jax_flux._matmul import dot_f32
+from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
+
+
+def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
+                    impl: str = "auto", config=None, preferred_element_type=None, scale=None,
+                    kernel_transposed: bool = False):
+    """Local-shard column-parallel matmul: ``x [S_local, ..., in] @ kernel [in, out_local...]``
+    (with ``kernel_transposed`` the kernel is ``[out_local..., in]``, read in place).
+
+    With ``sequence_parallel`` the leading (sequence) dim of x is this rank's
+    shard and the result covers the whole sequence; otherwise x is replicated.
+    The result is in ``preferred_element_type`` (default x's dtype); ``scale``
+    (this rank's output features, ``quantize_float8``) multiplies it before the bias.
+    """
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k_in)
+    out_dims = kernel.shape[:-1] if kernel_transposed else kernel.shape[1:]
+    k2 = kernel.reshape(-1, k_in) if kernel_transposed else kernel.reshape(k_in, -1)
+    if sequence_parallel:
+        y = all_gather_matmul(x2, k2, axis_name, impl=impl, config=config,
+                              preferred_element_type=preferred_element_type,
+                              w_transposed=kernel_transposed)
+        lead = (y.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
+    else:
+        y = dot_f32(x2, k2, kernel_transposed).astype(preferred_element_type or x.dtype)
+    y = _scaled(y.reshape(*lead, *out_dims), scale)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
+                 impl: str = "auto", config=None, preferred_element_type=None, scale=None,
+                 kernel_transposed: bool = False):
+    """Local-shard row-parallel matmul: ``x [S, ..., in_local...] @ kernel [in_local..., out]``
+    (with ``kernel_transposed`` the kernel is ``[out, in_local...]``, read in place).
+
+    With ``sequence_parallel`` the sum over ranks is scattered along the
+    leading (sequence) dim; otherwise it is all-reduced (replicated result).
+    The result (and the partial sums) in ``preferred_element_type`` (default
+    x's dtype); ``scale`` (the output features, ``quantize_float8``) multiplies
+    the sum before the bias.
+    """
+    n_in = kernel.ndim - 1
+    lead = x.shape[:x.ndim - n_in]
+    x2 = x.reshape(math.prod(lead), -1)
+    n_out = kernel.shape[0] if kernel_transposed else kernel.shape[-1]
+    k2 = kernel.reshape(n_out, -1) if kernel_transposed else kernel.reshape(-1, n_out)
+    out_dtype = preferred_element_type or x.dtype
+    if sequence_parallel:
+        z = matmul_reduce_scatter(x2, k2, axis_name, impl=impl, config=config,
+                                  preferred_element_type=preferred_element_type,
+                                  w_transposed=kernel_transposed)
+        lead = (z.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
+    else:
+        z = lax.psum(dot_f32(x2, k2, kernel_transposed).astype(out_dtype), axis_name)
+    z = _scaled(z.reshape(*lead, n_out), scale)
+    return z if bias is None else z + bias.astype(z.dtype)
+
+
+def _scaled(y, scale):
+    """y times a per-output-feature scale (y's trailing dims), in float32."""
+    return y if scale is None else (y.astype(jnp.float32) * scale).astype(y.dtype)

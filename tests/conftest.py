@@ -5,7 +5,9 @@ tests need it); by default JAX is pinned to the CPU so the suite means the
 same thing on every host. All of this must happen before jax is imported.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 ON_GPU = os.environ.get("JAX_FLUX_TEST_PLATFORM", "cpu") == "gpu"
@@ -22,9 +24,11 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_FLUX_STATUS_CHECK", "sync")
 os.environ.setdefault("JAX_FLUX_ON_PEER_TIMEOUT", "log")
 
-# Tests never read or write the user's autotuning cache.
-os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="jax_flux_tests_"),
-                                                     "autotune.json")
+# Tests never read or write the user's autotuning cache; theirs is removed when the
+# process ends (each pytest-xdist worker has its own).
+_cache_dir = tempfile.mkdtemp(prefix="jax_flux_tests_")
+atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(_cache_dir, "autotune.json")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -16,10 +16,12 @@ Run in a process of its own: Triton must be in compiled mode.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import zlib
@@ -76,7 +78,9 @@ def main() -> int:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from tests.helpers import build_fake_libcuda
 
-    os.environ["JAX_FLUX_LIBCUDA"] = build_fake_libcuda(pathlib.Path(tempfile.mkdtemp()))
+    lib_dir = tempfile.mkdtemp(prefix="jax_flux_fake_cuda_")
+    atexit.register(shutil.rmtree, lib_dir, ignore_errors=True)
+    os.environ["JAX_FLUX_LIBCUDA"] = build_fake_libcuda(pathlib.Path(lib_dir))
     # No device to ask: compile for an H100.
     triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: 90
 

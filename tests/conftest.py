@@ -24,11 +24,17 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_FLUX_STATUS_CHECK", "sync")
 os.environ.setdefault("JAX_FLUX_ON_PEER_TIMEOUT", "log")
 
-# Tests never read or write the user's autotuning cache; theirs is removed when the
-# process ends (each pytest-xdist worker has its own).
-_cache_dir = tempfile.mkdtemp(prefix="jax_flux_tests_")
-atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(_cache_dir, "autotune.json")
+# Tests never read or write the user's autotuning cache. A test process makes its own
+# folder for it and removes it when the session ends (pytest_unconfigure: pytest-xdist
+# workers end without running atexit handlers) or the process does; a subprocess a
+# test starts (which may end by os._exit) uses its parent's.
+_inherited = os.path.dirname(os.environ.get("JAX_FLUX_AUTOTUNE_CACHE", ""))
+if os.path.basename(_inherited).startswith("jax_flux_tests_") and os.path.isdir(_inherited):
+    _cache_dir = None
+else:
+    _cache_dir = tempfile.mkdtemp(prefix="jax_flux_tests_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(_cache_dir, "autotune.json")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -53,6 +59,11 @@ def gpu_missing() -> str | None:
 def gpu_available() -> bool:
     """True when JAX's default backend is a CUDA GPU and jax-triton imports."""
     return gpu_missing() is None
+
+
+def pytest_unconfigure(config):
+    if _cache_dir is not None:
+        shutil.rmtree(_cache_dir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

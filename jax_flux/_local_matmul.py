@@ -22,13 +22,25 @@ from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
                     impl: str = "auto", config=None, preferred_element_type=None, scale=None,
                     kernel_transposed: bool = False):
-    """Local-shard column-parallel matmul: ``x [S_local, ..., in] @ kernel [in, out_local...]``
-    (with ``kernel_transposed`` the kernel is ``[out_local..., in]``, read in place).
+    """Column-parallel matmul on local shards, inside a ``shard_map`` over ``axis_name``.
 
-    With ``sequence_parallel`` the leading (sequence) dim of x is this rank's
-    shard and the result covers the whole sequence; otherwise x is replicated.
-    The result is in ``preferred_element_type`` (default x's dtype); ``scale``
-    (this rank's output features, ``quantize_float8``) multiplies it before the bias.
+    Args:
+      x: ``[S_local, ..., in]`` with ``sequence_parallel`` (this rank's
+        sequence shard), else ``[S, ..., in]`` (replicated).
+      kernel: this rank's columns, ``[in, *out_local]`` (``[*out_local, in]``
+        with ``kernel_transposed``, read in place).
+      bias: ``[*out_local]`` or None.
+      axis_name: the tensor-parallel mesh axis (or tuple of axes).
+      sequence_parallel: gather x's sequence over the axis (AG-GEMM), or
+        multiply the replicated x locally.
+      impl, config: of ``jax_flux.all_gather_matmul``.
+      preferred_element_type: the result dtype; None: x's.
+      scale: ``[*out_local]`` float32 multiplying the product before the bias
+        (``quantize_float8``), or None.
+      kernel_transposed: the kernel's layout, above.
+
+    Returns:
+      ``[S, ..., *out_local]``: the whole sequence, this rank's output features.
     """
     lead, k_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_in)
@@ -48,14 +60,26 @@ def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: 
 def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
                  impl: str = "auto", config=None, preferred_element_type=None, scale=None,
                  kernel_transposed: bool = False):
-    """Local-shard row-parallel matmul: ``x [S, ..., in_local...] @ kernel [in_local..., out]``
-    (with ``kernel_transposed`` the kernel is ``[out, in_local...]``, read in place).
+    """Row-parallel matmul on local shards, inside a ``shard_map`` over ``axis_name``.
 
-    With ``sequence_parallel`` the sum over ranks is scattered along the
-    leading (sequence) dim; otherwise it is all-reduced (replicated result).
-    The result (and the partial sums) in ``preferred_element_type`` (default
-    x's dtype); ``scale`` (the output features, ``quantize_float8``) multiplies
-    the sum before the bias.
+    Args:
+      x: ``[S, ..., *in_local]``, this rank's input features.
+      kernel: this rank's rows, ``[*in_local, out]`` (``[out, *in_local]``
+        with ``kernel_transposed``, read in place).
+      bias: ``[out]`` or None, added once, after the sum.
+      axis_name: the tensor-parallel mesh axis (or tuple of axes).
+      sequence_parallel: scatter the sum over ranks along the leading
+        (sequence) dim (GEMM-RS), or all-reduce it (a replicated result).
+      impl, config: of ``jax_flux.matmul_reduce_scatter``.
+      preferred_element_type: the dtype of the result and of the partial
+        sums; None: x's.
+      scale: ``[out]`` float32 multiplying the sum before the bias
+        (``quantize_float8``), or None.
+      kernel_transposed: the kernel's layout, above.
+
+    Returns:
+      ``[S / P, ..., out]`` with ``sequence_parallel`` (this rank's sequence
+      shard), else ``[S, ..., out]``.
     """
     n_in = kernel.ndim - 1
     lead = x.shape[:x.ndim - n_in]

@@ -13,8 +13,9 @@ xla for a problem never measured.
 Cache entries are keyed by device kind, op, per-rank shape, dtype and axis
 size, and, where they are not the plain case, the result dtype
 (``preferred_element_type``), w's dtype (a float8 w against wider x) and w's
-layout (w^T, as the backward pass reads it). The cache is a JSON file at ``$JAX_FLUX_AUTOTUNE_CACHE`` or
-``~/.cache/jax_flux/autotune.json``; nothing is downloaded.
+layout (w^T, as the backward pass reads it). The cache is a JSON file at
+``$JAX_FLUX_AUTOTUNE_CACHE`` or ``~/.cache/jax_flux/autotune.json``; nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -46,18 +47,34 @@ _loaded: dict[str, dict] = {}
 
 
 def cache_path() -> str:
+    """The user cache's file: ``$JAX_FLUX_AUTOTUNE_CACHE``, else
+    ``~/.cache/jax_flux/autotune.json``."""
     return os.environ.get("JAX_FLUX_AUTOTUNE_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "jax_flux", "autotune.json")
 
 
 def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
         out_dtype=None, w_transposed: bool = False, w_dtype=None) -> str:
-    """Cache key; the shape is the per-rank problem (AG: x [m, k], w [k, n]; RS: x [P*m, k]).
+    """The cache key of one problem.
 
-    ``dtype`` is x's. A result dtype other than ``dtype`` adds
-    ``|out=<dtype>``, a w of another dtype (one of them float8) adds
-    ``|w=<dtype>``, a transposed w (given as w^T [n, k]) adds ``|wT``: the
-    plain case keeps its old key.
+    A result dtype other than ``dtype`` adds ``|out=<dtype>``, a w of another
+    dtype (one of them float8) adds ``|w=<dtype>``, a transposed w adds
+    ``|wT``: the plain case keeps its old key.
+
+    Args:
+      op: ``"all_gather_matmul"`` or ``"matmul_reduce_scatter"``.
+      device_kind: ``jax.Device.device_kind`` of the mesh's devices.
+      m_local, k, n: the per-rank problem. AG-GEMM: x [m_local, k] (this rank's
+        rows), w [k, n] (this rank's columns); GEMM-RS: x [P * m_local, k], w [k, n]
+        (m_local rows of the result a rank).
+      dtype: x's dtype.
+      world: the size of the tensor-parallel axis, P.
+      out_dtype: the result dtype (the ops' ``preferred_element_type``); None: ``dtype``.
+      w_transposed: w given as w^T [n, k].
+      w_dtype: w's dtype; None: ``dtype``.
+
+    Returns:
+      The key, e.g. ``"NVIDIA H200|all_gather_matmul|m=1024,k=12288,n=6144|bfloat16|P=8"``.
     """
     out = jnp.dtype(out_dtype or dtype)
     entry = f"{device_kind}|{op}|m={m_local},k={k},n={n}|{jnp.dtype(dtype).name}|P={world}"
@@ -90,8 +107,17 @@ def _entry(entry_key: str) -> dict | None:
 
 def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
            out_dtype=None, w_transposed: bool = False, w_dtype=None):
-    """The tuned config for this problem, or None (user cache first, then shipped;
-    None too where no fused config passed when it was tuned)."""
+    """The tuned config of one problem: what ``impl="fused"`` with ``config=None`` runs.
+
+    Args:
+      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype:
+        the problem, as ``key`` takes it.
+
+    Returns:
+      The config class's instance from the user cache, else from the shipped
+      defaults; None where neither has an entry, or no fused config passed when
+      the problem was tuned (the config heuristic applies then).
+    """
     entry = _entry(key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
                        w_transposed=w_transposed, w_dtype=w_dtype))
     if entry is None or not entry.get("config"):
@@ -110,10 +136,17 @@ def measured_ms(entry: dict) -> dict[str, float]:
 
 def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
               out_dtype=None, w_transposed: bool = False, w_dtype=None) -> str | None:
-    """The impl measured fastest for this problem on this device kind (``"fused"``,
-    ``"xla"`` or ``"ring"``: what ``impl="auto"`` runs), or None where it was not
-    timed against xla (no entry, or one tuned before xla's time was recorded).
-    The entry is the one ``lookup`` reads: the user cache's, else the shipped one.
+    """The impl measured fastest for one problem on one device kind: what ``impl="auto"`` runs.
+
+    Args:
+      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype:
+        the problem, as ``key`` takes it.
+
+    Returns:
+      ``"fused"``, ``"xla"`` or ``"ring"``, by the medians of the entry
+      ``lookup`` reads (the user cache's, else the shipped one; a tie stays on
+      xla); None where the problem was not timed against xla (no entry, or one
+      tuned before xla's time was recorded): ``auto`` runs xla then.
     """
     entry = _entry(key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
                        w_transposed=w_transposed, w_dtype=w_dtype))
@@ -130,8 +163,16 @@ def cached_entry(entry_key: str) -> dict | None:
 
 def record(op: str, entry_key: str, config, median_ms: float | None, *,
            baselines_ms: dict[str, float] | None = None) -> None:
-    """Stores ``config`` (None: no fused config passed) under ``entry_key`` in the user
-    cache (atomic file replace), with the other impls' times (``{"xla": ms, ...}``)."""
+    """Stores a tuning result in the user cache (an atomic file replace).
+
+    Args:
+      op: the op's name.
+      entry_key: from ``key``.
+      config: the fastest fused config; None where none passed.
+      median_ms: its median time; None with no config.
+      baselines_ms: the other impls' median times on the same problem,
+        ``{"xla": ms, "ring": ms}``, read by ``best_impl``.
+    """
     path = cache_path()
     data = dict(_read(path))
     data[entry_key] = {"op": op, "config": dataclasses.asdict(config) if config else None,
@@ -241,19 +282,37 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
 def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterable | None = None,
          reps: int = 10, max_configs: int | None = None, log=print, out_dtype=None,
          w_transposed: bool = False, w_dtype=None, baselines: Iterable[str] = ("xla", "ring")):
-    """Verifies and times candidate configs on ``mesh`` (axis "tp"); records the best.
+    """Verifies and times candidate configs of one problem on ``mesh``; records the best.
 
-    ``out_dtype`` (the ops' preferred_element_type), ``w_dtype`` (w's, where
-    it is not x's ``dtype``: a float8 weight, or the backward pass's float8
-    weight against a wider cotangent) and ``w_transposed`` (w given as w^T,
-    as the backward passes launch the kernels) select the problem variant,
-    and are part of the recorded key. The ``baselines`` impls are verified
-    and timed on the same problem too, and their times recorded beside the
-    fused config's: ``impl="auto"`` then runs the fastest (``best_impl``).
+    Each candidate runs on random operands and is checked against the lax
+    collective (xla impl) first; only a result within the dtype's tolerance
+    is timed (median of ``reps`` device-synchronised samples). The
+    ``baselines`` impls are verified and timed on the same problem too, and
+    their times recorded beside the fastest fused config's under the
+    problem's ``key``: ``impl="fused"`` then runs that config and
+    ``impl="auto"`` the fastest impl (``best_impl``). A candidate that fails
+    (compiler, device, a timed-out wait) is reported and the workspace reset:
+    run it while no other fused call is in flight.
 
-    Returns (best config or None, rows of {config, status, median_ms}). A
-    candidate that fails (compiler, device, a timed-out wait) is reported and
-    the workspace reset: run it while no other fused call is in flight.
+    Args:
+      op: ``"all_gather_matmul"`` or ``"matmul_reduce_scatter"``.
+      mesh: a 1-D mesh with axis ``"tp"`` (``jax_flux.testing.mesh``).
+      m_local, k, n: the per-rank problem, as ``key`` takes it.
+      dtype: x's dtype.
+      configs: the configs to try; None: ``candidates`` of the problem.
+      reps: timed samples a config.
+      max_configs: try only the first this many (``candidates`` puts the
+        heuristic's config first, then those nearest it).
+      log: called with a line for each timed config and baseline.
+      out_dtype: the result dtype (the ops' ``preferred_element_type``).
+      w_transposed: w given as w^T, as the backward passes launch the kernels.
+      w_dtype: w's dtype where it is not ``dtype`` (a float8 weight, or the
+        backward pass's float8 weight against a wider cotangent).
+      baselines: the other impls to time and record.
+
+    Returns:
+      ``(best config or None, rows)``, a row ``{"config", "status", "median_ms"}``
+      for each config tried (``status`` says why one was not timed).
     """
     from jax_flux import testing, workspace
     from jax_flux._fused import interpreter_ready, sm_count

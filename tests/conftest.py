@@ -5,7 +5,6 @@ tests need it); by default JAX is pinned to the CPU so the suite means the
 same thing on every host. All of this must happen before jax is imported.
 """
 
-import atexit
 import os
 import shutil
 import tempfile
@@ -24,16 +23,15 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_FLUX_STATUS_CHECK", "sync")
 os.environ.setdefault("JAX_FLUX_ON_PEER_TIMEOUT", "log")
 
-# Tests never read or write the user's autotuning cache. A test process makes its own
-# folder for it and removes it when the session ends (pytest_unconfigure: pytest-xdist
-# workers end without running atexit handlers) or the process does; a subprocess a
-# test starts (which may end by os._exit) uses its parent's.
+# Tests never read or write the user's autotuning cache. A pytest process (each
+# pytest-xdist worker too) makes its own folder for it and removes it when its session
+# ends (pytest_unconfigure; xdist workers end without running atexit handlers); a
+# subprocess a test starts (which may end by os._exit) uses its parent's.
 _inherited = os.path.dirname(os.environ.get("JAX_FLUX_AUTOTUNE_CACHE", ""))
 if os.path.basename(_inherited).startswith("jax_flux_tests_") and os.path.isdir(_inherited):
     _cache_dir = None
 else:
     _cache_dir = tempfile.mkdtemp(prefix="jax_flux_tests_")
-    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
     os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(_cache_dir, "autotune.json")
 
 import jax  # noqa: E402

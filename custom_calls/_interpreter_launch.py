@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from custom_calls import _interpreter_shim
+from custom_calls import _program_threads
 from custom_calls._host_tensor import HostTensor
 
 Grid = tuple[int, ...]
@@ -62,7 +62,7 @@ def run_interpreted(kernel, grid: Grid, arrays: Sequence[np.ndarray], *, scalars
             "jax_flux runs Triton kernels on CPU devices through Triton's interpreter, but "
             "triton was imported in compiled mode before jax_flux. Set TRITON_INTERPRET=1 "
             "before anything imports triton, or import jax_flux first.")
-    _interpreter_shim.install()
+    _program_threads.install()  # the shim too; programs one by one unless asked otherwise
     inputs = [aligned(np.ascontiguousarray(a)) for a in arrays]
     outputs = [aligned(np.empty(s.shape, s.dtype)) for s in out_shapes]
     for o in outputs:

@@ -38,6 +38,8 @@ in the interpreter (programs of a rank run one after another, ranks
 concurrently): every wait of this call targets work that its program does
 before it waits on anything of this call (pushes, PULL's staging in program
 0) and, within a rank, at a lower id than every program that waits for it.
+(``custom_calls._program_threads`` runs the interpreter's programs concurrently
+too, in shuffled order: tests/test_program_threads.py.)
 """
 
 import jax

@@ -1,0 +1,159 @@
+"""Interpreted launches whose programs run concurrently (custom_calls._program_threads)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import triton
+import triton.language as tl
+from jax.sharding import PartitionSpec as P
+
+from custom_calls import _program_threads
+from custom_calls._interpreter_launch import run_interpreted
+from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, ag_gemm, testing
+from tests.helpers import fused_fn, mesh_of
+
+
+@triton.jit
+def _wait_for_the_last_program(flag_ptr, order_ptr, seen_ptr, MAX_SPINS: tl.constexpr):
+    # Program 0 spins until the last program has set the flag: a wait on a
+    # higher id, which only a concurrent run can satisfy. Every program records
+    # when it started (a ticket).
+    pid = tl.program_id(0)
+    tl.store(order_ptr + pid, tl.atomic_add(flag_ptr + 1, 1, sem="acq_rel"))
+    if pid == tl.num_programs(0) - 1:
+        tl.atomic_xchg(flag_ptr, 1, sem="release")
+    if pid == 0:
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+        spins = 0
+        while (seen == 0) & (spins < MAX_SPINS):
+            seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+            spins += 1
+        tl.store(seen_ptr, seen)
+
+
+def _launch(programs: int = 4):
+    flag = np.zeros(2, np.int32)
+    order, seen = run_interpreted(
+        _wait_for_the_last_program, (programs,), [flag], scalars=(),
+        out_shapes=[np.zeros(programs, np.int32), np.zeros(1, np.int32)],
+        input_output_aliases=(), zeroed_outputs=(), metaparams=(("MAX_SPINS", 2000),))
+    return list(order), int(seen[0])
+
+
+def test_the_interpreter_runs_programs_one_after_another_by_default():
+    assert _program_threads.active() is None
+    order, seen = _launch()
+    assert order == [0, 1, 2, 3] and seen == 0  # program 0 gave up on program 3
+
+
+def test_concurrent_programs_start_in_shuffled_order_and_see_each_other():
+    orders = set()
+    for seed in range(4):
+        with _program_threads.concurrent_programs(seed=seed):
+            order, seen = _launch()
+        assert seen == 1, seed
+        assert sorted(order) == [0, 1, 2, 3], order
+        orders.add(tuple(order))
+    assert len(orders) > 1 and orders != {(0, 1, 2, 3)}
+    assert _program_threads.active() is None
+
+
+def test_a_program_error_reaches_the_caller(monkeypatch):
+    monkeypatch.setenv(_program_threads.ENV, "concurrent:3")
+    assert _program_threads.active() == _program_threads.Mode(seed=3)
+    with pytest.raises(Exception, match="MAX_SPINS"):  # a missing constexpr, in every program
+        run_interpreted(_wait_for_the_last_program, (2,), [np.zeros(2, np.int32)], scalars=(),
+                        out_shapes=[np.zeros(2, np.int32), np.zeros(1, np.int32)],
+                        input_output_aliases=(), zeroed_outputs=(), metaparams=())
+
+
+@pytest.mark.parametrize("value", ["concurrent:x", "threads"])
+def test_a_bad_mode_in_the_environment_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv(_program_threads.ENV, value)
+    with pytest.raises(ValueError, match="JAX_FLUX_INTERPRETER_PROGRAMS must be"):
+        _program_threads.active()
+
+
+# The fused kernels with every program of a rank's launch running at once, in
+# a shuffled order (what a GPU may do), against the float64 reference: the
+# invariant of custom_calls/ag_gemm.py (a wait targets work that waits on
+# nothing of its call, or on lower ids only) makes them right both ways.
+
+_TILES = dict(block_m=16, block_n=16, block_k=16)
+AG_CONFIGS = {
+    "push": AllGatherMatmulConfig(chunk_rows=5, comm_programs=2, copy_rows=4, copy_cols=16,
+                                  num_programs=5, group_m=5, **_TILES),
+    "pull": AllGatherMatmulConfig(chunk_rows=5, comm_programs=2, copy_rows=4, copy_cols=16,
+                                  num_programs=5, group_m=5, pull=True, **_TILES),
+}
+RS_CONFIGS = {
+    "reduce_programs": MatmulReduceScatterConfig(reduce_programs=2, num_programs=5, **_TILES),
+    # The GPU default: the own tiles' epilogue sums the peers' partials. In
+    # order (the interpreter's loop) that takes one program a rank; concurrent,
+    # the whole grid (4 programs a rank here), as on a GPU.
+    "epilogue": MatmulReduceScatterConfig(reduce_programs=0, **_TILES),
+    "epilogue_unrotated_groups_of_5": MatmulReduceScatterConfig(reduce_programs=0, rotate=False,
+                                                                group_m=5, **_TILES),
+}
+
+
+def _ag_with_gathered(mesh, cfg):
+    def body(x, w):
+        y, xg = ag_gemm.fused(x, w, "tp", 8, cfg, return_gathered=True)
+        return y, xg[None]
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                                 out_specs=(P(None, "tp"), P("tp"))))
+
+
+@pytest.mark.parametrize("name", list(AG_CONFIGS))
+def test_ag_gemm_with_concurrent_programs(name):
+    mesh = mesh_of(8)
+    f = _ag_with_gathered(mesh, AG_CONFIGS[name])
+    with _program_threads.concurrent_programs(seed=1):
+        for call in range(2):  # fresh data each call: stale rows would show
+            x, w, x64, w64 = testing.random_operands(8 * 11, 20, 8 * 20, jnp.bfloat16,
+                                                     seed=40 + call)
+            y, xg = f(x, w)
+            assert testing.relative_error(y, x64 @ w64) < testing.TOLERANCE[jnp.dtype(x.dtype)]
+            for r in range(8):
+                np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
+
+
+def _grids(jaxpr) -> list:
+    """The grids of the kernel launches in ``jaxpr`` (nested jaxprs included)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "jax_flux_triton_call":
+            out.append(eqn.params["grid"])
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                out += _grids(inner)
+    return out
+
+
+@pytest.mark.parametrize("name", list(RS_CONFIGS))
+def test_gemm_rs_with_concurrent_programs_is_right_and_bitwise_repeatable(name):
+    # The grid is chosen when the op is traced (a new jitted function each time:
+    # a trace cached under the other mode would keep its grid).
+    mesh = mesh_of(8)
+    x, w, _, _ = testing.random_operands(8 * 13, 8 * 5, 40, jnp.float32)
+    in_order = _grids(jax.make_jaxpr(fused_fn("matmul_reduce_scatter", mesh,
+                                              RS_CONFIGS[name]))(x, w).jaxpr)
+    with _program_threads.concurrent_programs():
+        f = fused_fn("matmul_reduce_scatter", mesh, RS_CONFIGS[name])
+        concurrent = _grids(jax.make_jaxpr(f)(x, w).jaxpr)
+    expected = (1, 4) if name.startswith("epilogue") else (5, 5)
+    assert (in_order, concurrent) == ([(expected[0],)], [(expected[1],)])
+    outs = []
+    for seed in (1, 2):  # two schedules of the same inputs
+        with _program_threads.concurrent_programs(seed=seed):
+            for call in range(2):
+                x, w, x64, w64 = testing.random_operands(8 * 13, 8 * 5, 40, jnp.float32,
+                                                         seed=50 + call)
+                z = np.asarray(f(*testing.place("matmul_reduce_scatter", mesh, x, w)))
+                assert testing.relative_error(z, x64 @ w64) < 1e-5
+        outs.append(z)
+    assert outs[0].tobytes() == outs[1].tobytes()  # the sum's order is fixed, not the schedule's

@@ -46,8 +46,10 @@ MAX_DELAY_S = 2e-3
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """How interpreted launches run their programs: ``seed`` draws each launch's
-    start order and delays."""
+    """How interpreted launches run their programs: each launch draws its start
+    order and delays from ``seed`` and the process's launch count (which launch
+    of the concurrently launching ranks gets which count follows their threads'
+    timing: a seed picks a family of schedules, not one schedule)."""
 
     seed: int = 0
     max_delay_s: float = MAX_DELAY_S

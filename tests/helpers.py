@@ -4,6 +4,7 @@ import functools
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jax_flux import ag_gemm, gemm_rs, testing
 
@@ -91,15 +92,29 @@ def build_fake_libcuda(out_dir) -> str:
     return out
 
 
-def count_equations(jaxpr, names) -> int:
+def equations(jaxpr, names):
     """Equations of primitives ``names`` in ``jaxpr`` and every jaxpr nested in its
     params (each time it is used)."""
-    total = 0
     for eqn in jaxpr.eqns:
-        total += eqn.primitive.name in names
+        if eqn.primitive.name in names:
+            yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    total += count_equations(inner, names)
-    return total
+                    yield from equations(inner, names)
+
+
+def count_equations(jaxpr, names) -> int:
+    """How many ``equations(jaxpr, names)`` there are."""
+    return sum(1 for _ in equations(jaxpr, names))
+
+
+def ag_with_gathered(mesh, cfg):
+    """The fused AG-GEMM returning (y, every rank's gathered x stacked [P, P*m, K])."""
+    def body(x, w):
+        y, xg = ag_gemm.fused(x, w, "tp", mesh.shape["tp"], cfg, return_gathered=True)
+        return y, xg[None]
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                                 out_specs=(P(None, "tp"), P("tp"))))

@@ -15,8 +15,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import jax_flux
-from jax_flux import AllGatherMatmulConfig, ag_gemm, testing
-from tests.helpers import expect_timeout_then_recover, fused_fn, mesh_of
+from jax_flux import AllGatherMatmulConfig, testing
+from tests.helpers import ag_with_gathered, expect_timeout_then_recover, fused_fn, mesh_of
 
 OP = "all_gather_matmul"
 # Small tiles and chunks so one tile spans several chunks and ragged edges abound.
@@ -113,20 +113,10 @@ def test_several_fused_calls_in_one_program_and_across_programs():
         assert testing.relative_error(g(xs, ws), x64 @ w164) < 1e-5
 
 
-def _with_gathered(mesh, cfg):
-    """The fused op returning (y, every rank's gathered x stacked [P, P*m, K])."""
-    def body(x, w):
-        y, xg = ag_gemm.fused(x, w, "tp", 8, cfg, return_gathered=True)
-        return y, xg[None]
-
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
-                                 out_specs=(P(None, "tp"), P("tp"))))
-
-
 def test_gathered_x_output():
     mesh = mesh_of(8)
     x, w, x64, _ = testing.random_operands(8 * 7, 20, 16, jnp.bfloat16, seed=3)
-    _, xg = _with_gathered(mesh, SMALL)(x, w)
+    _, xg = ag_with_gathered(mesh, SMALL)(x, w)
     for r in range(8):  # every rank holds all of x, bit for bit
         np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
 
@@ -181,7 +171,7 @@ def test_grouped_tile_order_with_a_partial_group(group_m):
                                 comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5,
                                 group_m=group_m)
     x, w, x64, w64 = testing.random_operands(8 * 40, 24, 8 * 40, jnp.float32, seed=group_m)
-    y, xg = _with_gathered(mesh, cfg)(x, w)
+    y, xg = ag_with_gathered(mesh, cfg)(x, w)
     assert testing.relative_error(y, x64 @ w64) < 1e-5
     for r in range(8):
         np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
@@ -208,7 +198,7 @@ def test_pull_back_to_back_calls_with_fresh_data_and_the_gathered_x(rotate):
     cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=5,
                                 comm_programs=2, copy_rows=4, copy_cols=16, num_programs=5,
                                 pull=True, rotate=rotate, group_m=5)
-    f = _with_gathered(mesh, cfg)
+    f = ag_with_gathered(mesh, cfg)
     for i in range(20):
         x, w, x64, w64 = testing.random_operands(8 * 11, 16, 8 * 2, jnp.float32, seed=300 + i)
         y, xg = f(x, w)

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import triton
 import triton.language as tl
-from jax.sharding import PartitionSpec as P
 
 from custom_calls import _program_threads
 from custom_calls._interpreter_launch import run_interpreted
-from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, ag_gemm, testing
-from tests.helpers import fused_fn, mesh_of
+from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, testing
+from tests.helpers import ag_with_gathered, equations, fused_fn, mesh_of
 
 
 @triton.jit
@@ -98,19 +97,10 @@ RS_CONFIGS = {
 }
 
 
-def _ag_with_gathered(mesh, cfg):
-    def body(x, w):
-        y, xg = ag_gemm.fused(x, w, "tp", 8, cfg, return_gathered=True)
-        return y, xg[None]
-
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
-                                 out_specs=(P(None, "tp"), P("tp"))))
-
-
 @pytest.mark.parametrize("name", list(AG_CONFIGS))
 def test_ag_gemm_with_concurrent_programs(name):
     mesh = mesh_of(8)
-    f = _ag_with_gathered(mesh, AG_CONFIGS[name])
+    f = ag_with_gathered(mesh, AG_CONFIGS[name])
     with _program_threads.concurrent_programs(seed=1):
         for call in range(2):  # fresh data each call: stale rows would show
             x, w, x64, w64 = testing.random_operands(8 * 11, 20, 8 * 20, jnp.bfloat16,
@@ -123,15 +113,7 @@ def test_ag_gemm_with_concurrent_programs(name):
 
 def _grids(jaxpr) -> list:
     """The grids of the kernel launches in ``jaxpr`` (nested jaxprs included)."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "jax_flux_triton_call":
-            out.append(eqn.params["grid"])
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                out += _grids(inner)
-    return out
+    return [eqn.params["grid"] for eqn in equations(jaxpr, ("jax_flux_triton_call",))]
 
 
 @pytest.mark.parametrize("name", list(RS_CONFIGS))

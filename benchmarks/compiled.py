@@ -147,7 +147,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
                 GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=precision)
     fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
                                             ROTATE=cfg.rotate, W_TRANS=w_transposed,
-                                            ROWS=m_local, TIMED=True),
+                                            ROWS=m_local),
                      cfg, cc)
     gm, gk, gn = gemm_mkn
     plain = _compile(gemm.matmul_kernel, gemm.pointer_types(t, tw),

@@ -13,9 +13,14 @@ interpreter, as shipped, is single-threaded in two ways:
 * kernels are rewritten from their source into a shared cache on first use,
   and two threads parsing at once break CPython's parser.
 
-Two fidelity fixes ride along: float32 -> bfloat16 casts round to nearest
-even (the interpreter truncates; GPUs round), and the int32 overflow
-sanitizer, a debugging aid compiled kernels lack, is off (it costs ~40%).
+Fidelity fixes ride along: float32 -> bfloat16 casts round to nearest
+even (the interpreter truncates; GPUs round); the int32 overflow sanitizer, a
+debugging aid compiled kernels lack, is off (it costs ~40%); and the GPU's
+global timer (``triton.language.extra.cuda.globaltimer``, one line of inline
+PTX, which the interpreter cannot run) reads the host's monotonic clock in
+nanoseconds, so a bounded wait is bounded by the same seconds here as on a
+GPU (a poll count instead ran about 23x longer than it said with 8 ranks on
+2 cores: 93 s for a 4 s timeout).
 
 ``install()`` makes the two builder fields thread-local and applies the
 language patch once, never restoring it (the process is in interpreter mode
@@ -29,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 import types
 
 import ml_dtypes
@@ -60,6 +66,20 @@ class _ThreadLocalField:
         setattr(self._local, self._name, value)
 
 
+# What ``globaltimer`` asks of the builder (Triton 3.6 and 3.9 alike).
+_GLOBALTIMER_ASM = "mov.u64 $0, %globaltimer;"
+
+
+class _AsmResults:
+    """Stands in for the op an inline-asm builder call returns."""
+
+    def __init__(self, handles):
+        self._handles = handles
+
+    def get_result(self, i):
+        return self._handles[i]
+
+
 class _NoRestoreScope:
     """Stands in for the interpreter's patch scope: restoring is a no-op."""
 
@@ -81,7 +101,8 @@ def install() -> None:
             raise RuntimeError(
                 f"jax_flux's interpreter shim was checked on Triton {CHECKED_TRITON}, "
                 f"found {triton.__version__}; install one of those for CPU runs")
-        for attr in ("_patch_lang", "interpreter_builder", "GridExecutor"):
+        for attr in ("_patch_lang", "_patch_attr", "_LangPatchScope", "interpreter_builder",
+                     "GridExecutor"):
             if not hasattr(interp, attr):
                 raise RuntimeError(f"triton.runtime.interpreter lacks {attr!r}; "
                                    f"the interpreter shim does not fit Triton {triton.__version__}")
@@ -148,6 +169,25 @@ def install() -> None:
             return original_cast(self, src, dst_type)
 
         builder_cls.cast_impl = cast_rounding
+
+        # globaltimer() is inline PTX; here it is the host's monotonic clock
+        # (nanoseconds, as %globaltimer). Any other inline asm stays refused.
+        original_asm = builder_cls.create_inline_asm
+
+        def inline_asm(self, asm, constraints, values, type, is_pure, pack):
+            if asm == _GLOBALTIMER_ASM and not values:
+                now = np.array([time.monotonic_ns()], np.int64)
+                return _AsmResults([interp.TensorHandle(now, tl.int64)])
+            return original_asm(self, asm, constraints, values, type, is_pure, pack)
+
+        builder_cls.create_inline_asm = inline_asm
+        # A builtin outside triton.language gets its _semantic only once patched
+        # like the language's own. Kernels call it as an attribute of this
+        # module (``cuda.globaltimer()``), which is what the patch replaces.
+        from triton.language.extra import cuda
+
+        interp._patch_attr(cuda, "globaltimer", cuda.globaltimer, interp.interpreter_builder,
+                           interp._LangPatchScope())  # never restored, as the language patch
 
         # A program spinning on a signal holds the GIL for a whole switch
         # interval per turn (5 ms by default), starving the ranks whose

@@ -73,8 +73,7 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
                 chunks, pid,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
-                COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr,
-                TIMED: tl.constexpr):
+                COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     for item in range(pid, (WORLD - 1) * chunks, COMM_PROGRAMS):
         # Items in send order: all chunks for peer rank+1, then rank+2, ...
@@ -86,7 +85,7 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
             peer = d + (d >= rank).to(tl.int32)
         chunk = item % chunks
         if signals.wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr,
-                                  signals.AG_PEER_IDLE, WORLD, TIMED):
+                                  signals.AG_PEER_IDLE, WORLD):
             peer_ws = signals.peer_base(table_ptr, peer)
             dst = (signals.rebase(x_ptr, signals.data_ptr(peer_ws, DATA_OFF, dtype)) +
                    rank.to(tl.int64) * M_LOCAL * K)
@@ -103,7 +102,7 @@ def _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LO
                  WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                  CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                  COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                 ROTATE: tl.constexpr, TIMED: tl.constexpr):
+                 ROTATE: tl.constexpr):
     """PULL: program 0 first stages this rank's shard in its own gather slot, chunk
     by chunk, each followed by ``sig[rank * chunks + j] = epoch`` in its own
     workspace (once every peer has finished its previous call, which read that
@@ -119,7 +118,7 @@ def _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LO
         idle = rank == rank
         for d in range(1, WORLD):
             idle &= signals.wait_peer_idle(table_ptr, rank, (rank + d) % WORLD, epoch, patience,
-                                           status_ptr, signals.AG_PEER_IDLE, WORLD, TIMED)
+                                           status_ptr, signals.AG_PEER_IDLE, WORLD)
         if idle:  # else nothing is staged: the peers fail rather than read stale rows
             own = gather + rank.to(tl.int64) * M_LOCAL * K
             for chunk in range(0, chunks):
@@ -137,7 +136,7 @@ def _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LO
         src_ws = signals.peer_base(table_ptr, src)
         staged = signals.as_ptr(src_ws, SIG_OFF, tl.int32) + src * chunks + chunk
         if signals.wait_epoch(staged, epoch, patience, status_ptr, table_ptr, signals.WAIT_ROWS,
-                              rank, src, chunk, WORLD, TIMED):
+                              rank, src, chunk, WORLD):
             offset = src.to(tl.int64) * M_LOCAL * K
             remote = signals.rebase(x_ptr, signals.data_ptr(src_ws, DATA_OFF, dtype)) + offset
             row0 = chunk * CHUNK_ROWS
@@ -154,8 +153,7 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr,
                 COPY_COLS: tl.constexpr, RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                ROTATE: tl.constexpr, W_TRANS: tl.constexpr, ROWS: tl.constexpr,
-                TIMED: tl.constexpr):
+                ROTATE: tl.constexpr, W_TRANS: tl.constexpr, ROWS: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
     gather = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
@@ -182,7 +180,7 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
             for c in range(row0 // CHUNK_ROWS, (row1 - 1) // CHUNK_ROWS + 1):
                 arrived &= signals.wait_epoch(my_signals + src * chunks + c, epoch, patience,
                                               status_ptr, table_ptr, signals.WAIT_ROWS, rank, src,
-                                              c, WORLD, TIMED)
+                                              c, WORLD)
             a_ptr = gather + tl.cast(src, tl.int64) * M_LOCAL * K
         acc = gemm_tile(a_ptr, w_ptr, rows, rows, cols, M_LOCAL, N, K, BLOCK_K, UPCAST,
                         INPUT_PRECISION, REMOTE_CACHE, W_TRANS)
@@ -211,7 +209,7 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
                    RETURN_GATHERED: tl.constexpr, UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
                    ROTATE: tl.constexpr, PULL: tl.constexpr, W_TRANS: tl.constexpr,
-                   ROWS: tl.constexpr, TIMED: tl.constexpr):
+                   ROWS: tl.constexpr):
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
@@ -221,17 +219,17 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
         if PULL:
             _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LOCAL, K,
                          chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
-                         COPY_ROWS, COPY_COLS, REMOTE_CACHE, ROTATE, TIMED)
+                         COPY_ROWS, COPY_COLS, REMOTE_CACHE, ROTATE)
         else:
             _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
                         chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
-                        COPY_ROWS, COPY_COLS, ROTATE, TIMED)
+                        COPY_ROWS, COPY_COLS, ROTATE)
     else:
         _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, patience,
                     M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, COPY_ROWS, COPY_COLS, RETURN_GATHERED,
-                    UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, ROWS, TIMED)
+                    UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, ROWS)
     signals.end_call(base, epoch)
 
 
@@ -253,7 +251,7 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
             comm_programs: int, gemm_programs: int, block_m: int, block_n: int, block_k: int,
             group_m: int, copy_rows: int, copy_cols: int, num_warps: int, num_stages: int,
             return_gathered: bool, upcast: bool, input_precision: str, remote_cache: str,
-            rotate: bool, on_timeout, status_check: str = "sync", timed: bool = False,
+            rotate: bool, on_timeout, status_check: str = "sync",
             pull: bool = False, out_dtype=None, w_transposed: bool = False,
             rows: int | None = None):
     """Launches ``ag_gemm_kernel``; returns (y [P*m, n] in ``out_dtype`` (default
@@ -278,4 +276,4 @@ def ag_gemm(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, chunk_
         GROUP_M=group_m,
         COPY_ROWS=copy_rows, COPY_COLS=copy_cols, RETURN_GATHERED=return_gathered,
         UPCAST=upcast, INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache,
-        ROTATE=rotate, PULL=pull, W_TRANS=w_transposed, ROWS=rows or m, TIMED=timed)
+        ROTATE=rotate, PULL=pull, W_TRANS=w_transposed, ROWS=rows or m)

@@ -46,7 +46,7 @@ from custom_calls.gemm import gemm_tile, group_order
 @triton.jit
 def _sum_partials(z_ptr, partials, my_signals, own, status_ptr, table_ptr, rank, epoch, patience,
                   M_OWN, N, per_owner, tile, rows, cols, WORLD: tl.constexpr,
-                  HAS_OWN: tl.constexpr, REMOTE_CACHE: tl.constexpr, TIMED: tl.constexpr):
+                  HAS_OWN: tl.constexpr, REMOTE_CACHE: tl.constexpr):
     """z[rows, cols] = the P partials of this rank's tile ``tile`` summed in
     float32 in a fixed order (bitwise repeatable), each acquire-waited for.
 
@@ -70,7 +70,7 @@ def _sum_partials(z_ptr, partials, my_signals, own, status_ptr, table_ptr, rank,
         if peer_slot:
             arrived &= signals.wait_epoch(my_signals + src * per_owner + tile, epoch, patience,
                                           status_ptr, table_ptr, signals.WAIT_PARTIAL, rank, src,
-                                          tile, WORLD, TIMED)
+                                          tile, WORLD)
             part = tl.load(partials + tl.cast(src, tl.int64) * M_OWN * N + offs, mask=mask,
                            other=0.0, cache_modifier=REMOTE_CACHE)
             acc += part.to(tl.float32)
@@ -85,7 +85,7 @@ def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, p
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                 REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, W_TRANS: tl.constexpr,
-                ROWS: tl.constexpr, TIMED: tl.constexpr):
+                ROWS: tl.constexpr):
     dtype = z_ptr.dtype.element_ty  # partials travel in the result's dtype
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -117,9 +117,9 @@ def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, p
             partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
             _sum_partials(z_ptr, partials, signals.as_ptr(base, SIG_OFF, tl.int32), acc,
                           status_ptr, table_ptr, rank, epoch, patience, M_OWN, N, per_owner,
-                          tile, rows, cols, WORLD, True, REMOTE_CACHE, TIMED)
+                          tile, rows, cols, WORLD, True, REMOTE_CACHE)
         elif signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
-                                    signals.RS_PEER_IDLE, WORLD, TIMED):
+                                    signals.RS_PEER_IDLE, WORLD):
             owner_ws = signals.peer_base(table_ptr, owner)
             slot = (signals.rebase(z_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
                     rank.to(tl.int64) * M_OWN * N)
@@ -133,7 +133,7 @@ def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, p
 def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N, pid,
                   REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  GROUP_M: tl.constexpr, REMOTE_CACHE: tl.constexpr, TIMED: tl.constexpr):
+                  GROUP_M: tl.constexpr, REMOTE_CACHE: tl.constexpr):
     partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, z_ptr.dtype.element_ty))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
@@ -145,7 +145,7 @@ def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_O
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _sum_partials(z_ptr, partials, my_signals, 0.0, status_ptr, table_ptr, rank, epoch,
                       patience, M_OWN, N, per_owner, tile_m * tiles_n + tile_n, rows, cols,
-                      WORLD, False, REMOTE_CACHE, TIMED)
+                      WORLD, False, REMOTE_CACHE)
 
 
 @triton.jit
@@ -156,8 +156,7 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    UPCAST: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, REMOTE_CACHE: tl.constexpr,
-                   ROTATE: tl.constexpr, W_TRANS: tl.constexpr, ROWS: tl.constexpr,
-                   TIMED: tl.constexpr):
+                   ROTATE: tl.constexpr, W_TRANS: tl.constexpr, ROWS: tl.constexpr):
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
@@ -167,11 +166,11 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
         _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
                     M_OWN, N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS,
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE,
-                    ROTATE, W_TRANS, ROWS, TIMED)
+                    ROTATE, W_TRANS, ROWS)
     else:
         _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                       pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
-                      BLOCK_N, GROUP_M, REMOTE_CACHE, TIMED)
+                      BLOCK_N, GROUP_M, REMOTE_CACHE)
     signals.end_call(base, epoch)
 
 
@@ -194,8 +193,7 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
             reduce_programs: int, block_m: int, block_n: int, block_k: int, group_m: int,
             num_warps: int, num_stages: int, upcast: bool, input_precision: str,
             remote_cache: str, rotate: bool, on_timeout, status_check: str = "sync",
-            timed: bool = False, out_dtype=None, w_transposed: bool = False,
-            rows: int | None = None):
+            out_dtype=None, w_transposed: bool = False, rows: int | None = None):
     """Launches ``gemm_rs_kernel``; returns (z [M/P, N] in ``out_dtype`` (default
     x's; the partials travel in it too), status [5] int32). With
     ``w_transposed``, w is given as w^T [N, k] and read in place. ``rows``:
@@ -213,4 +211,4 @@ def gemm_rs(x, w, ctx, table, *, world: int, sig_off: int, data_off: int, gemm_p
         REDUCE_PROGRAMS=reduce_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, UPCAST=upcast,
         INPUT_PRECISION=input_precision, REMOTE_CACHE=remote_cache, ROTATE=rotate,
-        W_TRANS=w_transposed, ROWS=rows or m_own, TIMED=timed)
+        W_TRANS=w_transposed, ROWS=rows or m_own)

@@ -195,7 +195,7 @@ class OneGpuWorld:
                           RETURN_GATHERED=return_gathered, UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
                           ROTATE=cfg.get("rotate", True), PULL=cfg.get("pull", False),
-                          W_TRANS=w_transposed, ROWS=m, TIMED=True)
+                          W_TRANS=w_transposed, ROWS=m)
         loaded = _load(ag_gemm.ag_gemm_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         y_bytes = self.world * m * n * out.itemsize
@@ -230,8 +230,7 @@ class OneGpuWorld:
                           BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
                           GROUP_M=cfg.get("group_m", 8), UPCAST=False,
                           INPUT_PRECISION=precision, REMOTE_CACHE=".cg",
-                          ROTATE=cfg.get("rotate", True), W_TRANS=w_transposed, ROWS=m_own,
-                          TIMED=True)
+                          ROTATE=cfg.get("rotate", True), W_TRANS=w_transposed, ROWS=m_own)
         loaded = _load(gemm_rs.gemm_rs_kernel, self.ordinal, pointers,
                        tuple(sorted(constexprs.items())), cfg["num_warps"], cfg["num_stages"])
         z_bytes = m_own * n * out.itemsize

@@ -30,13 +30,18 @@ device (``jax_flux.errors``); every later call on the rank sees FAILED and
 fails fast (code EARLIER_FAILURE) instead of waiting out its timeout again.
 
 Synchronisation uses ``tl.atomic_*`` with explicit ``sem``/``scope`` (plain
-stores for the single-writer error record), no inline PTX, so one source
-runs compiled on GPUs (Triton 3.6 to 3.9) and in Triton's interpreter.
+stores for the single-writer error record), no inline PTX of ours, so one
+source runs compiled on GPUs (Triton 3.6 to 3.9) and in Triton's interpreter.
+Waits are timed by the GPU's global timer, which the interpreter shim
+(``_interpreter_shim``) maps to the host's clock: ``patience`` is milliseconds
+in both.
 """
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import globaltimer
+# Called as ``cuda.globaltimer()``: the module attribute is what the
+# interpreter shim replaces (a name imported from it would keep the PTX).
+from triton.language.extra import cuda
 
 CONTROL_BYTES = 128
 # Every call on a workspace uses the same split: its signals in
@@ -134,10 +139,9 @@ def record_of(table_ptr, rank, WORLD: tl.constexpr):
 
 @triton.jit
 def wait_epoch(ptr, target, patience, status_ptr, table_ptr, code, rank, peer, index,
-               WORLD: tl.constexpr, TIMED: tl.constexpr):
-    """Spins until ``*ptr`` (acquire) reaches ``target``, for at most ``patience``:
-    milliseconds of the GPU's global timer with TIMED, else polls (Triton's
-    interpreter has no clock; its launcher converts seconds to polls).
+               WORLD: tl.constexpr):
+    """Spins until ``*ptr`` (acquire) reaches ``target``, for at most ``patience``
+    milliseconds of the GPU's global timer (the host's clock in the interpreter).
 
     Returns whether it found exactly ``target``. A value above it cannot come
     from ranks in step (a peer writes epoch e + 1 into this rank's memory only
@@ -151,21 +155,13 @@ def wait_epoch(ptr, target, patience, status_ptr, table_ptr, code, rank, peer, i
     """
     value = load_acquire(ptr)
     failed_before = tl.atomic_add(status_ptr, 0, sem="relaxed") != 0
-    if TIMED:
-        now = globaltimer()
-        deadline = now + patience.to(tl.int64) * 1_000_000
-        if failed_before:
-            deadline = now
-        while (value < target) & (now < deadline):
-            value = load_acquire(ptr)
-            now = globaltimer()
-    else:
-        spins = 0
-        if failed_before:
-            spins = patience
-        while (value < target) & (spins < patience):
-            value = load_acquire(ptr)
-            spins += 1
+    now = cuda.globaltimer()
+    deadline = now + patience.to(tl.int64) * 1_000_000
+    if failed_before:
+        deadline = now
+    while (value < target) & (now < deadline):
+        value = load_acquire(ptr)
+        now = cuda.globaltimer()
     if value != target:
         if tl.atomic_cas(status_ptr, 0, code, sem="relaxed") == 0:
             tl.store(status_ptr + 1, rank)
@@ -219,14 +215,14 @@ def begin_call(table_ptr, rank, status_ptr):
 
 @triton.jit
 def wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr, code,
-                   WORLD: tl.constexpr, TIMED: tl.constexpr):
+                   WORLD: tl.constexpr):
     """Start barrier: ``peer`` has finished call ``epoch - 1``, so it no longer
     reads the buffers this call is about to write into. Returns whether it
     has; a caller that gets False must not write into ``peer`` (the peer then
     times out itself rather than compute on data it did not wait for)."""
     ctrl = as_ptr(peer_base(table_ptr, peer), EPOCH * 4, tl.int32)
     return wait_epoch(ctrl, epoch - 1, patience, status_ptr, table_ptr, code, rank, peer, 0,
-                      WORLD, TIMED)
+                      WORLD)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ _INTERPRETER_PROGRAMS = 4
 class Launch:
     """Per-call operands and options shared by the fused kernels."""
 
-    ctx: jax.Array  # int32 [2]: this rank's index on the axis, patience (config.patience)
+    ctx: jax.Array  # int32 [2]: this rank's index on the axis, patience in ms (config.patience_ms)
     table: LoweredConstant  # uint32 [2P, 2]: (lo, hi) of every rank's workspace, then error record
     interpreting: bool
     # A rank's programs run one after another, in id order (the interpreter's
@@ -68,7 +68,7 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     table = LoweredConstant(workspace.TableRequest(op, axis_name, size, groups, nbytes),
                             group * size + lax.axis_index(axis_name))
     ctx = jnp.stack([lax.axis_index(axis_name),
-                     jnp.int32(config.patience(interpreting))]).astype(jnp.int32)
+                     jnp.int32(config.patience_ms())]).astype(jnp.int32)
     if interpreting:
         max_programs = _INTERPRETER_PROGRAMS
     else:

@@ -119,7 +119,7 @@ def _launch(x, w, rows: int, *, axis_name, size, config, return_gathered, out_dt
         upcast=launch.upcast, input_precision=_fused.input_precision(cfg, mma),
         remote_cache=launch.remote_cache, rotate=cfg.rotate, pull=cfg.pull,
         on_timeout=launch.on_timeout,
-        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,
+        status_check=launch.status_check, out_dtype=out_dtype,
         w_transposed=w_transposed, rows=rows)
     if not return_gathered:
         return y

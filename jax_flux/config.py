@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-# Triton's interpreter has no clock: a wait there may spend this many polls of
-# a signal per second of its timeout (it polls slowly). Compiled kernels read
-# the GPU's global timer instead (milliseconds).
-POLLS_PER_SECOND_INTERPRETER = 20_000
-_INT32_MAX = 2**31 - 1
 
 
 def _pow2(name: str, value: int, lo: int, hi: int) -> None:
@@ -94,11 +89,10 @@ class _Common:
             raise ValueError(f"num_programs ({self.num_programs}) must exceed {name} "
                              f"({count}): GEMM programs are the rest")
 
-    def patience(self, interpreting: bool) -> int:
-        """What a wait may spend before it reports a timeout: polls when
-        interpreted, milliseconds of the GPU's timer when compiled."""
-        per_second = POLLS_PER_SECOND_INTERPRETER if interpreting else 1000
-        return int(min(_INT32_MAX, max(1, self.timeout_s * per_second)))
+    def patience_ms(self) -> int:
+        """What a wait may spend before it reports a timeout, in milliseconds of
+        the GPU's global timer (of the host's clock in the interpreter)."""
+        return max(1, round(self.timeout_s * 1000))  # <= 3.6e6: an int32
 
 
 @dataclasses.dataclass(frozen=True)

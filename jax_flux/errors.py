@@ -116,7 +116,8 @@ def describe(words, *, axis_name: Hashable, op: str | None = None,
     after = f"after about {timeout_s:g} s " if timeout_s is not None else ""
     return (f"{name}(impl='fused'): rank {rank} of axis {axis_name!r} gave up {after}waiting "
             f"for {what} (epoch {epoch}). Every rank of the axis must make the same fused calls "
-            f"in the same order. The workspace is now out of step: {reset}.")
+            f"in the same order (a peer that is only slow needs a larger timeout_s in the op's "
+            f"config). The workspace is now out of step: {reset}.")
 
 
 def _failed_records() -> list[tuple[int, str]]:

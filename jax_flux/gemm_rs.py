@@ -127,6 +127,6 @@ def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
         input_precision=_fused.input_precision(cfg, mma), remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,
-        status_check=launch.status_check, timed=not launch.interpreting, out_dtype=out_dtype,
+        status_check=launch.status_check, out_dtype=out_dtype,
         w_transposed=w_transposed, rows=rows)
     return z

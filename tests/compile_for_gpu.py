@@ -29,7 +29,7 @@ def _ag(precision: str, pull: bool, w_trans: bool = False, block_k: int = 64,
                 GROUP_M=8,
                 COPY_ROWS=32, COPY_COLS=256, RETURN_GATHERED=True, UPCAST=False,
                 INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True, PULL=pull,
-                W_TRANS=w_trans, ROWS=rows, TIMED=True)
+                W_TRANS=w_trans, ROWS=rows)
 
 
 def _rs(precision: str, reducers: int, w_trans: bool = False, block_k: int = 64,
@@ -37,7 +37,7 @@ def _rs(precision: str, reducers: int, w_trans: bool = False, block_k: int = 64,
     return dict(M_OWN=512, N=12288, K=6144, WORLD=8, SIG_OFF=128, DATA_OFF=1 << 20,
                 REDUCE_PROGRAMS=reducers, BLOCK_M=128, GROUP_M=8, BLOCK_N=128, BLOCK_K=block_k,
                 UPCAST=False, INPUT_PRECISION=precision, REMOTE_CACHE=".cg", ROTATE=True,
-                W_TRANS=w_trans, ROWS=rows, TIMED=True)
+                W_TRANS=w_trans, ROWS=rows)
 
 
 def cases():

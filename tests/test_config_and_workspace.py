@@ -55,7 +55,7 @@ def test_default_configs_are_valid(interpreting, m, k, n):
     for cls in (AllGatherMatmulConfig, MatmulReduceScatterConfig):
         cfg = cls.default(m, k, n, 8, interpreting)
         assert isinstance(cfg, cls)
-        assert cfg.patience(interpreting) >= 1
+        assert cfg.patience_ms() >= 1
 
 
 def test_float32_results_get_the_gemm_rs_default_that_does_not_spill():

@@ -104,8 +104,15 @@ def test_sync_check_raises_then_later_calls_fail_fast_until_reset(op, clean):
     x, w, (xs, ws) = _operands(op, mesh)
     # Raised in a host callback, it reaches the caller as XLA's runtime error
     # carrying the PeerTimeoutError and its message.
+    f = _skipping(op, mesh)
+    f.lower(xs, ws).compile()
+    start = time.perf_counter()
     with pytest.raises(Exception, match=r"PeerTimeoutError: .* gave up after about 0.25 s"):
-        jax.block_until_ready(_skipping(op, mesh)(xs, ws))
+        jax.block_until_ready(f(xs, ws))
+    # The waits are timed by a clock (the host's, standing in for the GPU's
+    # timer), so the message's 0.25 s is what they waited: at least that, and
+    # not a multiple of it (bounded generously: the launch runs interpreted).
+    assert 0.25 <= time.perf_counter() - start < 30
     # Every rank but the skipped one recorded its failure; the skipped one did not run.
     failed = errors.failures()
     assert len(failed) == 7 and all(f"rank {SKIPPED}" in m for m in failed), failed

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import triton
 import triton.language as tl
+from triton.language.extra import cuda
 
 from custom_calls import _mode, interpreter_ready
 from custom_calls._host_tensor import HostTensor
@@ -129,3 +130,25 @@ def test_float32_to_bfloat16_rounds_to_nearest_even_like_a_gpu():
     y = triton_call(jnp.asarray(x), kernel=_to_bf16,
                     out_shape=jax.ShapeDtypeStruct((64,), jnp.bfloat16), grid=1, N=64)
     assert np.asarray(y).tobytes() == x.astype(ml_dtypes.bfloat16).tobytes()
+
+
+@triton.jit
+def _spin_for(ms, out_ptr):
+    # As signals.wait_epoch times a wait: the GPU's global timer, in nanoseconds.
+    start = cuda.globaltimer()
+    now = start
+    while now < start + ms.to(tl.int64) * 1_000_000:
+        now = cuda.globaltimer()
+    tl.store(out_ptr, now - start)
+
+
+def test_the_gpu_global_timer_reads_the_host_clock_in_nanoseconds():
+    # What makes a fused op's timeout_s the same seconds on the CPU as on a GPU.
+    import time
+
+    start = time.monotonic_ns()
+    (spun,) = run_interpreted(_spin_for, (1,), [], scalars=((0, 150),),
+                              out_shapes=[np.zeros(1, np.int64)], input_output_aliases=(),
+                              zeroed_outputs=(), metaparams=())
+    elapsed = time.monotonic_ns() - start
+    assert 150_000_000 <= int(spun[0]) <= elapsed, (spun, elapsed)

@@ -90,18 +90,29 @@ def test_fifty_back_to_back_calls_with_fresh_data():
         assert testing.relative_error(f(xs, ws), x64 @ w64) < 1e-5, f"call {i}"
 
 
-def test_several_fused_calls_in_one_program_and_across_programs():
+@pytest.mark.parametrize("pull", [False, True], ids=["push", "pull"])
+def test_several_fused_calls_in_one_program_and_across_programs(pull):
+    # No host sync between the calls of a program: a rank may start its next
+    # call while a peer still reads this one's rows, what the start barrier is
+    # for (push: before writing into a peer; pull: before restaging its own).
+    # Push without it failed here (a later call's signal, in 2 min); pull
+    # without it still passed (2 runs of 2: a peer copies the staged rows at
+    # the start of its call, long before the stager can finish one).
     mesh = mesh_of(8)
+    # Pull: the interpreter's default tiles for these shapes (config=None), pulled.
+    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=4,
+                                comm_programs=1, copy_rows=16, copy_cols=16,
+                                pull=True) if pull else None
 
     def body(x, w1, w2):
-        a = jax_flux.all_gather_matmul(x, w1, "tp", impl="fused")
-        b = jax_flux.all_gather_matmul(x, w2, "tp", impl="fused")  # independent of a
-        c = jax_flux.all_gather_matmul(x * 2, w1, "tp", impl="fused")
+        a = jax_flux.all_gather_matmul(x, w1, "tp", impl="fused", config=cfg)
+        b = jax_flux.all_gather_matmul(x, w2, "tp", impl="fused", config=cfg)  # independent of a
+        c = jax_flux.all_gather_matmul(x * 2, w1, "tp", impl="fused", config=cfg)
         return a, b, c
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp"), P(None, "tp")),
                               out_specs=(P(None, "tp"),) * 3))
-    g = fused_fn(OP, mesh)
+    g = fused_fn(OP, mesh, cfg)
     for i in range(3):
         x, w1, x64, w164 = testing.random_operands(8 * 4, 12, 16, jnp.float32, seed=i)
         _, w2, _, w264 = testing.random_operands(8 * 4, 12, 24, jnp.float32, seed=50 + i)

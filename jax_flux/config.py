@@ -115,7 +115,8 @@ class AllGatherMatmulConfig(_Common):
       copy_rows, copy_cols: tile of the communication copy loop.
       num_programs: total persistent grid, communication programs included.
       programs_per_sm: programs per SM the default grid assumes (GPU).
-      timeout_s: how long a wait may spin before the call fails.
+      timeout_s: seconds a wait may spin before the call fails (the GPU's clock;
+        the host's when interpreted).
     """
 
     chunk_rows: int = 128
@@ -191,7 +192,8 @@ class MatmulReduceScatterConfig(_Common):
       num_warps, num_stages: Triton compile options (GPU).
       num_programs: total persistent grid, reduction programs included.
       programs_per_sm: programs per SM the default grid assumes (GPU).
-      timeout_s: how long a wait may spin before the call fails.
+      timeout_s: seconds a wait may spin before the call fails (the GPU's clock;
+        the host's when interpreted).
     """
 
     reduce_programs: int = 8

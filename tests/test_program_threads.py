@@ -138,3 +138,32 @@ def test_gemm_rs_with_concurrent_programs_is_right_and_bitwise_repeatable(name):
             outs.append(np.asarray(f(*testing.place("matmul_reduce_scatter", mesh, x, w))))
         assert testing.relative_error(outs[-1], x64 @ w64) < 1e-5, (seed, data)
     assert outs[1].tobytes() == outs[2].tobytes()
+
+
+def test_ag_gemm_pull_calls_back_to_back_under_long_delays():
+    # A pulling rank restages its shard for its next call only once every peer
+    # has finished the last one (the start barrier): a peer may still be
+    # copying it. Programs started up to 20 ms late, three calls in one program
+    # (no host sync between them): without that barrier 7 runs of 7 failed here
+    # (a later call's rows read, or its signal found), while the in-order runs
+    # of tests/test_fused_ag_gemm.py passed.
+    from jax.sharding import PartitionSpec as P
+
+    import jax_flux
+
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig(chunk_rows=1, comm_programs=1, copy_rows=16, copy_cols=16,
+                                pull=True, **_TILES)
+    calls = 3
+
+    def body(x, w):
+        return tuple(jax_flux.all_gather_matmul(x * (c + 1), w, "tp", impl="fused", config=cfg)
+                     for c in range(calls))
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                              out_specs=(P(None, "tp"),) * calls))
+    x, w, x64, w64 = testing.random_operands(8 * 4, 16, 16, jnp.float32, seed=7)
+    with _program_threads.concurrent_programs(seed=0, max_delay_s=0.02):
+        outs = f(x, w)
+        for c, y in enumerate(outs):
+            assert testing.relative_error(y, (c + 1) * x64 @ w64) < 1e-5, c

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 
-
 def _pow2(name: str, value: int, lo: int, hi: int) -> None:
     if not isinstance(value, int) or value < lo or value > hi or value & (value - 1):
         raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value!r}")

@@ -81,7 +81,10 @@ class _AsmResults:
 
 
 class _NoRestoreScope:
-    """Stands in for the interpreter's patch scope: restoring is a no-op."""
+    """Stands in for the interpreter's patch scope: patches stay, restoring is a no-op."""
+
+    def set_attr(self, obj, name: str, value) -> None:
+        setattr(obj, name, value)
 
     def restore(self) -> None:
         pass
@@ -101,8 +104,7 @@ def install() -> None:
             raise RuntimeError(
                 f"jax_flux's interpreter shim was checked on Triton {CHECKED_TRITON}, "
                 f"found {triton.__version__}; install one of those for CPU runs")
-        for attr in ("_patch_lang", "_patch_attr", "_LangPatchScope", "interpreter_builder",
-                     "GridExecutor"):
+        for attr in ("_patch_lang", "_patch_attr", "interpreter_builder", "GridExecutor"):
             if not hasattr(interp, attr):
                 raise RuntimeError(f"triton.runtime.interpreter lacks {attr!r}; "
                                    f"the interpreter shim does not fit Triton {triton.__version__}")
@@ -187,7 +189,7 @@ def install() -> None:
         from triton.language.extra import cuda
 
         interp._patch_attr(cuda, "globaltimer", cuda.globaltimer, interp.interpreter_builder,
-                           interp._LangPatchScope())  # never restored, as the language patch
+                           _NoRestoreScope())
 
         # A program spinning on a signal holds the GIL for a whole switch
         # interval per turn (5 ms by default), starving the ranks whose

@@ -39,6 +39,20 @@ def cotangent(shape, dtype, seed=1):
     return g, np.asarray(g, np.float64)
 
 
+def scaled_calls(op_name: str, mesh, config, calls: int):
+    """Jitted global-view f(x, w) -> (op(x, w), op(2x, w), ...): ``calls`` fused
+    calls back to back in one program, no host sync between them, each with its
+    own result (a call that reads another's data shows)."""
+    in_specs, out_spec = testing._SPECS[op_name]
+    op = testing.OPS[op_name]
+
+    def body(x, w):
+        return tuple(op(x * (c + 1), w, "tp", impl="fused", config=config) for c in range(calls))
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                                 out_specs=(out_spec,) * calls))
+
+
 def fused_fn(op_name: str, mesh, config=None, **kw):
     """Jitted global-view fused op (no caching: configs vary per test)."""
     from jax_flux import testing as t

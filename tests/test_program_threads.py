@@ -10,7 +10,7 @@ import triton.language as tl
 from custom_calls import _program_threads
 from custom_calls._interpreter_launch import run_interpreted
 from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, testing
-from tests.helpers import ag_with_gathered, equations, fused_fn, mesh_of
+from tests.helpers import ag_with_gathered, equations, fused_fn, mesh_of, scaled_calls
 
 
 @triton.jit
@@ -147,21 +147,9 @@ def test_ag_gemm_pull_calls_back_to_back_under_long_delays():
     # (no host sync between them): without that barrier 7 runs of 7 failed here
     # (a later call's rows read, or its signal found), while the in-order runs
     # of tests/test_fused_ag_gemm.py passed.
-    from jax.sharding import PartitionSpec as P
-
-    import jax_flux
-
-    mesh = mesh_of(8)
     cfg = AllGatherMatmulConfig(chunk_rows=1, comm_programs=1, copy_rows=16, copy_cols=16,
                                 pull=True, **_TILES)
-    calls = 3
-
-    def body(x, w):
-        return tuple(jax_flux.all_gather_matmul(x * (c + 1), w, "tp", impl="fused", config=cfg)
-                     for c in range(calls))
-
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
-                              out_specs=(P(None, "tp"),) * calls))
+    f = scaled_calls("all_gather_matmul", mesh_of(8), cfg, 3)
     x, w, x64, w64 = testing.random_operands(8 * 4, 16, 16, jnp.float32, seed=7)
     with _program_threads.concurrent_programs(seed=0, max_delay_s=0.02):
         outs = f(x, w)

@@ -20,7 +20,8 @@ global timer (``triton.language.extra.cuda.globaltimer``, one line of inline
 PTX, which the interpreter cannot run) reads the host's monotonic clock in
 nanoseconds, so a bounded wait is bounded by the same seconds here as on a
 GPU (a poll count instead ran about 23x longer than it said with 8 ranks on
-2 cores: 93 s for a 4 s timeout).
+2 cores: 93 s for a 4 s timeout), after a short sleep, so a spinning wait
+leaves the host's cores to the programs it waits for, as a GPU's SMs do.
 
 ``install()`` makes the two builder fields thread-local and applies the
 language patch once, never restoring it (the process is in interpreter mode
@@ -45,6 +46,13 @@ CHECKED_TRITON = ("3.6", "3.9")
 
 # GIL switch interval while kernels are interpreted (Python's default: 5 ms).
 SWITCH_INTERVAL_S = 1e-3
+# Each read of the global timer first sleeps this long. Only a spinning wait
+# reads it (signals.wait_epoch), and on a GPU a program spinning on its SM
+# takes nothing from the programs it waits for; here the programs share the
+# host's cores and the GIL, and a waiter that sleeps between polls hands them
+# to the programs doing the work (an 8-rank AG-GEMM with its programs
+# concurrent, on 2 cores: 33-43 s -> 12-19 s).
+POLL_PAUSE_S = 1e-4
 
 _lock = threading.Lock()
 _installed = False
@@ -178,6 +186,7 @@ def install() -> None:
 
         def inline_asm(self, asm, constraints, values, type, is_pure, pack):
             if asm == _GLOBALTIMER_ASM and not values:
+                time.sleep(POLL_PAUSE_S)  # a spinning wait: let the others run
                 now = np.array([time.monotonic_ns()], np.int64)
                 return _AsmResults([interp.TensorHandle(now, tl.int64)])
             return original_asm(self, asm, constraints, values, type, is_pure, pack)

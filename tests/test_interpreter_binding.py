@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import cuda
 
-from custom_calls import _mode, interpreter_ready
+from custom_calls import _interpreter_shim, _mode, interpreter_ready, signals
 from custom_calls._host_tensor import HostTensor
 from custom_calls._interpreter_launch import aligned, run_interpreted
 
@@ -142,13 +142,45 @@ def _spin_for(ms, out_ptr):
     tl.store(out_ptr, now - start)
 
 
-def test_the_gpu_global_timer_reads_the_host_clock_in_nanoseconds():
-    # What makes a fused op's timeout_s the same seconds on the CPU as on a GPU.
+def test_the_gpu_global_timer_reads_the_host_clock_in_nanoseconds(monkeypatch):
+    # What makes a fused op's timeout_s the same seconds on the CPU as on a GPU;
+    # and a read sleeps first, so a spinning wait leaves the core to the
+    # programs it waits for.
     import time
 
+    def spin(ms):
+        return run_interpreted(_spin_for, (1,), [], scalars=((0, ms),),
+                               out_shapes=[np.zeros(1, np.int64)], input_output_aliases=(),
+                               zeroed_outputs=(), metaparams=())
+
+    pauses, sleep = [], time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: (pauses.append(s), sleep(s))[1])
     start = time.monotonic_ns()
-    (spun,) = run_interpreted(_spin_for, (1,), [], scalars=((0, 150),),
-                              out_shapes=[np.zeros(1, np.int64)], input_output_aliases=(),
-                              zeroed_outputs=(), metaparams=())
+    (spun,) = spin(150)
     elapsed = time.monotonic_ns() - start
     assert 150_000_000 <= int(spun[0]) <= elapsed, (spun, elapsed)
+    assert len(pauses) > 1 and set(pauses) == {_interpreter_shim.POLL_PAUSE_S}
+
+
+@triton.jit
+def _wait_for(sig_ptr, status_ptr, table_ptr, target, patience, out_ptr, WORLD: tl.constexpr):
+    ok = signals.wait_epoch(sig_ptr, target, patience, status_ptr, table_ptr, signals.WAIT_ROWS,
+                            0, 0, 0, WORLD)
+    tl.store(out_ptr, ok.to(tl.int32))
+
+
+@pytest.mark.parametrize("signal,status,found", [(5, 0, 1), (4, 3, 0)],
+                         ids=["arrived", "launch_already_failed"])
+def test_a_wait_that_need_not_spin_reads_no_clock(monkeypatch, signal, status, found):
+    # The signal already there, or an earlier wait of the launch failed (poll
+    # once): no clock read, so in the interpreter no sleep either.
+    import time
+
+    reads, clock = [], time.monotonic_ns
+    monkeypatch.setattr(time, "monotonic_ns", lambda: (reads.append(1), clock())[1])
+    arrays = [np.array([signal], np.int32), np.array([status, 0, 0, 0, 0, 0], np.int32),
+              np.zeros(4, np.uint32)]
+    (out,) = run_interpreted(_wait_for, (1,), arrays, scalars=((3, 5), (4, 1000)),
+                             out_shapes=[np.zeros(1, np.int32)], input_output_aliases=(),
+                             zeroed_outputs=(), metaparams=(("WORLD", 1),))
+    assert int(out[0]) == found and not reads

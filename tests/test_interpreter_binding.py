@@ -153,8 +153,14 @@ def test_the_gpu_global_timer_reads_the_host_clock_in_nanoseconds(monkeypatch):
                                out_shapes=[np.zeros(1, np.int64)], input_output_aliases=(),
                                zeroed_outputs=(), metaparams=())
 
-    pauses, sleep = [], time.sleep
-    monkeypatch.setattr(time, "sleep", lambda s: (pauses.append(s), sleep(s))[1])
+    pauses, sleep, me = [], time.sleep, threading.get_ident()
+
+    def recorded_sleep(seconds):  # this thread's: the kernel runs on it
+        if threading.get_ident() == me:
+            pauses.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", recorded_sleep)
     start = time.monotonic_ns()
     (spun,) = spin(150)
     elapsed = time.monotonic_ns() - start
@@ -176,8 +182,14 @@ def test_a_wait_that_need_not_spin_reads_no_clock(monkeypatch, signal, status, f
     # once): no clock read, so in the interpreter no sleep either.
     import time
 
-    reads, clock = [], time.monotonic_ns
-    monkeypatch.setattr(time, "monotonic_ns", lambda: (reads.append(1), clock())[1])
+    reads, clock, me = [], time.monotonic_ns, threading.get_ident()
+
+    def recorded_clock():
+        if threading.get_ident() == me:
+            reads.append(1)
+        return clock()
+
+    monkeypatch.setattr(time, "monotonic_ns", recorded_clock)
     arrays = [np.array([signal], np.int32), np.array([status, 0, 0, 0, 0, 0], np.int32),
               np.zeros(4, np.uint32)]
     (out,) = run_interpreted(_wait_for, (1,), arrays, scalars=((3, 5), (4, 1000)),

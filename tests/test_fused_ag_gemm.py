@@ -95,7 +95,7 @@ def test_several_fused_calls_in_one_program_and_across_programs(pull):
     # No host sync between the calls of a program: a rank may start its next
     # call while a peer still reads this one's rows, what the start barrier is
     # for (push: before writing into a peer; pull: before restaging its own).
-    # Push without it failed here (a later call's signal, in 2 min); pull
+    # Push without it failed here (a later call's signal, 3 runs of 3); pull
     # without it still passed (2 runs of 2: a peer copies the staged rows at
     # the start of its call, long before the stager can finish one).
     mesh = mesh_of(8)

@@ -142,30 +142,36 @@ def _spin_for(ms, out_ptr):
     tl.store(out_ptr, now - start)
 
 
+def _calls_on_this_thread(monkeypatch, name: str) -> list:
+    """Replaces ``time.<name>`` for the test: the arguments of each call made on
+    this thread (the one the kernel runs on) are recorded, then it is called."""
+    import time
+
+    calls, original, me = [], getattr(time, name), threading.get_ident()
+
+    def recorded(*args):
+        if threading.get_ident() == me:
+            calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(time, name, recorded)
+    return calls
+
+
 def test_the_gpu_global_timer_reads_the_host_clock_in_nanoseconds(monkeypatch):
     # What makes a fused op's timeout_s the same seconds on the CPU as on a GPU;
     # and a read sleeps first, so a spinning wait leaves the core to the
     # programs it waits for.
     import time
 
-    def spin(ms):
-        return run_interpreted(_spin_for, (1,), [], scalars=((0, ms),),
-                               out_shapes=[np.zeros(1, np.int64)], input_output_aliases=(),
-                               zeroed_outputs=(), metaparams=())
-
-    pauses, sleep, me = [], time.sleep, threading.get_ident()
-
-    def recorded_sleep(seconds):  # this thread's: the kernel runs on it
-        if threading.get_ident() == me:
-            pauses.append(seconds)
-        sleep(seconds)
-
-    monkeypatch.setattr(time, "sleep", recorded_sleep)
+    pauses = _calls_on_this_thread(monkeypatch, "sleep")
     start = time.monotonic_ns()
-    (spun,) = spin(150)
+    (spun,) = run_interpreted(_spin_for, (1,), [], scalars=((0, 150),),
+                              out_shapes=[np.zeros(1, np.int64)], input_output_aliases=(),
+                              zeroed_outputs=(), metaparams=())
     elapsed = time.monotonic_ns() - start
     assert 150_000_000 <= int(spun[0]) <= elapsed, (spun, elapsed)
-    assert len(pauses) > 1 and set(pauses) == {_interpreter_shim.POLL_PAUSE_S}
+    assert len(pauses) > 1 and set(pauses) == {(_interpreter_shim.POLL_PAUSE_S,)}
 
 
 @triton.jit
@@ -180,16 +186,7 @@ def _wait_for(sig_ptr, status_ptr, table_ptr, target, patience, out_ptr, WORLD: 
 def test_a_wait_that_need_not_spin_reads_no_clock(monkeypatch, signal, status, found):
     # The signal already there, or an earlier wait of the launch failed (poll
     # once): no clock read, so in the interpreter no sleep either.
-    import time
-
-    reads, clock, me = [], time.monotonic_ns, threading.get_ident()
-
-    def recorded_clock():
-        if threading.get_ident() == me:
-            reads.append(1)
-        return clock()
-
-    monkeypatch.setattr(time, "monotonic_ns", recorded_clock)
+    reads = _calls_on_this_thread(monkeypatch, "monotonic_ns")
     arrays = [np.array([signal], np.int32), np.array([status, 0, 0, 0, 0, 0], np.int32),
               np.zeros(4, np.uint32)]
     (out,) = run_interpreted(_wait_for, (1,), arrays, scalars=((3, 5), (4, 1000)),

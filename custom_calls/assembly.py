@@ -33,7 +33,32 @@ def ptx_features(ptx: str) -> dict:
         "v4": sum(ptx.count(f"{op}.v4") for op in ("st.global", "ld.global")),
         "wgmma": ptx.count("wgmma.mma_async"),
         "timer": ptx.count("%globaltimer"),
+        **ptx_ordering(ptx),
     }
+
+
+# A memory operation or fence of PTX with its qualifiers (``ld.global.sys.acquire.b32``);
+# not part of a longer name (``wgmma.fence.sync.aligned`` is no fence of memory).
+_PTX_MEMORY_OP = re.compile(r"(?<![\w.])((?:ld|st|atom|red|fence)(?:\.[a-z0-9_]+)+)")
+
+
+def ptx_ordering(ptx: str) -> dict:
+    """The memory-ordering operations of a kernel's PTX, which the fused kernels'
+    protocol rests on: ``acquire`` (acquire or acq_rel loads and atomics: a wait
+    for a signal), ``release`` (release or acq_rel: a signal after the data it
+    publishes) and ``narrow_scope``, those of them scoped below ``.sys``. In
+    PTX's memory model only system-scoped ones synchronise with a thread of
+    another GPU (a peer writing over NVLink); the default scope is ``.gpu``.
+    """
+    acquire = release = narrow = 0
+    for m in _PTX_MEMORY_OP.finditer(ptx):
+        q = set(m.group(1).split("."))
+        if not q & {"acquire", "release", "acq_rel", "sc"}:
+            continue
+        acquire += bool(q & {"acquire", "acq_rel", "sc"})
+        release += bool(q & {"release", "acq_rel", "sc"})
+        narrow += "sys" not in q
+    return {"acquire": acquire, "release": release, "narrow_scope": narrow}
 
 
 def cuda_tool(name: str) -> str | None:
@@ -44,12 +69,17 @@ def cuda_tool(name: str) -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def _opcode(instruction: str) -> str:
-    """``@!P0 LDGSTS.E.BYPASS.128 [R1], ...`` -> ``LDGSTS``."""
+def _opcode_with_modifiers(instruction: str) -> str:
+    """``@!P0 LDGSTS.E.BYPASS.128 [R1], ...`` -> ``LDGSTS.E.BYPASS.128``."""
     words = instruction.split()
     if words and words[0].startswith("@"):
         words = words[1:]
-    return words[0].split(".")[0] if words else ""
+    return words[0] if words else ""
+
+
+def _opcode(instruction: str) -> str:
+    """``@!P0 LDGSTS.E.BYPASS.128 [R1], ...`` -> ``LDGSTS``."""
+    return _opcode_with_modifiers(instruction).split(".")[0]
 
 
 # Tensor-core MMAs in SASS: Hopper's warpgroup MMAs for 16-bit (HGMMA) and
@@ -132,6 +162,46 @@ def sass_features(cubin: bytes) -> dict:
         "loop_mma": sum(loop[op] for op in MMA_OPCODES),
         "loop_ldgsts": loop["LDGSTS"],
         "loop_local": loop["LDL"] + loop["STL"],
+        **sass_ordering(sass),
+    }
+
+
+def _instructions(sass: str) -> list[str]:
+    """The instructions of nvdisasm's listing, in address order, predicate included."""
+    return [m.group(1) for m in (re.match(r"^/\*[0-9a-f]+\*/\s+(.*?)\s*;", line.strip())
+                                 for line in sass.splitlines()) if m]
+
+
+def sass_ordering(sass: str) -> dict:
+    """How the assembled kernel orders memory, as the hardware will run it.
+
+    ``l1_invalidations``: ``CCTL.IVALL``, which ptxas puts after each acquire
+    (the SM's L1 dropped, so the weak loads that follow see what peers wrote);
+    ``sys_fences``: ``MEMBAR.*.SYS``, which it puts before each release;
+    ``unfenced_releases``: those fences with a weak global store between the
+    last ``BAR.SYNC`` before them (address order) and the fence, or with no
+    barrier before them at all. A release is one thread's (Triton runs a scalar
+    atomic on thread 0); the barrier is what orders the other threads' stores
+    of the data before it, so a store after it is published by nothing.
+    """
+    instructions = _instructions(sass)
+    unfenced = 0
+    fences = [i for i, text in enumerate(instructions)
+              if re.match(r"MEMBAR\.\w+\.SYS$", _opcode_with_modifiers(text))]
+    for i in fences:
+        for text in reversed(instructions[:i]):
+            op = _opcode_with_modifiers(text)
+            if op.startswith("BAR.SYNC"):
+                break
+            if op.split(".")[0] in ("STG", "ST", "RED") and "STRONG" not in op.split("."):
+                unfenced += 1
+                break
+        else:
+            unfenced += 1
+    return {
+        "l1_invalidations": sum(_opcode_with_modifiers(t) == "CCTL.IVALL" for t in instructions),
+        "sys_fences": len(fences),
+        "unfenced_releases": unfenced,
     }
 
 

@@ -135,7 +135,8 @@ def main(argv) -> int:
         s = " ".join(f"{k}={v}" for k, v in sass.items())
         print(f"sm_{arch} {name:<10} {dtype:<9} ok: {len(c.ptx)} bytes of PTX, "
               f"{len(c.cubin)} bytes of cubin, {params} parameters, {c.shared} bytes shared, "
-              f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']} warps={c.num_warps} "
+              f"cp.async={f['cp.async']} v4={f['v4']} timer={f['timer']} acquire={f['acquire']} "
+              f"release={f['release']} narrow_scope={f['narrow_scope']} warps={c.num_warps} "
               f"{s}".rstrip())
     return check_residency(arch)
 

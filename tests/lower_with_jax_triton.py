@@ -132,8 +132,11 @@ def main() -> int:
         print(f"{op:22s} {jnp.dtype(dtype).name:13s}{wname}-> {out:9s} "
               f"{'vmap ' if vmapped else ''}{'w^T ' if kw.get('w_transposed') else ''}"
               f"kernel={entry} target={target} cp.async={f['cp.async']} "
-              f"wgmma={f['wgmma']} timer={f['timer']}")
+              f"wgmma={f['wgmma']} timer={f['timer']} acquire={f['acquire']} "
+              f"release={f['release']} narrow_scope={f['narrow_scope']}")
         assert target == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0, (op, dtype)
+        # What XLA will launch signals at system scope (tests/test_kernels_compile.py).
+        assert f["acquire"] > 0 and f["release"] > 0 and f["narrow_scope"] == 0, (op, dtype)
     # The gradient: the forward's kernel and dx's, the other op reading w^T in
     # place (no transpose of w in the program); with float8 operands, dx's
     # kernel takes the bfloat16 cotangent against the float8 w (no convert of w).
@@ -150,8 +153,8 @@ def main() -> int:
         assert f"tensor<{local}xf8E4M3FN>) -> tensor<{local}xbf16>" not in text, op
         kernels = [_kernel(c) for c in _backend_configs(text)]
         assert sorted(e for e, _, _ in kernels) == ["ag_gemm_kernel", "gemm_rs_kernel"], kernels
-        assert all(t == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0
-                   for _, t, f in kernels), (op, kernels)
+        assert all(t == "sm_90a" and f["cp.async"] > 0 and f["wgmma"] > 0 and
+                   f["narrow_scope"] == 0 for _, t, f in kernels), (op, kernels)
         print(f"{op:22s} {jnp.dtype(dtype).name:13s} gradient: "
               f"kernels={[e for e, _, _ in kernels]}, no transpose or convert of w")
     check_residency(mesh)

@@ -1,8 +1,9 @@
 """Every Triton kernel compiles for a Hopper GPU (sm_90), checked on this CPU-only host.
 
 The interpreter runs the kernels' logic; this checks what only the compiler
-sees (branch types, atomics, constexpr globals). It runs in a subprocess
-because this process has Triton in interpreter mode.
+sees (branch types, atomics, constexpr globals) and what the GPU will run: the
+K loop's instructions, and the memory ordering the signals rest on. It runs in
+a subprocess because this process has Triton in interpreter mode.
 """
 
 import os
@@ -28,6 +29,19 @@ def test_kernels_compile_for_sm90(tmp_path):
     for line in lines:
         fields = dict(f.split("=") for f in line.split() if "=" in f)
         kernel, dtype = line.split()[1:3]
+        assert "loop" in fields, "no SASS features (Triton's cuobjdump/nvdisasm missing?): " + line
+        # The protocol as the hardware runs it: every acquire and release is
+        # system-scoped (nothing narrower synchronises with a peer GPU), ptxas
+        # drops the SM's L1 after each acquire (CCTL.IVALL: the weak loads that
+        # follow see what peers wrote) and fences each release (MEMBAR.SYS),
+        # and no data store lies between the barrier before a release and its
+        # fence (a release is thread 0's; the barrier orders the other threads'
+        # stores before it). The GEMM signals nothing.
+        acquire, release = int(fields["acquire"]), int(fields["release"])
+        assert (acquire > 0 and release > 0) == (not kernel.startswith("matmul")), line
+        assert int(fields["narrow_scope"]) == int(fields["unfenced_releases"]) == 0, line
+        assert int(fields["l1_invalidations"]) == acquire, line
+        assert int(fields["sys_fences"]) == release, line
         if kernel == "matmul_b":
             # float8 with a row-major b: Hopper's FP8 MMAs take b K-major, so b
             # goes through registers into shared memory every K step, outside
@@ -54,7 +68,6 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert (int(fields["timer"]) > 0) == (not kernel.startswith("matmul")), line
         # The assembled K loop (SASS): every kernel issues the same tensor-core
         # MMAs and cp.async copies per iteration, and nothing spills in it.
-        assert "loop" in fields, "no SASS features (Triton's cuobjdump/nvdisasm missing?): " + line
         assert int(fields["loop_local"]) == 0, line
         # 8 warps (GEMM-RS with a float32 result): two warpgroups share the MMAs.
         warpgroups = int(fields["warps"]) // 4
@@ -86,3 +99,38 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert loop["loop_mma"] == gemm_loop["loop_mma"], (kernel, dtype, loops)
         assert loop["loop_ldgsts"] == gemm_loop["loop_ldgsts"], (kernel, dtype, loops)
         assert loop["loop"] <= 1.1 * gemm_loop["loop"], (kernel, dtype, loops)
+
+
+def test_the_memory_ordering_readers_on_written_code():
+    # What the compile check above counts, on code written for it: no compiler.
+    from custom_calls.assembly import ptx_ordering, sass_ordering
+
+    ptx = """
+        @%p1 ld.global.sys.acquire.b32 %r1, [%rd1];
+        @%p1 atom.global.acquire.gpu.add.u32 %r2, [%rd1], 0;
+        ld.global.acquire.b32 %r3, [%rd1];
+        @%p1 atom.global.sys.acq_rel.add.u32 %r4, [%rd2], 1;
+        @%p1 atom.global.sys.release.exch.b32 %r5, [%rd3], %r6;
+        atom.global.relaxed.gpu.cas.b32 %r7, [%rd4], 0, 5;
+        wgmma.fence.sync.aligned;
+    """
+    # Two narrower than .sys: the explicit .gpu and the default scope (.gpu).
+    assert ptx_ordering(ptx) == {"acquire": 4, "release": 2, "narrow_scope": 2}
+
+    def listing(*instructions):
+        return "\n".join(f"        /*{16 * i:04x}*/  {text} ;" for i, text in enumerate(instructions))
+
+    published = listing("STG.E.128 desc[UR4][R2.64], R4", "BAR.SYNC.DEFER_BLOCKING 0x0",
+                        "@!PT LDS RZ, [RZ]", "MEMBAR.ALL.SYS", "ERRBAR",
+                        "ATOMG.E.EXCH.STRONG.SYS PT, RZ, desc[UR4][R6.64], R8",
+                        "LDG.E.STRONG.SYS R9, desc[UR4][R6.64]", "CCTL.IVALL")
+    assert sass_ordering(published) == {"l1_invalidations": 1, "sys_fences": 1,
+                                        "unfenced_releases": 0}
+    # A strong store (another signal) may lie between; a weak one may not, nor
+    # may a fence have no barrier before it.
+    strong = listing("BAR.SYNC.DEFER_BLOCKING 0x0", "ATOMG.E.EXCH.STRONG.SYS PT, RZ, [R4.64], RZ",
+                     "MEMBAR.ALL.SYS")
+    weak = listing("BAR.SYNC.DEFER_BLOCKING 0x0", "@!P0 STG.E.128 desc[UR4][R2.64], R4",
+                   "MEMBAR.ALL.SYS")
+    alone = listing("STG.E desc[UR4][R2.64], R4", "@P0 MEMBAR.ALL.SYS")
+    assert [sass_ordering(s)["unfenced_releases"] for s in (strong, weak, alone)] == [0, 1, 1]

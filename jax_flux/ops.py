@@ -63,29 +63,37 @@ def _auto(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> str:
 # fused kernels read it in place; XLA folds the transpose into its dots.
 
 
+def _scope(op: str, impl: str):
+    """The name a launch of ``op`` by ``impl`` carries in the program (HLO's
+    ``op_name`` metadata, hence profiles): ``jax_flux.all_gather_matmul[fused]``."""
+    return jax.named_scope(f"jax_flux.{op}[{impl}]")
+
+
 def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
                 out_dtype=None, w_transposed=False):
     if impl == "auto":
         impl = _auto(_AG, x, w, size, out_dtype, w_transposed)
     kw = dict(return_gathered=return_gathered, out_dtype=out_dtype)
-    if impl == "fused":
-        return ag_gemm.fused(x, w, axis_name, size, config, w_transposed=w_transposed, **kw)
-    w = w.T if w_transposed else w
-    if impl == "ring":
-        return ag_gemm.ring(x, w, axis_name, size, **kw)
-    return ag_gemm.reference(x, w, axis_name, **kw)
+    with _scope(_AG, impl):
+        if impl == "fused":
+            return ag_gemm.fused(x, w, axis_name, size, config, w_transposed=w_transposed, **kw)
+        w = w.T if w_transposed else w
+        if impl == "ring":
+            return ag_gemm.ring(x, w, axis_name, size, **kw)
+        return ag_gemm.reference(x, w, axis_name, **kw)
 
 
 def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_transposed=False):
     if impl == "auto":
         impl = _auto(_RS, x, w, size, out_dtype, w_transposed)
-    if impl == "fused":
-        return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype,
-                             w_transposed=w_transposed)
-    w = w.T if w_transposed else w
-    if impl == "ring":
-        return gemm_rs.ring(x, w, axis_name, size, out_dtype=out_dtype)
-    return gemm_rs.reference(x, w, axis_name, out_dtype=out_dtype)
+    with _scope(_RS, impl):
+        if impl == "fused":
+            return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype,
+                                 w_transposed=w_transposed)
+        w = w.T if w_transposed else w
+        if impl == "ring":
+            return gemm_rs.ring(x, w, axis_name, size, out_dtype=out_dtype)
+        return gemm_rs.reference(x, w, axis_name, out_dtype=out_dtype)
 
 
 # ------------------------------------------------------------ AG-GEMM vjp
@@ -122,9 +130,11 @@ def _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy):
     xg, w = res
     dtype = _validate.backward_dtype(xg.dtype, w.dtype, dy.dtype)
     dy = dy.astype(dtype)
-    dx = _rs_forward(dy, w, axis_name, impl, size, out_dtype=dtype,
-                     w_transposed=not w_transposed)
-    dw = dot_tn(dy, xg, w.dtype) if w_transposed else dot_tn(xg, dy, w.dtype)
+    # dx's launch is named by its own op and impl (_scope), inside this one.
+    with jax.named_scope(f"jax_flux.{_AG}.backward"):
+        dx = _rs_forward(dy, w, axis_name, impl, size, out_dtype=dtype,
+                         w_transposed=not w_transposed)
+        dw = dot_tn(dy, xg, w.dtype) if w_transposed else dot_tn(xg, dy, w.dtype)
     return dx.astype(xg.dtype), dw
 
 
@@ -148,9 +158,10 @@ def _rs_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dz):
     x, w = res
     dtype = _validate.backward_dtype(x.dtype, w.dtype, dz.dtype)
     dz = dz.astype(dtype)
-    dx, dzg = _ag_forward(dz, w, axis_name, impl, size, return_gathered=True, out_dtype=dtype,
-                          w_transposed=not w_transposed)
-    dw = dot_tn(dzg, x, w.dtype) if w_transposed else dot_tn(x, dzg, w.dtype)
+    with jax.named_scope(f"jax_flux.{_RS}.backward"):
+        dx, dzg = _ag_forward(dz, w, axis_name, impl, size, return_gathered=True,
+                              out_dtype=dtype, w_transposed=not w_transposed)
+        dw = dot_tn(dzg, x, w.dtype) if w_transposed else dot_tn(x, dzg, w.dtype)
     return dx.astype(x.dtype), dw
 
 

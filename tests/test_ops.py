@@ -1,6 +1,8 @@
 """Every impl of both ops against the float64 host reference and the lax collective,
 in the same shard_map harness, forward and gradient."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -249,3 +251,29 @@ def test_vmap_with_a_shared_weight_is_one_launch(op):
     ws = jnp.stack([w, 2 * w])
     looped = jax.make_jaxpr(jax.vmap(f, in_axes=(0, 0)))(x[0, :2], ws).jaxpr
     assert count_equations(looped, ("while", "scan")) == 1
+
+
+# What a profile shows of a launch: HLO's op_name metadata of the compiled
+# program. The kernel (on CPU devices, the interpreter's callback) and the
+# collectives of each impl, forward and backward.
+_LAUNCH = re.compile(r" (custom-call|all-gather|reduce-scatter|collective-permute)(?:-start)?\("
+                     r'.*op_name="([^"]*)"')
+
+
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_each_launch_is_named_by_its_op_and_impl(op, impl):
+    mesh = mesh_of(4)
+    x, w, _, _ = testing.random_operands(32, 16, 24, jnp.float32)
+    g, _ = cotangent((32, 24), jnp.float32)
+    xs, ws = testing.place(op, mesh, x, w)
+    other = OPS[1 - OPS.index(op)]
+    forward = testing.sharded(op, mesh, impl).lower(xs, ws).compile().as_text()
+    names = {name for _, name in _LAUNCH.findall(forward)}
+    assert names and all(f"/jax_flux.{op}[{impl}]/" in name for name in names), names
+    # The backward's launch is the other op, named so inside this op's backward.
+    backward = testing.sharded(op, mesh, impl, grad=True).lower(xs, ws, g).compile().as_text()
+    names = {name for _, name in _LAUNCH.findall(backward)}
+    assert any(f"/jax_flux.{op}[{impl}]/" in name for name in names), names
+    assert any(f"/jax_flux.{op}.backward/jax_flux.{other}[{impl}]/" in name
+               for name in names), names

@@ -51,15 +51,16 @@ def check_impl(op: str, impl: str) -> None:
 
 def check_operands(op: str, x, w, axis_name: Hashable, size: int,
                    w_transposed: bool = False) -> None:
-    """2-D operands, matching contraction size (w's dim 0, or dim 1 for w
-    given transposed), one supported dtype."""
+    """x of 2 or more dims ([rows, ..., K]), w 2-D, matching contraction size
+    (x's last dim against w's dim 0, or dim 1 for w given transposed), one
+    supported dtype."""
     where = f"(axis {axis_name!r} of size {size})"
-    if getattr(x, "ndim", None) != 2 or getattr(w, "ndim", None) != 2:
-        raise ValueError(f"{op}: x and w must be 2-D, got x{tuple(jnp.shape(x))} and "
-                         f"w{tuple(jnp.shape(w))} {where}")
+    if getattr(x, "ndim", 0) < 2 or getattr(w, "ndim", None) != 2:
+        raise ValueError(f"{op}: x must have 2 or more dims ([rows, ..., K]) and w 2, got "
+                         f"x{tuple(jnp.shape(x))} and w{tuple(jnp.shape(w))} {where}")
     if w_transposed not in (True, False):
         raise ValueError(f"{op}: w_transposed must be a bool, got {w_transposed!r}")
-    if x.shape[1] != w.shape[1 if w_transposed else 0]:
+    if x.shape[-1] != w.shape[1 if w_transposed else 0]:
         product = f"w{tuple(w.shape)}.T (w_transposed)" if w_transposed else f"w{tuple(w.shape)}"
         raise ValueError(f"{op}: contraction sizes differ: x{tuple(x.shape)} @ {product} "
                          f"{where}")

@@ -187,6 +187,11 @@ def _vary(x, w, axis_name):
     return cast(x), cast(w)
 
 
+def _rows(x):
+    """x [rows, ..., K] as the 2-D [rows * ..., K] the impls take (no copy: row-major)."""
+    return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
+
+
 def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: str = "auto",
                       config: Any = None, preferred_element_type: Any = None,
                       w_transposed: bool = False) -> jax.Array:
@@ -198,9 +203,11 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     (impl ``"ring"`` and ``"fused"``).
 
     Args:
-      x: this rank's rows, [m, K]; bfloat16, float16, float32, or float8
-        (float8_e4m3fn, float8_e5m2: Hopper's FP8 MMAs, half the bytes
-        gathered; needs ``preferred_element_type``).
+      x: this rank's rows, [m, K], or [m, ..., K] (Megatron's [s, b, h]:
+        gathered along dim 0, the middle dims go along, as with
+        ``lax.all_gather`` then ``@``); bfloat16, float16, float32, or
+        float8 (float8_e4m3fn, float8_e5m2: Hopper's FP8 MMAs, half the
+        bytes gathered; needs ``preferred_element_type``).
       w: [K, n], same dtype as x (typically this rank's column shard).
       axis_name: the mesh axis to gather over (size P), or a tuple of axes
         (one axis of their sizes' product, the first major, as in ``lax``).
@@ -222,20 +229,23 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
         (README, "float8"). Gradients come back in the layout given.
 
     Returns:
-      [m * P, n] in x's dtype (or ``preferred_element_type``); rank r's rows
-      at [r * m, (r + 1) * m).
+      [m * P, n] (or [m * P, ..., n]) in x's dtype (or
+      ``preferred_element_type``); rank r's rows at [r * m, (r + 1) * m).
 
     Raises:
-      ValueError: operands not 2-D, contraction sizes or dtypes differ, an
-        unsupported dtype or preferred_element_type (or none for float8
-        operands), an unknown impl, or no such bound axis.
+      ValueError: x of fewer than 2 dims or w not 2-D, contraction sizes or
+        dtypes differ, an unsupported dtype or preferred_element_type (or
+        none for float8 operands), an unknown impl, or no such bound axis.
     """
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size, w_transposed)
     out_dtype = _validate.result_dtype(_AG, x, w, preferred_element_type)
     impl = _resolve(_AG, impl, config)
-    return _ag(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype,
-               bool(w_transposed))
+    y = _ag(*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
+            bool(w_transposed))
+    # Rank r's rows of x, its middle dims flattened in, stay one contiguous block
+    # of the gathered rows: the product unflattens to [m * P, ..., n] in place.
+    return y if x.ndim == 2 else y.reshape(size * x.shape[0], *x.shape[1:-1], y.shape[-1])
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
@@ -249,8 +259,9 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     with the matmul accumulated in float32.
 
     Args:
-      x: [M, k], M divisible by the axis size P; bfloat16, float16, float32
-        or float8 (as in ``all_gather_matmul``; needs
+      x: [M, k], or [M, ..., k] (scattered along dim 0, the middle dims
+        going along), M divisible by the axis size P; bfloat16, float16,
+        float32 or float8 (as in ``all_gather_matmul``; needs
         ``preferred_element_type``).
       w: [k, N], same dtype as x (typically this rank's row shard).
       axis_name: the mesh axis (or tuple of axes) to reduce and scatter over
@@ -267,8 +278,9 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
         ``all_gather_matmul``.
 
     Returns:
-      [M / P, N] in x's dtype (or ``preferred_element_type``): rank r gets
-      rows [r * M/P, (r + 1) * M/P) of the sum over ranks.
+      [M / P, N] (or [M / P, ..., N]) in x's dtype (or
+      ``preferred_element_type``): rank r gets rows [r * M/P, (r + 1) * M/P)
+      of the sum over ranks.
 
     Raises:
       ValueError: as ``all_gather_matmul``, and when M is not divisible by P.
@@ -278,5 +290,7 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     _validate.check_scatter_rows(_RS, x, axis_name, size)
     out_dtype = _validate.result_dtype(_RS, x, w, preferred_element_type)
     impl = _resolve(_RS, impl, config)
-    return _rs(*_vary(x, w, axis_name), axis_name, impl, size, config, out_dtype,
-               bool(w_transposed))
+    z = _rs(*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
+            bool(w_transposed))
+    # Rank r's share of the flattened rows is rows [r * M/P, (r + 1) * M/P) of x's dim 0.
+    return z if x.ndim == 2 else z.reshape(x.shape[0] // size, *x.shape[1:-1], z.shape[-1])

@@ -1,11 +1,15 @@
 """Every impl of both ops against the float64 host reference and the lax collective,
 in the same shard_map harness, forward and gradient."""
 
+import functools
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_flux import testing
 from tests.helpers import cotangent, count_equations, lax_reference, mesh_of
@@ -277,3 +281,42 @@ def test_each_launch_is_named_by_its_op_and_impl(op, impl):
     assert any(f"/jax_flux.{op}[{impl}]/" in name for name in names), names
     assert any(f"/jax_flux.{op}.backward/jax_flux.{other}[{impl}]/" in name
                for name in names), names
+
+
+# x with middle dims, as Megatron lays out activations ([s, b, h], sequence
+# split over tp): gathered / scattered along dim 0, the middle dims going
+# along, as lax.all_gather / psum_scatter then @ treat them.
+_ND_SPECS = {  # (x, w), out: AG gathers x's rows, RS reduces over x's last dim
+    "all_gather_matmul": ((P("tp"), P(None, "tp")), P(None, None, None, "tp")),
+    "matmul_reduce_scatter": ((P(None, None, None, "tp"), P("tp", None)), P("tp")),
+}
+
+
+def _lax_nd(op, x, w):
+    if op == "all_gather_matmul":
+        return jax.lax.all_gather(x, "tp", axis=0, tiled=True) @ w
+    return jax.lax.psum_scatter(x @ w, "tp", scatter_dimension=0, tiled=True)
+
+
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+@pytest.mark.parametrize("op", OPS)
+def test_x_with_middle_dims(op, impl):
+    mesh = mesh_of(4)
+    (sx, sw), so = _ND_SPECS[op]
+    x64 = np.random.default_rng(0).standard_normal((12, 3, 2, 16))  # [s, b, heads, h]
+    w64 = np.random.default_rng(1).standard_normal((16, 8)) / 4
+    g64 = np.random.default_rng(2).standard_normal((12, 3, 2, 8))
+    x, w, g = (jax.device_put(jnp.asarray(a, jnp.float32), NamedSharding(mesh, s))
+               for a, s in ((x64, sx), (w64, sw), (g64, so)))
+
+    def run(fn):
+        f = jax.shard_map(fn, mesh=mesh, in_specs=(sx, sw), out_specs=so)
+        out, vjp = jax.vjp(jax.jit(f), x, w)
+        return (out, *vjp(g))
+
+    out, dx, dw = run(lambda x, w: testing.OPS[op](x, w, "tp", impl=impl))
+    ref = run(functools.partial(_lax_nd, op))
+    assert out.shape == (12, 3, 2, 8) and dx.shape == x.shape and dw.shape == w.shape
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+    for a, b in zip((out, dx, dw), ref):
+        assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5

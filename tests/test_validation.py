@@ -23,9 +23,14 @@ def arr(shape, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_rank_must_be_2(op):
-    with pytest.raises(ValueError, match=r"2-D.*x\(8, 4, 2\).*w\(2, 3\).*size 8"):
-        call(op, arr((8, 4, 2)), arr((2, 3)))
+def test_x_has_2_or_more_dims_and_w_2(op):
+    match = r"x must have 2 or more dims \(\[rows, \.\.\., K\]\) and w 2, got x{} and w{}.*size 8"
+    with pytest.raises(ValueError, match=match.format(r"\(8,\)", r"\(8, 3\)")):
+        call(op, arr((8,)), arr((8, 3)))
+    with pytest.raises(ValueError, match=match.format(r"\(8, 4\)", r"\(4, 3, 2\)")):
+        call(op, arr((8, 4)), arr((4, 3, 2)))
+    with pytest.raises(ValueError, match=r"contraction.*x\(8, 4, 2\) @ w\(4, 3\).*size 8"):
+        call(op, arr((8, 4, 2)), arr((4, 3)))
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -81,6 +86,9 @@ def test_unsupported_dtype(op, dtype):
 def test_reduce_scatter_rows_divisible_by_axis_size():
     with pytest.raises(ValueError, match=r"x\(12, 4\) has 12 rows, not divisible by the size 8"):
         call(jax_flux.matmul_reduce_scatter, arr((12, 4)), arr((4, 3)))
+    # Scattered along dim 0: 12 x 2 rows flattened would divide, dim 0 does not.
+    with pytest.raises(ValueError, match=r"x\(12, 2, 4\) has 12 rows, not divisible by the size 8"):
+        call(jax_flux.matmul_reduce_scatter, arr((12, 2, 4)), arr((4, 3)))
 
 
 @pytest.mark.parametrize("op", OPS)

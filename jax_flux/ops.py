@@ -22,8 +22,10 @@ import functools
 from typing import Any, Hashable
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from custom_calls._jax_compat import varying_axes
 from jax_flux import _validate, ag_gemm, gemm_rs, remat
@@ -141,6 +143,50 @@ def _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy):
 _ag.defvjp(_ag_fwd, _ag_bwd)
 
 
+# return_gathered=True: (y, the gathered x) out of the one launch, as Flux's
+# AGKernel gives it, for a second matmul on the same rows (separate weights
+# of one input) without a second all-gather. The gathered x's cotangent
+# (another matmul's dx, say) is reduce-scattered back onto dx; symbolic zeros
+# (an output the loss does not use) cost nothing.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _ag_gathered(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+    return _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True,
+                       out_dtype=out_dtype, w_transposed=w_transposed)
+
+
+def _ag_gathered_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+    # symbolic_zeros: the differentiable primals come wrapped (CustomVJPPrimal).
+    y, (xg, w) = _ag_fwd(x.value, w.value, axis_name, impl, size, config, out_dtype,
+                         w_transposed)
+    return (y, xg), (xg, w)
+
+
+def _ag_gathered_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, cts):
+    xg, w = res
+    dy, dxg = cts
+    if isinstance(dy, SymbolicZero):
+        # Zeros varying as the primals do: _vary gave x and w one set of axes.
+        vary = tuple(sorted(varying_axes(w), key=str))
+        dx, dw = (lax.pcast(jnp.zeros(shape, dtype), vary, to="varying") if vary else
+                  jnp.zeros(shape, dtype)
+                  for shape, dtype in (((xg.shape[0] // size, xg.shape[1]), xg.dtype),
+                                       (w.shape, w.dtype)))
+    else:
+        dx, dw = _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy)
+    if not isinstance(dxg, SymbolicZero):
+        # The transpose of the all-gather; summed with the kernel's dx in float32.
+        with jax.named_scope(f"jax_flux.{_AG}.backward"):
+            dxg = dxg.astype(jnp.float32) if _validate.is_float8(dxg.dtype) else dxg
+            rs = lax.psum_scatter(dxg, axis_name, scatter_dimension=0, tiled=True)
+        dx = (dx.astype(jnp.float32) + rs.astype(jnp.float32)).astype(xg.dtype)
+    return dx, dw
+
+
+_ag_gathered.defvjp(_ag_gathered_fwd, _ag_gathered_bwd, symbolic_zeros=True)
+
+
 # ------------------------------------------------------------ GEMM-RS vjp
 
 
@@ -194,7 +240,7 @@ def _rows(x):
 
 def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: str = "auto",
                       config: Any = None, preferred_element_type: Any = None,
-                      w_transposed: bool = False) -> jax.Array:
+                      w_transposed: bool = False, return_gathered: bool = False):
     """All-gathers ``x`` over ``axis_name`` (tiled, along rows) and multiplies by ``w``.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
@@ -227,10 +273,17 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
         place. Hopper's float8 MMAs take the weight K-major: a float8 w
         stored this way keeps the fused kernel's K loop fully pipelined
         (README, "float8"). Gradients come back in the layout given.
+      return_gathered: also return the gathered x, which the fused kernel
+        writes as it goes (Flux's gathered input): a second matmul on the
+        same rows (a separate weight of the same input) then needs no second
+        all-gather. Differentiable: its cotangent is reduce-scattered onto
+        dx.
 
     Returns:
       [m * P, n] (or [m * P, ..., n]) in x's dtype (or
       ``preferred_element_type``); rank r's rows at [r * m, (r + 1) * m).
+      With ``return_gathered``, (that, the gathered x [m * P, (...,) K] in
+      x's dtype).
 
     Raises:
       ValueError: x of fewer than 2 dims or w not 2-D, contraction sizes or
@@ -241,11 +294,16 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
     _validate.check_operands(_AG, x, w, axis_name, size, w_transposed)
     out_dtype = _validate.result_dtype(_AG, x, w, preferred_element_type)
     impl = _resolve(_AG, impl, config)
-    y = _ag(*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
+    if return_gathered not in (True, False):
+        raise ValueError(f"{_AG}: return_gathered must be a bool, got {return_gathered!r}")
+    args = (*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
             bool(w_transposed))
+    outs = _ag_gathered(*args) if return_gathered else (_ag(*args),)
     # Rank r's rows of x, its middle dims flattened in, stay one contiguous block
     # of the gathered rows: the product unflattens to [m * P, ..., n] in place.
-    return y if x.ndim == 2 else y.reshape(size * x.shape[0], *x.shape[1:-1], y.shape[-1])
+    outs = tuple(a if x.ndim == 2 else a.reshape(size * x.shape[0], *x.shape[1:-1], a.shape[-1])
+                 for a in outs)
+    return outs if return_gathered else outs[0]
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import jax_flux
 from jax_flux import testing
 from tests.helpers import cotangent, count_equations, lax_reference, mesh_of
 
@@ -320,3 +321,55 @@ def test_x_with_middle_dims(op, impl):
     assert testing.relative_error(out, x64 @ w64) < 1e-5
     for a, b in zip((out, dx, dw), ref):
         assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("uses", ["both", "y", "gathered"])
+@pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
+def test_the_gathered_x_for_a_second_matmul(impl, uses):
+    # y, xg = AG-GEMM(x, w1, return_gathered=True); z = xg @ w2: two weights of
+    # one input, one all-gather. Gradients against lax's autodiff, including
+    # the outputs the loss leaves unused (symbolic zero cotangents).
+    mesh = mesh_of(4)
+    rng = np.random.default_rng(0)
+    x64, w1_64, w2_64 = (rng.standard_normal(s) for s in ((24, 16), (16, 8), (16, 12)))
+    specs = (P("tp"), P(None, "tp"), P(None, "tp"))
+    x, w1, w2 = (jax.device_put(jnp.asarray(a, jnp.float32), NamedSharding(mesh, s))
+                 for a, s in zip((x64, w1_64, w2_64), specs))
+
+    def ours(x, w1, w2):
+        y, xg = jax_flux.all_gather_matmul(x, w1, "tp", impl=impl, return_gathered=True)
+        return y, xg @ w2
+
+    def lax_ref(x, w1, w2):
+        xg = jax.lax.all_gather(x, "tp", axis=0, tiled=True)
+        return xg @ w1, xg @ w2
+
+    def loss(fn):
+        f = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(P(None, "tp"),) * 2)
+
+        def total(x, w1, w2):
+            y, z = f(x, w1, w2)
+            return {"both": (y * y).sum() + (z * z).sum(), "y": (y * y).sum(),
+                    "gathered": (z * z).sum()}[uses]
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+
+    gathered = jax.jit(jax.shard_map(
+        lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", impl=impl, return_gathered=True),
+        mesh=mesh, in_specs=specs[:2], out_specs=(P(None, "tp"), P()), check_vma=False))
+    y, xg = gathered(x, w1)
+    assert np.array_equal(np.asarray(xg), np.asarray(x))
+    if impl == "fused":  # the kernel writes the gathered x: no all-gather beside it
+        assert "stablehlo.all_gather" not in gathered.lower(x, w1).as_text()
+    assert testing.relative_error(y, x64 @ w1_64) < 1e-5
+    if impl == "fused":
+        # The backward launches what the used outputs need: dx's GEMM-RS kernel
+        # for y's cotangent, an XLA reduce-scatter for the gathered x's.
+        text = loss(ours).lower(x, w1, w2).as_text()
+        kernels, scatters = text.count("cpu_callback"), text.count("stablehlo.reduce_scatter")
+        assert (kernels, scatters) == {"both": (2, 1), "y": (2, 0), "gathered": (1, 1)}[uses]
+    (value, grads), (ref_value, ref_grads) = loss(ours)(x, w1, w2), loss(lax_ref)(x, w1, w2)
+    assert abs(float(value) - float(ref_value)) < 1e-4 * abs(float(ref_value))
+    for a, b in zip(grads, ref_grads):
+        b = np.asarray(b, np.float64)  # w2's gradient is 0 where the loss leaves z out
+        assert testing.relative_error(a, b) < 1e-5 if b.any() else not np.asarray(a).any()

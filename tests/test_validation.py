@@ -119,3 +119,8 @@ def test_bad_axis_name_tuples(op):
         op(jnp.ones((8, 4)), jnp.ones((4, 3)), ("tp", "tp"))
     with pytest.raises(ValueError, match="unbound axis name 'dp'.*shard_map"):
         call(op, arr((8, 4)), arr((4, 3)), axis_name=("tp", "dp"))
+
+
+def test_return_gathered_must_be_a_bool():
+    with pytest.raises(ValueError, match="all_gather_matmul: return_gathered must be a bool, got .yes."):
+        call(jax_flux.all_gather_matmul, arr((8, 4)), arr((4, 3)), return_gathered="yes")

@@ -8,7 +8,9 @@ problem in the same process. ``impl="fused"`` with ``config=None`` consults,
 in order: the user's cache, the defaults shipped with jax_flux
 (``tuned_defaults.json``), then the shape heuristic of the config class.
 ``impl="auto"`` takes the impl measured fastest there (``best_impl``), and
-xla for a problem never measured.
+xla for a problem never measured. A problem not tuned itself takes the record
+of the nearest tuned m_local (within a factor ``NEAREST_M_RATIO``), all else
+equal: prefill lengths vary from call to call.
 
 Cache entries are keyed by device kind, op, per-rank shape, dtype and axis
 size, and, where they are not the plain case, the result dtype
@@ -105,6 +107,38 @@ def _entry(entry_key: str) -> dict | None:
     return None
 
 
+# An untuned problem takes the record of the nearest tuned m_local (rows a rank)
+# with everything else equal, up to this ratio either way: sequence lengths
+# vary from call to call (prefill), tuning sweeps take a few of them.
+NEAREST_M_RATIO = 2.0
+
+
+def _problem_entry(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int,
+                   **kw) -> dict | None:
+    """The entry of one problem (``key``'s arguments): its own, else that of the
+    nearest tuned m_local within ``NEAREST_M_RATIO`` (log scale; the user
+    cache's before the shipped one at equal distance, then the larger m)."""
+    exact = _entry(key(op, device_kind, m_local, k, n, dtype, world, **kw))
+    if exact is not None or m_local < 1:
+        return exact
+    # The key with m_local cut out: an entry matches when only its m differs.
+    head, tail = key(op, device_kind, 0, k, n, dtype, world, **kw).split("|m=0,", 1)
+    head += "|m="
+    best = None  # ((distance, source, -m), entry)
+    for source, path in enumerate((cache_path(), SHIPPED)):
+        for entry_key, entry in _read(path).items():
+            m_text, _, rest = entry_key[len(head):].partition(",")
+            if not entry_key.startswith(head) or rest != tail or not m_text.isdigit():
+                continue
+            m = int(m_text)
+            distance = abs(np.log2(m / m_local)) if m else np.inf
+            if distance <= np.log2(NEAREST_M_RATIO) + 1e-9:
+                rank = (distance, source, -m)
+                if best is None or rank < best[0]:
+                    best = (rank, entry)
+    return best[1] if best else None
+
+
 def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
            out_dtype=None, w_transposed: bool = False, w_dtype=None):
     """The tuned config of one problem: what ``impl="fused"`` with ``config=None`` runs.
@@ -115,11 +149,13 @@ def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world
 
     Returns:
       The config class's instance from the user cache, else from the shipped
-      defaults; None where neither has an entry, or no fused config passed when
-      the problem was tuned (the config heuristic applies then).
+      defaults, of this problem or else of the nearest tuned m_local (within
+      ``NEAREST_M_RATIO``, all else equal); None where there is no such
+      entry, or no fused config passed when it was tuned (the config
+      heuristic applies then).
     """
-    entry = _entry(key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                       w_transposed=w_transposed, w_dtype=w_dtype))
+    entry = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+                           w_transposed=w_transposed, w_dtype=w_dtype)
     if entry is None or not entry.get("config"):
         return None
     return CONFIG_CLASSES[op](**entry["config"])
@@ -144,12 +180,13 @@ def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, wo
 
     Returns:
       ``"fused"``, ``"xla"`` or ``"ring"``, by the medians of the entry
-      ``lookup`` reads (the user cache's, else the shipped one; a tie stays on
-      xla); None where the problem was not timed against xla (no entry, or one
+      ``lookup`` reads (the user cache's, else the shipped one; the nearest
+      tuned m_local's where this one was not tuned; a tie stays on xla);
+      None where the problem was not timed against xla (no entry, or one
       tuned before xla's time was recorded): ``auto`` runs xla then.
     """
-    entry = _entry(key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                       w_transposed=w_transposed, w_dtype=w_dtype))
+    entry = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+                           w_transposed=w_transposed, w_dtype=w_dtype)
     times = measured_ms(entry) if entry is not None else {}
     if "xla" not in times:
         return None

@@ -242,3 +242,37 @@ def test_auto_in_the_backward_pass_follows_the_backward_launch_record(cache):
     assert testing.relative_error(out, x64 @ w64) < 1e-5
     assert testing.relative_error(dx, g64 @ w64.T) < 1e-5
     assert testing.relative_error(dw, x64.T @ g64) < 1e-5
+
+
+def test_an_untuned_m_takes_the_nearest_tuned_m_within_a_factor_of_2(cache):
+    kind = jax.devices()[0].device_kind
+    AG = autotune.AG
+
+    def best(m, **kw):
+        return autotune.best_impl(AG, kind, m, 32, 2, jnp.float32, 8, **kw)
+
+    _record(AG, 8, 32, 2, fused=0.5, xla=1.0)   # fused fastest at 8 rows a rank
+    _record(AG, 32, 32, 2, fused=2.0, xla=1.0)  # xla at 32
+    assert [best(m) for m in (8, 12, 16, 24, 32, 64)] == [
+        "fused", "fused",  # 12: nearest 8 (log2 0.58 against 1.42)
+        "xla",             # 16: as near to 8 as to 32; the larger m's
+        "xla", "xla", "xla"]
+    assert best(3) is None and best(65) is None  # nearest over 2x away: never measured
+    assert autotune.lookup(AG, kind, 12, 32, 2, jnp.float32, 8) == AllGatherMatmulConfig(
+        block_m=16, block_n=16, block_k=16)
+    # Only m may differ: another k, n, axis size, dtype or layout is another problem.
+    assert autotune.best_impl(AG, kind, 12, 64, 2, jnp.float32, 8) is None
+    assert autotune.best_impl(AG, kind, 12, 32, 4, jnp.float32, 8) is None
+    assert autotune.best_impl(AG, kind, 12, 32, 2, jnp.float32, 4) is None
+    assert autotune.best_impl(AG, kind, 12, 32, 2, jnp.bfloat16, 8) is None
+    assert best(12, w_transposed=True) is None
+    # A problem tuned itself keeps its own record.
+    _record(AG, 12, 32, 2, fused=3.0, xla=1.0)
+    assert best(12) == "xla"
+    # The op: 8 rows a rank, untuned, runs what 10 rows a rank measured fastest.
+    mesh = mesh_of(8)
+    _record(AG, 10, 32, 16, fused=0.5, xla=1.0)
+    x, w, x64, w64 = testing.random_operands(64, 32, 128, jnp.float32, seed=8)
+    xs, ws = testing.place(AG, mesh, x, w)
+    assert _impls_in(_fresh(AG, mesh).lower(xs, ws).as_text()) == {"fused"}
+    assert testing.relative_error(_fresh(AG, mesh)(xs, ws), x64 @ w64) < 1e-5

@@ -175,10 +175,11 @@ def wait_epoch(ptr, target, patience, status_ptr, table_ptr, code, rank, peer, i
             # began (begin_call), so this is the only writer of its FAILED words
             # and error record: plain stores, no atomics on host memory. Fields
             # first, the code last (the host reads the code, then the fields,
-            # and re-reads until two reads agree).
+            # and re-reads until two reads agree): the FAILED word's atomic
+            # between them is a system-scope fence (MEMBAR.SYS), so the fields
+            # reach the host before the code does.
             ctrl = as_ptr(peer_base(table_ptr, rank), 0, tl.int32)
             tl.store(ctrl + FAILED_PEER, peer)
-            tl.store(ctrl + FAILED, code)
             record_ptr = record_of(table_ptr, rank, WORLD)
             tl.store(record_ptr + 1, rank)
             tl.store(record_ptr + 2, peer)
@@ -186,6 +187,7 @@ def wait_epoch(ptr, target, patience, status_ptr, table_ptr, code, rank, peer, i
             tl.store(record_ptr + 4, target)
             tl.store(record_ptr + 5, value)
             tl.debug_barrier()
+            tl.atomic_xchg(ctrl + FAILED, code, sem="acq_rel", scope="sys")
             tl.store(record_ptr, code)
     tl.debug_barrier()
     return value == target

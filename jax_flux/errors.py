@@ -134,7 +134,8 @@ def _failed_records() -> list[tuple[int, str]]:
 
 def _snapshot(record) -> np.ndarray:
     """The record's words, read until two reads agree once its code is set (the
-    device writes the fields, then the code, with plain stores)."""
+    device writes the fields, a system-scope fence, then the code, with plain
+    stores: signals.wait_epoch)."""
     words = np.array(record.words())
     for _ in range(100):
         if words[0] == 0:

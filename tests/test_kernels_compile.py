@@ -118,7 +118,8 @@ def test_the_memory_ordering_readers_on_written_code():
     assert ptx_ordering(ptx) == {"acquire": 4, "release": 2, "narrow_scope": 2}
 
     def listing(*instructions):
-        return "\n".join(f"        /*{16 * i:04x}*/  {text} ;" for i, text in enumerate(instructions))
+        return "\n".join(f"        /*{16 * i:04x}*/  {text} ;"
+                         for i, text in enumerate(instructions))
 
     published = listing("STG.E.128 desc[UR4][R2.64], R4", "BAR.SYNC.DEFER_BLOCKING 0x0",
                         "@!PT LDS RZ, [RZ]", "MEMBAR.ALL.SYS", "ERRBAR",

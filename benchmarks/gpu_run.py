@@ -65,7 +65,7 @@ CORE_TESTS = ("(world_size_1_through_jax_triton and bfloat16) or "
               "(ag_gemm_8_ranks and push and 128x512x256 and bfloat16) or "
               "(gemm_rs_8_ranks and epilogue and 1024x512x256 and bfloat16) or "
               "float8_with_w_transposed_8_ranks or never_launches")
-GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_fused.py")
+GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_fused.py", "tests/test_gpu_multi.py")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,9 @@ library), the workspace takes its GPU path instead: ``cuda-ipc`` through
 ``custom_calls.cuda_driver``, handles through the key-value store.
 ``fake-cuda-several-gpus``: the same with several "GPUs" a process, the tp
 axis inside each process or across them. ``exchange-timeout``: one process
-never lowers; the other must fail in bounded time.
+never lowers; the other must fail in bounded time. ``gpu``: the default
+checks on real GPUs, LOCAL_DEVICES of them a process (NCCL for XLA's
+collectives, the ``cuda-ipc`` workspace; tests/test_gpu_multi.py).
 """
 
 import os
@@ -21,16 +23,30 @@ import re
 import sys
 
 
-def _setup(process_id: int, num_processes: int, port: int, local_devices: int):
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+def _setup(process_id: int, num_processes: int, port: int, local_devices: int,
+           gpu: bool = False):
+    """jax.distributed over CPU devices (Gloo for XLA's collectives), or with
+    ``gpu`` over this process's share of the host's GPUs (NCCL)."""
+    if not gpu:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
     import jax
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kw = {}
+    if gpu:
+        kw["local_device_ids"] = list(range(process_id * local_devices,
+                                            (process_id + 1) * local_devices))
+    else:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=120)
+                               process_id=process_id, initialization_timeout=120, **kw)
     return jax
+
+
+# Relative error allowed against float64: float32 operands run exactly in the
+# interpreter, through tf32 tensor cores on GPUs (the configs' default).
+_TOL = {"cpu": 1e-5, "gpu": 2e-3}
 
 
 def _global(jax, sharding, host):
@@ -50,7 +66,7 @@ def _check(name, out, ref_out, ref64, tol):
                                  f"{err:.2e} vs float64, {err_lax:.2e} vs lax (tolerance {tol})")
 
 
-def _peer_never_arrives(jax, mesh, process_id: int) -> None:
+def _peer_never_arrives(jax, mesh, process_id: int, tol: float) -> None:
     """Process 1 skips a fused call: process 0's ranks must fail within their timeout
     (not hang); after workspace.reset() everywhere, both processes run it again."""
     import jax.numpy as jnp
@@ -92,7 +108,7 @@ def _peer_never_arrives(jax, mesh, process_id: int) -> None:
     out = testing.sharded(op, mesh, "fused")(xs, ws)
     for shard in out.addressable_shards:
         err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
-        assert err < 1e-5, f"after reset: shard {shard.index}: error {err:.2e}"
+        assert err < tol, f"after reset: shard {shard.index}: error {err:.2e}"
 
 
 def _use_gpu_workspace_path() -> str:
@@ -209,12 +225,18 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
 
 def main(process_id: int, num_processes: int, port: int, local_devices: int,
          mode: str = "") -> None:
-    jax = _setup(process_id, num_processes, port, local_devices)
+    """``gpu``: the checks below on real GPUs (``local_devices`` a process), the
+    workspace in ``cuda-ipc`` memory."""
+    jax = _setup(process_id, num_processes, port, local_devices, gpu=mode == "gpu")
     if mode == "exchange-timeout":
         return _peer_never_lowers(jax, process_id)
     if mode == "fake-cuda-several-gpus":
         return _several_gpus_a_process(jax, process_id, num_processes, local_devices)
-    expected_location = _use_gpu_workspace_path() if mode == "fake-cuda" else "host-shared"
+    if mode == "fake-cuda":
+        expected_location = _use_gpu_workspace_path()
+    else:
+        expected_location = "cuda-ipc" if mode == "gpu" else "host-shared"
+    tol = _TOL[jax.devices()[0].platform]
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
@@ -238,7 +260,7 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
             x, w, x64, w64 = testing.random_operands(m, 24, 8 * world, jnp.float32, seed=call)
             xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
             ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
-            _check(f"{op} call {call}", fused(xs, ws), ref(xs, ws), x64 @ w64, 1e-5)
+            _check(f"{op} call {call}", fused(xs, ws), ref(xs, ws), x64 @ w64, tol)
 
     # Gradient of the AG-GEMM: its backward is a fused GEMM-RS across processes too.
     op = "all_gather_matmul"
@@ -252,7 +274,7 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
     want = lax_reference(op, mesh, grad=True)(*args)
     for name, a, b, r64 in zip(("out", "dx", "dw"), got, want, (x64 @ w64, g64 @ w64.T,
                                                                 x64.T @ g64)):
-        _check(f"{op} grad {name}", a, b, r64, 1e-5)
+        _check(f"{op} grad {name}", a, b, r64, tol)
 
     # A 2-D mesh: one tp group per dp row, each group spanning every process.
     if world % 2 == 0 and world >= 4:
@@ -267,9 +289,9 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
         ref64 = x64 @ w64
         for shard in out.addressable_shards:
             err = testing.relative_error(shard.data, ref64[shard.index])
-            assert err < 1e-5, f"2-D mesh shard {shard.index}: error {err:.2e}"
+            assert err < tol, f"2-D mesh shard {shard.index}: error {err:.2e}"
 
-    _peer_never_arrives(jax, mesh, process_id)
+    _peer_never_arrives(jax, mesh, process_id, tol)
 
     locations = sorted({ws["location"] for ws in workspace.info()})
     assert locations == [expected_location], locations

@@ -5,7 +5,8 @@ local GPUs through jax-triton, their workspace in ``cuda`` memory (one
 allocation per GPU, peer access between them): ragged shapes in the three
 dtypes with fresh data on every call, the gradients against the lax
 collectives in the same ``shard_map``, the tensor-parallel MLP bitwise
-repeatable, and the model's training step against impl="xla".
+repeatable, and the model's training step against impl="xla"; and one process
+per GPU (``jax.distributed``, the ``cuda-ipc`` workspace).
 
     JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu tests/test_gpu_multi.py
 
@@ -138,3 +139,18 @@ def test_model_training_step_over_every_local_gpu():
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(grads)),
                     jax.tree.leaves(nnx.to_pure_dict(ref_grads))):
         assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-2
+
+
+def test_fused_ops_one_process_per_gpu():
+    # jax.distributed with one process per GPU, as SLURM-style launchers start
+    # jobs: the workspace's cuda-ipc path (buffers by their owners, IPC handles
+    # through the key-value store), ranks alternating between processes; both
+    # ops with fresh data, the gradient, a 2-D mesh, a process that skips a
+    # call (a timeout in bounded time, then reset): tests/multiprocess_worker.py.
+    from tests.test_multiprocess import _run_workers
+
+    # This process already holds most of every GPU's memory (XLA preallocates):
+    # the workers allocate as they go.
+    _run_workers(len(jax.devices()), 1, "gpu",
+                 env_extra={"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                            "CUDA_MODULE_LOADING": "EAGER"})

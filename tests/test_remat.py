@@ -87,3 +87,33 @@ def test_ring_tags_the_same_values():
               for name in remat.POLICIES}
     count = partial(_count, names=("ppermute",))
     assert count(jaxprs["collective_matmuls"]) == count(jaxprs["none"]) < count(jaxprs["full"])
+
+
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_the_gathered_x_output_is_saved_too(impl):
+    # return_gathered's two outputs carry the policy's names: saving them, the
+    # backward runs no collective matmul again (fused: the forward's kernel and
+    # dx's; xla: the all-gather and the two reduce-scatters, of dy and of the
+    # gathered x's cotangent), and the gradient is the plain one.
+    mesh = mesh_of(8)
+
+    def block(x, w1, w2):
+        y, xg = jax_flux.all_gather_matmul(x, w1, "tp", impl=impl, return_gathered=True)
+        return jax.nn.gelu(y) + xg @ w2
+
+    def grad(policy_name):
+        use, policy = remat.policy(policy_name)
+        f = jax.checkpoint(block, policy=policy) if use else block
+        f = jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), P(None, "tp"), P(None, "tp")),
+                          out_specs=P(None, "tp"))
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
+
+    ops = _operands()[:2] + [_operands()[1]]  # x [32, 16], w1 and w2 [16, 24]
+    counts = {name: _count(jax.make_jaxpr(grad(name))(*ops).jaxpr, _COUNTED[impl])
+              for name in remat.POLICIES}
+    assert counts["collective_matmuls"] == counts["none"] == (2 if impl == "fused" else 3)
+    assert counts["full"] > counts["none"], counts
+    want = jax.jit(grad("none"))(*ops)
+    got = jax.jit(grad("collective_matmuls"))(*ops)
+    for a, b in zip(want, got):
+        assert testing.relative_error(b, np.asarray(a, np.float64)) < 1e-5

@@ -98,12 +98,12 @@ def _read(path: str) -> dict:
         return _loaded[path]
 
 
-def _entry(entry_key: str) -> dict | None:
-    """The entry for ``entry_key``: the user cache's, else the shipped one."""
+def _entry(entry_key: str) -> tuple[str, dict] | None:
+    """(the file, the entry) for ``entry_key``: the user cache's, else the shipped one."""
     for path in (cache_path(), SHIPPED):
         entry = _read(path).get(entry_key)
         if entry is not None:
-            return entry
+            return path, entry
     return None
 
 
@@ -114,17 +114,20 @@ NEAREST_M_RATIO = 2.0
 
 
 def _problem_entry(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int,
-                   **kw) -> dict | None:
-    """The entry of one problem (``key``'s arguments): its own, else that of the
-    nearest tuned m_local within ``NEAREST_M_RATIO`` (log scale; the user
+                   **kw) -> tuple[str, str, dict] | None:
+    """(key, file, entry) of one problem (``key``'s arguments): its own, else that
+    of the nearest tuned m_local within ``NEAREST_M_RATIO`` (log scale; the user
     cache's before the shipped one at equal distance, then the larger m)."""
-    exact = _entry(key(op, device_kind, m_local, k, n, dtype, world, **kw))
-    if exact is not None or m_local < 1:
-        return exact
+    own = key(op, device_kind, m_local, k, n, dtype, world, **kw)
+    exact = _entry(own)
+    if exact is not None:
+        return (own, *exact)
+    if m_local < 1:
+        return None
     # The key with m_local cut out: an entry matches when only its m differs.
     head, tail = key(op, device_kind, 0, k, n, dtype, world, **kw).split("|m=0,", 1)
     head += "|m="
-    best = None  # ((distance, source, -m), entry)
+    best = None  # ((distance, source, -m), (key, file, entry))
     for source, path in enumerate((cache_path(), SHIPPED)):
         for entry_key, entry in _read(path).items():
             m_text, _, rest = entry_key[len(head):].partition(",")
@@ -135,7 +138,7 @@ def _problem_entry(op: str, device_kind: str, m_local: int, k: int, n: int, dtyp
             if distance <= np.log2(NEAREST_M_RATIO) + 1e-9:
                 rank = (distance, source, -m)
                 if best is None or rank < best[0]:
-                    best = (rank, entry)
+                    best = (rank, (entry_key, path, entry))
     return best[1] if best else None
 
 
@@ -154,11 +157,11 @@ def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world
       entry, or no fused config passed when it was tuned (the config
       heuristic applies then).
     """
-    entry = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+    found = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
                            w_transposed=w_transposed, w_dtype=w_dtype)
-    if entry is None or not entry.get("config"):
+    if found is None or not found[2].get("config"):
         return None
-    return CONFIG_CLASSES[op](**entry["config"])
+    return CONFIG_CLASSES[op](**found[2]["config"])
 
 
 def measured_ms(entry: dict) -> dict[str, float]:
@@ -185,12 +188,38 @@ def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, wo
       None where the problem was not timed against xla (no entry, or one
       tuned before xla's time was recorded): ``auto`` runs xla then.
     """
-    entry = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
+    found = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
                            w_transposed=w_transposed, w_dtype=w_dtype)
-    times = measured_ms(entry) if entry is not None else {}
+    times = measured_ms(found[2]) if found is not None else {}
     if "xla" not in times:
         return None
     return min(times, key=lambda impl: (times[impl], impl != "xla"))  # a tie stays on xla
+
+
+def explain(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
+            out_dtype=None, w_transposed: bool = False, w_dtype=None) -> dict:
+    """What the ops run for one problem, and from which record: why ``auto``
+    picks what it picks.
+
+    Args:
+      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype:
+        the problem, as ``key`` takes it.
+
+    Returns:
+      ``{"key": the problem's key, "record": the key of the record used (the
+      problem's own, or the nearest tuned m_local's) or None, "file": the
+      cache file it is in, "config": the fused config ``impl="fused"`` runs
+      (None: the shape heuristic), "measured_ms": {impl: ms} of the record,
+      "auto": the impl ``impl="auto"`` runs}``.
+    """
+    kw = dict(out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w_dtype)
+    found = _problem_entry(op, device_kind, m_local, k, n, dtype, world, **kw)
+    record_key, path, entry = found or (None, None, {})
+    return {"key": key(op, device_kind, m_local, k, n, dtype, world, **kw),
+            "record": record_key, "file": path,
+            "config": lookup(op, device_kind, m_local, k, n, dtype, world, **kw),
+            "measured_ms": measured_ms(entry),
+            "auto": best_impl(op, device_kind, m_local, k, n, dtype, world, **kw) or "xla"}
 
 
 def cached_entry(entry_key: str) -> dict | None:

@@ -266,9 +266,20 @@ def test_an_untuned_m_takes_the_nearest_tuned_m_within_a_factor_of_2(cache):
     assert autotune.best_impl(AG, kind, 12, 32, 2, jnp.float32, 4) is None
     assert autotune.best_impl(AG, kind, 12, 32, 2, jnp.bfloat16, 8) is None
     assert best(12, w_transposed=True) is None
+    # What explain says of an untuned problem: the record it borrows, and why.
+    why = autotune.explain(AG, kind, 12, 32, 2, jnp.float32, 8)
+    assert why["key"] == autotune.key(AG, kind, 12, 32, 2, jnp.float32, 8)
+    assert why["record"] == autotune.key(AG, kind, 8, 32, 2, jnp.float32, 8)
+    assert why["file"] == str(cache) and why["auto"] == "fused"
+    assert why["measured_ms"] == {"fused": 0.5, "xla": 1.0}
+    assert why["config"] == AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16)
+    assert autotune.explain(AG, kind, 3, 32, 2, jnp.float32, 8) == {
+        "key": autotune.key(AG, kind, 3, 32, 2, jnp.float32, 8), "record": None, "file": None,
+        "config": None, "measured_ms": {}, "auto": "xla"}
     # A problem tuned itself keeps its own record.
     _record(AG, 12, 32, 2, fused=3.0, xla=1.0)
     assert best(12) == "xla"
+    assert autotune.explain(AG, kind, 12, 32, 2, jnp.float32, 8)["record"] == why["key"]
     # The op: 8 rows a rank, untuned, runs what 10 rows a rank measured fastest.
     mesh = mesh_of(8)
     _record(AG, 10, 32, 16, fused=0.5, xla=1.0)

@@ -1,11 +1,15 @@
 """The public ops: ``all_gather_matmul`` and ``matmul_reduce_scatter``.
 
 Both run inside ``jax.shard_map`` like ``lax`` collectives, validate their
-input up front, dispatch on ``impl`` and are differentiable through one
-``jax.custom_vjp`` each, whose input gradient is the other op:
+input up front, dispatch on ``impl`` and are differentiable through a
+``jax.custom_vjp`` whose input gradient is the other op:
 
 * y = AG(x) @ w      ->  dx = RS(dy @ w^T),   dw = AG(x)^T @ dy
 * z = RS(x @ w)      ->  dx = AG(dz) @ w^T,   dw = x^T @ AG(dz)
+
+(AG-GEMM with ``return_gathered`` has its own, which adds the gathered x's
+cotangent, reduce-scattered, to dx.) An x of more than two dims has its
+middle dims flattened into rows (no copy) and unflattened in the result.
 
 The fused kernels read w^T in place (a weight-sized transposed copy a step
 saved per op).

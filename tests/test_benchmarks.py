@@ -156,7 +156,7 @@ def test_tune_quick_backward_of_float8_operands(tmp_path, monkeypatch):
     # bfloat16 results: the bfloat16 cotangent against the float8 weight, under
     # their own cache keys, which the ops' backward then looks up.
     from benchmarks import tune
-    from jax_flux import autotune
+    from jax_flux import _tuning_records, autotune
 
     monkeypatch.setenv("JAX_FLUX_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))
     assert tune.main(["--quick", "--backward", "--dtype", "float8_e4m3fn", "--out-dtype",
@@ -166,7 +166,7 @@ def test_tune_quick_backward_of_float8_operands(tmp_path, monkeypatch):
     assert all(r["w"] == "w^T" and (r["dtype"], r["w_dtype"], r["out"]) == (
         "bfloat16", "float8_e4m3fn", "bfloat16") and r["config"] != "none passed"
         for r in rows), rows
-    cached = autotune._read(autotune.cache_path())
+    cached = _tuning_records._read(autotune.cache_path())
     assert len(cached) == 2 and all(
         k.endswith("|bfloat16|P=8|w=float8_e4m3fn|wT") for k in cached), cached
 

@@ -87,6 +87,10 @@ def _opcode(instruction: str) -> str:
 MMA_OPCODES = ("HGMMA", "QGMMA", "HMMA")
 
 
+# One instruction of nvdisasm's listing: ``/*0130*/  @!P3 LDG.E.STRONG.SYS R6, [R188.64] ;``.
+_SASS_INSTRUCTION = re.compile(r"^/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+
+
 def hot_loop(sass: str) -> list[str]:
     """The opcodes of the innermost loop around the first tensor-core MMA.
 
@@ -101,7 +105,7 @@ def hot_loop(sass: str) -> list[str]:
         if label:
             body.append(("label", label.group(1)))
             continue
-        op = re.match(r"^/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        op = _SASS_INSTRUCTION.match(line)
         if op:
             body.append(("op", _opcode(op.group(1)), op.group(1)))
     mma = next((i for i, e in enumerate(body) if e[0] == "op" and e[1] in MMA_OPCODES), None)
@@ -168,7 +172,7 @@ def sass_features(cubin: bytes) -> dict:
 
 def _instructions(sass: str) -> list[str]:
     """The instructions of nvdisasm's listing, in address order, predicate included."""
-    return [m.group(1) for m in (re.match(r"^/\*[0-9a-f]+\*/\s+(.*?)\s*;", line.strip())
+    return [m.group(1) for m in (_SASS_INSTRUCTION.match(line.strip())
                                  for line in sass.splitlines()) if m]
 
 

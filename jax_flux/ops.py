@@ -75,6 +75,12 @@ def _scope(op: str, impl: str):
     return jax.named_scope(f"jax_flux.{op}[{impl}]")
 
 
+def _backward_scope(op: str):
+    """The name around ``op``'s backward pass: its launch keeps its own ``_scope``
+    inside (``jax_flux.all_gather_matmul.backward/jax_flux.matmul_reduce_scatter[fused]``)."""
+    return jax.named_scope(f"jax_flux.{op}.backward")
+
+
 def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
                 out_dtype=None, w_transposed=False):
     if impl == "auto":
@@ -136,8 +142,7 @@ def _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy):
     xg, w = res
     dtype = _validate.backward_dtype(xg.dtype, w.dtype, dy.dtype)
     dy = dy.astype(dtype)
-    # dx's launch is named by its own op and impl (_scope), inside this one.
-    with jax.named_scope(f"jax_flux.{_AG}.backward"):
+    with _backward_scope(_AG):
         dx = _rs_forward(dy, w, axis_name, impl, size, out_dtype=dtype,
                          w_transposed=not w_transposed)
         dw = dot_tn(dy, xg, w.dtype) if w_transposed else dot_tn(xg, dy, w.dtype)
@@ -172,16 +177,13 @@ def _ag_gathered_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res
     dy, dxg = cts
     if isinstance(dy, SymbolicZero):
         # Zeros varying as the primals do: _vary gave x and w one set of axes.
-        vary = tuple(sorted(varying_axes(w), key=str))
-        dx, dw = (lax.pcast(jnp.zeros(shape, dtype), vary, to="varying") if vary else
-                  jnp.zeros(shape, dtype)
-                  for shape, dtype in (((xg.shape[0] // size, xg.shape[1]), xg.dtype),
-                                       (w.shape, w.dtype)))
+        dx = _varying(jnp.zeros((xg.shape[0] // size, xg.shape[1]), xg.dtype), varying_axes(w))
+        dw = _varying(jnp.zeros(w.shape, w.dtype), varying_axes(w))
     else:
         dx, dw = _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy)
     if not isinstance(dxg, SymbolicZero):
         # The transpose of the all-gather; summed with the kernel's dx in float32.
-        with jax.named_scope(f"jax_flux.{_AG}.backward"):
+        with _backward_scope(_AG):
             dxg = dxg.astype(jnp.float32) if _validate.is_float8(dxg.dtype) else dxg
             rs = lax.psum_scatter(dxg, axis_name, scatter_dimension=0, tiled=True)
         dx = (dx.astype(jnp.float32) + rs.astype(jnp.float32)).astype(xg.dtype)
@@ -208,7 +210,7 @@ def _rs_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dz):
     x, w = res
     dtype = _validate.backward_dtype(x.dtype, w.dtype, dz.dtype)
     dz = dz.astype(dtype)
-    with jax.named_scope(f"jax_flux.{_RS}.backward"):
+    with _backward_scope(_RS):
         dx, dzg = _ag_forward(dz, w, axis_name, impl, size, return_gathered=True,
                               out_dtype=dtype, w_transposed=not w_transposed)
         dw = dot_tn(dzg, x, w.dtype) if w_transposed else dot_tn(x, dzg, w.dtype)
@@ -229,12 +231,13 @@ def _vary(x, w, axis_name):
     that axis, as autodiff of the lax collective does.
     """
     axes = varying_axes(x) | varying_axes(w) | set(axis_names(axis_name))
+    return _varying(x, axes), _varying(w, axes)
 
-    def cast(a):
-        missing = tuple(sorted(axes - varying_axes(a), key=str))
-        return lax.pcast(a, missing, to="varying") if missing else a
 
-    return cast(x), cast(w)
+def _varying(a, axes):
+    """``a`` marked as varying over ``axes`` (those it does not vary over yet)."""
+    missing = tuple(sorted(set(axes) - varying_axes(a), key=str))
+    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 def _rows(x):

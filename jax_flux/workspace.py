@@ -35,6 +35,11 @@ Where the memory lives (``location`` in ``info()``):
   IPC mapping belongs to the context it is opened in, so each rank gets its
   own row of addresses); a process's own GPUs of a group reach each other by
   peer access.
+
+The last two map memory by handles that open only on the machine that made
+them, so every rank of a group must be on one machine (other mesh axes may
+span machines): a group that is not is a ValueError when the program is
+lowered, in every process.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ import ctypes
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
+import socket
 import threading
 from typing import Any, Hashable
 
@@ -158,6 +165,8 @@ class TableRequest:
         slots = _slots(self, mesh, platform)
         location = _location(platform, slots)
         key = ("axis", self.axis_name, _mesh_signature(mesh), location)
+        if location in _ACROSS_PROCESSES:
+            _check_one_machine(self, key, slots, location)
         return _get(key, slots, self.nbytes, location).table()
 
 
@@ -193,6 +202,68 @@ def _slots(req: TableRequest, mesh, platform: str) -> list[list[Any]]:
                          f"does not give {req.groups} groups of {req.world} ranks on axis "
                          f"{req.axis_name!r}")
     return [list(row) for row in slots]
+
+
+# Where ranks live in other processes: their memory is mapped through an
+# exchanged handle (CUDA IPC, a POSIX shared-memory name), which only opens on
+# the machine that made it.
+_ACROSS_PROCESSES = ("host-shared", "cuda-ipc")
+_machines_checked: set = set()
+
+
+def _machine() -> tuple[str, str]:
+    """(what identifies this process's machine, its host name). The kernel's boot
+    id is the same for every process and container of one machine and differs
+    between machines even where host names repeat; the host name stands in
+    where there is none."""
+    host = socket.gethostname()
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or host, host
+    except OSError:
+        return host, host
+
+
+def _check_one_machine(req: TableRequest, key: tuple, slots, location: str) -> None:
+    """Raises ValueError, in every process lowering the program, where a group's
+    ranks are on more than one machine: CUDA IPC handles and shared-memory
+    names open only where they were made (a tensor-parallel axis runs over
+    NVLink, inside a machine; a data-parallel axis may span machines). Once
+    per workspace key: every process publishes its machine through the
+    key-value store and reads those of every process in the mesh, so all of
+    them see the same answer."""
+    if key in _machines_checked:
+        return
+    client = _kv_client()
+    prefix = "jax_flux/machine/" + hashlib.sha1(repr(key).encode()).hexdigest()
+    me = jax.process_index()
+    machine, host = _machine()
+    client.key_value_set(f"{prefix}/{me}", json.dumps([machine, host]))
+    processes = sorted({d.process_index for d in itertools.chain.from_iterable(slots)})
+    seen = {}
+    for p in processes:
+        if p == me:
+            seen[p] = (machine, host)
+            continue
+        seen[p] = tuple(json.loads(_await(client, f"{prefix}/{p}", f"process {p}",
+                                          "its machine")))
+    for g, group in enumerate(slots):
+        machines = {}
+        for r, d in enumerate(group):
+            machines.setdefault(seen[d.process_index], []).append((r, d.process_index))
+        if len(machines) > 1:
+            where = "; ".join(
+                f"ranks {[r for r, _ in ranks]} on host {m[1]!r} (process"
+                f"{'es' if len({p for _, p in ranks}) > 1 else ''} "
+                f"{sorted({p for _, p in ranks})})" for m, ranks in machines.items())
+            raise ValueError(
+                f"{req.op}(impl='fused') over axis {req.axis_name!r} needs all of a group's "
+                f"{req.world} ranks on one machine (the workspace ({location}) is mapped "
+                f"between its processes, which only works inside a machine), but group {g} "
+                f"spans {len(machines)} machines: {where}. Keep the tensor-parallel axis "
+                f"inside a machine (other mesh axes may span machines), or use impl='xla' "
+                f"or 'ring' for it")
+    _machines_checked.add(key)
 
 
 def _location(platform: str, slots) -> str:
@@ -257,15 +328,8 @@ def _allocate(key: tuple, slots, size: int, location: str):
         for r, d in enumerate(group):
             if buffers[g][r] is not None:
                 continue
-            try:
-                handle = client.blocking_key_value_get_bytes(
-                    f"{prefix}/{g}/{r}", int(EXCHANGE_TIMEOUT_S * 1000))
-            except Exception as e:
-                raise RuntimeError(
-                    f"jax_flux workspace: process {d.process_index} (owner of rank {r} of "
-                    f"group {g}, device {d}) did not publish its buffer within "
-                    f"{EXCHANGE_TIMEOUT_S:g} s; every process must lower the same fused "
-                    f"calls ({e})") from e
+            handle = _await(client, f"{prefix}/{g}/{r}", f"process {d.process_index} (owner "
+                            f"of rank {r} of group {g}, device {d})", "its buffer", raw=True)
             for v in viewers:
                 seen[v][r] = backend.open(handle, group[v], size)
             buffers[g][r] = seen[viewers[0]][r]
@@ -279,6 +343,18 @@ def _records(slots, location: str) -> list[list[Record | None]]:
     backend, me = _backend(location), jax.process_index()
     return [[backend.record(d) if d is None or d.process_index == me else None for d in group]
             for group in slots]
+
+
+def _await(client, key: str, who: str, what: str, raw: bool = False):
+    """The value another process publishes at ``key``; RuntimeError after
+    EXCHANGE_TIMEOUT_S (a process that never lowers the program), never a hang."""
+    get = client.blocking_key_value_get_bytes if raw else client.blocking_key_value_get
+    try:
+        return get(key, int(EXCHANGE_TIMEOUT_S * 1000))
+    except Exception as e:
+        raise RuntimeError(f"jax_flux workspace: {who} did not publish {what} within "
+                           f"{EXCHANGE_TIMEOUT_S:g} s; every process must lower the same "
+                           f"fused calls ({e})") from e
 
 
 def _kv_client():

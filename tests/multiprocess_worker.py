@@ -13,7 +13,9 @@ library), the workspace takes its GPU path instead: ``cuda-ipc`` through
 ``custom_calls.cuda_driver``, handles through the key-value store.
 ``fake-cuda-several-gpus``: the same with several "GPUs" a process, the tp
 axis inside each process or across them. ``exchange-timeout``: one process
-never lowers; the other must fail in bounded time. ``gpu``: the default
+never lowers; the other must fail in bounded time. ``two-machines``: process
+1 says it is on another machine; a tp axis inside each process still runs,
+one across them is a ValueError in both. ``gpu``: the default
 checks on real GPUs, LOCAL_DEVICES of them a process (NCCL for XLA's
 collectives, the ``cuda-ipc`` workspace; tests/test_gpu_multi.py).
 """
@@ -139,7 +141,8 @@ def _peer_never_lowers(jax, process_id: int) -> None:
         x, w, _, _ = testing.random_operands(8, 8, 8, np.float32)
         xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
         ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
-        with pytest.raises(RuntimeError, match="process 1 .* did not publish its buffer within 3 s"):
+        with pytest.raises(RuntimeError,
+                           match="process 1 .*did not publish its (machine|buffer) within 3 s"):
             testing.sharded(op, mesh, "fused").lower(xs, ws)
         client.key_value_set("jax_flux_test/lowering_failed", "1")
     else:
@@ -223,6 +226,56 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
     jax.distributed.shutdown()
 
 
+def _two_machines(jax, process_id: int, num_processes: int, local_devices: int) -> None:
+    """Process 1 claims another machine (its workspace handles would not open
+    here): a tp axis inside each process (dp across the "machines") runs the
+    fused op; a tp axis across them fails in every process when the program
+    is lowered, naming the ranks and hosts, before anything is allocated."""
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_flux
+    from jax_flux import testing, workspace
+
+    if process_id == 1:
+        workspace._machine = lambda: ("another-boot-id", "host-b")
+    devices = jax.devices()  # process 0's, then process 1's
+    world = len(devices)
+    spread = [devices[(r % num_processes) * local_devices + r // num_processes]
+              for r in range(world)]
+    inside = Mesh(np.asarray(devices).reshape(num_processes, local_devices), ("dp", "tp"))
+    across = Mesh(np.asarray(spread).reshape(1, world), ("dp", "tp"))
+    specs = (P(("dp", "tp")), P(None, "tp"))
+
+    def program(mesh):
+        return jax.jit(jax.shard_map(
+            lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", impl="fused"), mesh=mesh,
+            in_specs=specs, out_specs=P("dp", "tp")))
+
+    x, w, x64, w64 = testing.random_operands(world * 3, 16, world * 2, jnp.float32, seed=3)
+    xs = _global(jax, NamedSharding(inside, specs[0]), np.asarray(x))
+    ws = _global(jax, NamedSharding(inside, specs[1]), np.asarray(w))
+    out = program(inside)(xs, ws)
+    for shard in out.addressable_shards:
+        err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
+        assert err < 1e-5, f"tp inside a machine: shard {shard.index}: error {err:.2e}"
+    before = len(workspace.info())
+    xs = _global(jax, NamedSharding(across, specs[0]), np.asarray(x))
+    ws = _global(jax, NamedSharding(across, specs[1]), np.asarray(w))
+    with pytest.raises(ValueError, match=r"all_gather_matmul\(impl='fused'\) over axis 'tp' "
+                       r"needs all of a group's 4 ranks on one machine .* group 0 spans 2 "
+                       r"machines: ranks \[0, 2\] on host .*\(process \[0\]\); ranks \[1, "
+                       r"3\] on host 'host-b' \(process \[1\]\)"):
+        program(across).lower(xs, ws)
+    assert len(workspace.info()) == before, "a workspace was allocated for the refused mesh"
+    print(f"OK process {process_id}: tp inside machines runs, across machines refused",
+          flush=True)
+    jax.distributed.shutdown()
+
+
 def main(process_id: int, num_processes: int, port: int, local_devices: int,
          mode: str = "") -> None:
     """``gpu``: the checks below on real GPUs (``local_devices`` a process), the
@@ -230,6 +283,8 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
     jax = _setup(process_id, num_processes, port, local_devices, gpu=mode == "gpu")
     if mode == "exchange-timeout":
         return _peer_never_lowers(jax, process_id)
+    if mode == "two-machines":
+        return _two_machines(jax, process_id, num_processes, local_devices)
     if mode == "fake-cuda-several-gpus":
         return _several_gpus_a_process(jax, process_id, num_processes, local_devices)
     if mode == "fake-cuda":

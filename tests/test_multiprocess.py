@@ -87,6 +87,12 @@ def test_cuda_ipc_workspace_with_several_gpus_a_process(tmp_path):
 
 
 @linux_only
+def test_a_tp_group_across_machines_is_refused_when_lowered():
+    # Process 1 claims another machine: its handles would not open in process 0.
+    _run_workers(2, 2, "two-machines")
+
+
+@linux_only
 def test_a_process_that_never_lowers_is_an_error_not_a_hang():
     _run_workers(2, 1, "exchange-timeout",
                  env_extra={"JAX_FLUX_WORKSPACE_EXCHANGE_TIMEOUT_S": "3"})

@@ -100,8 +100,11 @@ def _bench(module: str, *args: str) -> tuple[str, ...]:
     return (PY, "-m", f"benchmarks.{module}", *args, "--out", "{results}")
 
 
+# The device, its clocks, then what it gives the fused kernels (jax_flux.doctor:
+# versions, jax-triton, peer links, settings; the step's rc is 1 if a check fails).
 _ENV = ("bash", "-c", "nvidia-smi; nvidia-smi -q -d CLOCK | sed -n 1,40p; " + PY +
-        " -c 'import jax, triton; print(jax.__version__, triton.__version__, jax.devices())'")
+        " -c 'import jax, triton; print(jax.__version__, triton.__version__, jax.devices())'; "
+        + PY + " -m jax_flux.doctor")
 # In priority order: correctness first, then the numbers the issues ask for.
 STEPS = {s.name: s for s in [
     Step("env", _ENV, 20, 90, 5),

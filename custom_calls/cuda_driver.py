@@ -56,6 +56,7 @@ def lib() -> ctypes.CDLL:
         "cuDeviceGet": [ptr(i32), i32],
         "cuDeviceGetAttribute": [ptr(i32), i32, i32],
         "cuDeviceCanAccessPeer": [ptr(i32), i32, i32],
+        "cuDeviceGetP2PAttribute": [ptr(i32), i32, i32, i32],
         "cuDevicePrimaryCtxRetain": [ptr(p), i32],
         "cuCtxPushCurrent_v2": [p],
         "cuCtxPopCurrent_v2": [ptr(p)],
@@ -215,6 +216,23 @@ def enable_peer_access(ordinals) -> None:
             with current(a):
                 check(cuda.cuCtxEnablePeerAccess(context(b), 0), f"cuCtxEnablePeerAccess({a}->{b})",
                       ok=(PEER_ACCESS_ALREADY_ENABLED,))
+
+
+# CUdevice_P2PAttribute
+_P2P_ATTRIBUTES = {"performance_rank": 1, "access": 2, "native_atomics": 3}
+
+
+def p2p_attributes(a: int, b: int) -> dict[str, int]:
+    """What the link from GPU ``a`` to GPU ``b`` supports: ``access`` (peer access
+    at all), ``native_atomics`` (atomics over the link: NVLink has them, PCIe
+    P2P does not) and its relative ``performance_rank``."""
+    cuda, out = lib(), {}
+    for name, attr in _P2P_ATTRIBUTES.items():
+        value = ctypes.c_int()
+        check(cuda.cuDeviceGetP2PAttribute(ctypes.byref(value), attr, a, b),
+              f"cuDeviceGetP2PAttribute({name}, {a}->{b})")
+        out[name] = value.value
+    return out
 
 
 def export_handle(ordinal: int, ptr: int) -> bytes:

@@ -29,6 +29,8 @@
 
 static int g_initialized = 0;
 static int g_devices = 8;
+/* FAKE_CUDA_P2P_ATOMICS=0 (read at cuInit): links without native atomics, as PCIe P2P. */
+static int g_p2p_atomics = 1;
 static struct { uintptr_t ptr; size_t size; char name[64]; int device; int owned; } g_allocs[MAX_ALLOCS];
 static int g_nallocs = 0;
 static int g_counter = 0;
@@ -51,6 +53,8 @@ CUresult CUDAAPI cuInit(unsigned int Flags) {
   if (Flags != 0) return CUDA_ERROR_INVALID_VALUE;
   const char *n = getenv("FAKE_CUDA_DEVICES");
   if (n) g_devices = atoi(n);
+  const char *atomics = getenv("FAKE_CUDA_P2P_ATOMICS");
+  g_p2p_atomics = atomics ? atoi(atomics) : 1;
   g_initialized = 1;
   return CUDA_SUCCESS;
 }
@@ -93,6 +97,19 @@ CUresult CUDAAPI cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevi
 CUresult CUDAAPI cuDeviceCanAccessPeer(int *canAccessPeer, CUdevice dev, CUdevice peerDev) {
   if (!valid_dev(dev) || !valid_dev(peerDev)) return CUDA_ERROR_INVALID_DEVICE;
   *canAccessPeer = dev != peerDev;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDeviceGetP2PAttribute(int *value, CUdevice_P2PAttribute attrib,
+                                         CUdevice srcDevice, CUdevice dstDevice) {
+  if (!valid_dev(srcDevice) || !valid_dev(dstDevice)) return CUDA_ERROR_INVALID_DEVICE;
+  if (srcDevice == dstDevice) return CUDA_ERROR_INVALID_DEVICE;
+  switch (attrib) {
+    case CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK: *value = 0; break;
+    case CU_DEVICE_P2P_ATTRIBUTE_ACCESS_SUPPORTED: *value = 1; break;
+    case CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED: *value = g_p2p_atomics; break;
+    default: return CUDA_ERROR_INVALID_VALUE;
+  }
   return CUDA_SUCCESS;
 }
 

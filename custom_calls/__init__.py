@@ -9,6 +9,6 @@ from custom_calls import _mode
 
 _mode.arrange_interpreter()
 
-from custom_calls.binding import interpreter_ready, programs_run_in_order, triton_call  # noqa: E402
+from custom_calls.binding import interpreter_ready, triton_call  # noqa: E402
 
-__all__ = ["interpreter_ready", "programs_run_in_order", "triton_call"]
+__all__ = ["interpreter_ready", "triton_call"]

@@ -1,8 +1,8 @@
 """The programs of an interpreted launch run at once, each on its own thread, as on a GPU.
 
 Triton's interpreter runs a launch's programs one after another in program-id
-order. A fused kernel must be right both that way and as a GPU runs it, every
-program of the (co-resident) grid at once, started in no particular order
+order. A fused kernel must be right both that way and as a GPU runs it, the
+programs of its grid at once (all, or as many as have SMs), started in no particular order
 (``custom_calls/ag_gemm.py`` states the invariant). Sequential runs alone
 cannot show the second: a program that reads what another program of its
 launch writes, without waiting for it, passes in the interpreter whenever the
@@ -15,14 +15,15 @@ other and with the other ranks' at the GIL's switches (the shim shortens the
 switch interval). The interpreter's memory is the host's, so this shows
 ordering (who waits for whom), not the GPU's memory model (fences, scopes).
 
+With ``resident=R``, at most R programs of a launch run at a time (each
+holds its slot until it ends), as on a GPU where another stream's kernel
+holds SMs when ours starts: which programs run first is the start order's
+draw, and the rest start as those end.
+
 Use ``concurrent_programs()`` around the calls, or set
-``JAX_FLUX_INTERPRETER_PROGRAMS=concurrent`` (``concurrent:<seed>``) for a whole
-process, e.g. a test file. The mode is read when a launch starts, and when an
-op is traced (``custom_calls.programs_run_in_order``): a GEMM-RS that reduces
-in its epilogue takes one program a rank when its programs run in order, the
-whole grid when they run concurrently. Trace (jit) inside the mode what should
-run with the GPU's grids; such a trace run later in order waits for programs
-that have not started, and fails with the op's timeout error.
+``JAX_FLUX_INTERPRETER_PROGRAMS=concurrent`` (``concurrent:<seed>``,
+``concurrent:<seed>:<resident>``) for a whole process, e.g. a test file. The
+mode is read when a launch starts; the kernels' grids do not depend on it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class Mode:
 
     seed: int = 0
     max_delay_s: float = MAX_DELAY_S
+    resident: int | None = None  # programs of a launch running at once (None: all)
+
+    def __post_init__(self):
+        if self.resident is not None and self.resident < 1:
+            raise ValueError(f"resident must be at least 1 program, got {self.resident}")
 
 
 _lock = threading.Lock()
@@ -65,11 +71,13 @@ def _from_env() -> Mode | None:
     value = os.environ.get(ENV, "").strip()
     if value in ("", "sequential"):
         return None
-    name, _, seed = value.partition(":")
-    if name != "concurrent" or (seed and not seed.isdigit()):
-        raise ValueError(f"{ENV} must be 'sequential', 'concurrent' or 'concurrent:<seed>', "
-                         f"got {value!r}")
-    return Mode(seed=int(seed or 0))
+    name, *numbers = value.split(":")
+    if name != "concurrent" or len(numbers) > 2 or not all(n.isdigit() for n in numbers) or (
+            len(numbers) == 2 and int(numbers[1]) < 1):
+        raise ValueError(f"{ENV} must be 'sequential', 'concurrent', 'concurrent:<seed>' or "
+                         f"'concurrent:<seed>:<resident programs, at least 1>', got {value!r}")
+    seed = int(numbers[0]) if numbers else 0
+    return Mode(seed=seed, resident=int(numbers[1]) if len(numbers) == 2 else None)
 
 
 def active() -> Mode | None:
@@ -79,12 +87,14 @@ def active() -> Mode | None:
 
 
 @contextlib.contextmanager
-def concurrent_programs(seed: int = 0, max_delay_s: float = MAX_DELAY_S):
-    """Within the block, interpreted launches run their programs concurrently."""
+def concurrent_programs(seed: int = 0, max_delay_s: float = MAX_DELAY_S,
+                        resident: int | None = None):
+    """Within the block, interpreted launches run their programs concurrently
+    (at most ``resident`` of a launch at a time, if given)."""
     global _mode
     install()
     with _lock:
-        previous, _mode = _mode, Mode(seed=seed, max_delay_s=max_delay_s)
+        previous, _mode = _mode, Mode(seed=seed, max_delay_s=max_delay_s, resident=resident)
     try:
         yield
     finally:
@@ -103,6 +113,7 @@ class _Programs:
         self.__signature__, self.__name__ = inspect.signature(fn), fn.__name__
         self._rng = random.Random(mode.seed * 1_000_003 + next(_launches))
         self._max_delay_s = mode.max_delay_s
+        self._resident = mode.resident
         self._programs: list[tuple] = []
 
     def __call__(self, **args):
@@ -113,15 +124,18 @@ class _Programs:
 
     def _run_all(self, dim: tuple) -> None:
         errors: dict[int, BaseException] = {}
+        # A slot of the "GPU": held from a program's start to its end.
+        slots = threading.Semaphore(self._resident or len(self._programs))
 
         def program(i: int, idx: tuple, args: dict, delay_s: float) -> None:
             time.sleep(delay_s)
-            self._builder.set_grid_dim(*dim)  # thread-local fields (the shim's)
-            self._builder.set_grid_idx(*idx)
-            try:
-                self._fn(**args)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the launching thread
-                errors[i] = e
+            with slots:
+                self._builder.set_grid_dim(*dim)  # thread-local fields (the shim's)
+                self._builder.set_grid_idx(*idx)
+                try:
+                    self._fn(**args)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the launching thread
+                    errors[i] = e
 
         order = list(range(len(self._programs)))
         self._rng.shuffle(order)

@@ -10,14 +10,15 @@ ROWS < M_LOCAL: a batch of M_LOCAL / ROWS problems folded into one launch
 [batch, P * ROWS, n] flattened (element b's gathered rows at b * P * ROWS);
 the gathered x keeps the gather's order, [P, batch * ROWS, K].
 
-Programs [0, COMM_PROGRAMS) communicate: they push this rank's shard to peers
+The first COMM_PROGRAMS programs to start (tickets [0, COMM_PROGRAMS),
+``signals.take_ticket``, whatever their ids) communicate: they push this rank's shard to peers
 r+1, r+2, ... (so at step d every rank sends to rank + d and receives from
 rank - d) in chunks of CHUNK_ROWS rows, each chunk followed by a release store
 of its signal ``sig[r * chunks + j] = epoch`` in the peer's workspace. Before
 the first write into a peer they wait until that peer has finished its
 previous call (start barrier; a peer that fails it gets nothing, so it fails
 itself rather than compute on stale rows). They never wait on anything of
-this call. With PULL they read instead (``_pull_shards``): program 0 stages
+this call. With PULL they read instead (``_pull_shards``): ticket 0 stages
 this rank's shard in its own gather slot, signalling each chunk there, before
 it waits on anything of this call; the communication programs then copy the
 peers' staged chunks in, signalling their arrival in this rank's workspace.
@@ -33,11 +34,14 @@ read about once). With
 RETURN_GATHERED they also write the gathered x (the rows they read for tile
 column 0), so the weight gradient needs no second all-gather.
 
-Invariant that makes one source right both on a GPU (programs concurrent) and
-in the interpreter (programs of a rank run one after another, ranks
-concurrently): every wait of this call targets work that its program does
-before it waits on anything of this call (pushes, PULL's staging in program
-0) and, within a rank, at a lower id than every program that waits for it.
+Invariant that makes one source right both on a GPU (programs concurrent, all
+or only some resident: another stream's kernel may hold SMs) and in the
+interpreter (programs of a rank run one after another, ranks concurrently):
+every wait of this call targets work that its program does before it waits
+on anything of this call (pushes, PULL's staging at ticket 0) and, within a
+rank, at a lower ticket than every program that waits for it. Tickets go to
+programs in the order they start, so that work is always with a running
+program.
 (``custom_calls._program_threads`` runs the interpreter's programs concurrently
 too, in shuffled order: tests/test_program_threads.py.)
 """
@@ -70,12 +74,12 @@ def _copy_rows(src_ptr, dst_ptr, row0, row1, K,
 
 @triton.jit
 def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
-                chunks, pid,
+                chunks, comm,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                 COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
-    for item in range(pid, (WORLD - 1) * chunks, COMM_PROGRAMS):
+    for item in range(comm, (WORLD - 1) * chunks, COMM_PROGRAMS):
         # Items in send order: all chunks for peer rank+1, then rank+2, ...
         # (ROTATE off: every rank sends to peer 0 first, then 1, ...).
         d = item // chunks
@@ -98,23 +102,23 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
 
 @triton.jit
 def _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LOCAL, K,
-                 chunks, pid,
+                 chunks, comm,
                  WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                  CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                  COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, REMOTE_CACHE: tl.constexpr,
                  ROTATE: tl.constexpr):
-    """PULL: program 0 first stages this rank's shard in its own gather slot, chunk
+    """PULL: ticket 0 first stages this rank's shard in its own gather slot, chunk
     by chunk, each followed by ``sig[rank * chunks + j] = epoch`` in its own
     workspace (once every peer has finished its previous call, which read that
     slot). Then the communication programs copy the peers' staged chunks into
     this rank's slots, in the order the GEMM reads them (rank-1, rank-2, ...),
     acquire-waiting on each chunk's staging signal in the peer's workspace and
     release-storing its arrival signal here. Staging precedes every wait of
-    this call in program 0, so waits target work that waits on nothing."""
+    this call at ticket 0, so waits target work that waits on nothing."""
     dtype = x_ptr.dtype.element_ty
     gather = signals.rebase(x_ptr, signals.data_ptr(base, DATA_OFF, dtype))
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
-    if pid == 0:
+    if comm == 0:
         idle = rank == rank
         for d in range(1, WORLD):
             idle &= signals.wait_peer_idle(table_ptr, rank, (rank + d) % WORLD, epoch, patience,
@@ -126,7 +130,7 @@ def _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LO
                 _copy_rows(x_ptr, own, row0, tl.minimum(row0 + CHUNK_ROWS, M_LOCAL), K,
                            COPY_ROWS, COPY_COLS, "")
                 signals.store_release(my_signals + rank * chunks + chunk, epoch)
-    for item in range(pid, (WORLD - 1) * chunks, COMM_PROGRAMS):
+    for item in range(comm, (WORLD - 1) * chunks, COMM_PROGRAMS):
         d = item // chunks
         if ROTATE:
             src = (rank - d - 1 + WORLD) % WORLD  # the GEMM's order: rank-1, rank-2, ...
@@ -147,7 +151,7 @@ def _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LO
 
 @triton.jit
 def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, patience,
-                M_LOCAL, N, K, chunks, gemm_pid, gemm_programs,
+                M_LOCAL, N, K, chunks, gemm_index, gemm_programs,
                 WORLD: tl.constexpr, SIG_OFF: tl.constexpr, DATA_OFF: tl.constexpr,
                 CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COPY_ROWS: tl.constexpr,
@@ -159,7 +163,7 @@ def _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, 
     my_signals = signals.as_ptr(base, SIG_OFF, tl.int32)
     tiles_m = tl.cdiv(M_LOCAL, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    for t in range(gemm_pid, WORLD * tiles_m * tiles_n, gemm_programs):
+    for t in range(gemm_index, WORLD * tiles_m * tiles_n, gemm_programs):
         # Row tile `row_tile` of all sources' rows in arrival order.
         row_tile, tile_n = group_order(t, WORLD * tiles_m, tiles_n, GROUP_M)
         step = row_tile // tiles_m
@@ -214,19 +218,20 @@ def ag_gemm_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, y_ptr, status_ptr, xg_ptr,
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
     chunks = tl.cdiv(M_LOCAL, CHUNK_ROWS)
-    pid = tl.program_id(0)
-    if pid < COMM_PROGRAMS:
+    # Roles by ticket: the first programs to run communicate (what peers wait for).
+    role = signals.take_ticket(base)
+    if role < COMM_PROGRAMS:
         if PULL:
             _pull_shards(x_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_LOCAL, K,
-                         chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
+                         chunks, role, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
                          COPY_ROWS, COPY_COLS, REMOTE_CACHE, ROTATE)
         else:
             _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
-                        chunks, pid, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
+                        chunks, role, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS, COMM_PROGRAMS,
                         COPY_ROWS, COPY_COLS, ROTATE)
     else:
         _gemm_tiles(x_ptr, w_ptr, y_ptr, xg_ptr, status_ptr, table_ptr, base, rank, epoch, patience,
-                    M_LOCAL, N, K, chunks, pid - COMM_PROGRAMS,
+                    M_LOCAL, N, K, chunks, role - COMM_PROGRAMS,
                     tl.num_programs(0) - COMM_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, CHUNK_ROWS,
                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, COPY_ROWS, COPY_COLS, RETURN_GATHERED,
                     UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, ROWS)

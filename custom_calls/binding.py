@@ -33,7 +33,7 @@ from jax.extend import core as jax_core
 from jax.experimental import io_callback
 from jax.interpreters import batching, mlir
 
-from custom_calls import _mode, _program_threads
+from custom_calls import _mode
 from custom_calls._interpreter_launch import interleave, run_interpreted
 from custom_calls._jax_compat import varying_axes_of_aval as _varying_axes
 
@@ -155,8 +155,8 @@ def triton_call(
         device-to-host read and host synchronisation per call) or
         ``"async"`` (no check here; the kernel's error record reports it,
         see ``jax_flux.errors``).
-      resident: the kernel's programs wait on each other, so the whole grid
-        must be resident on the GPU at once. When lowered for a GPU, a grid
+      resident: a persistent kernel, its grid meant to run in one wave
+        (its programs spin-wait on peers). When lowered for a GPU, a grid
         larger than the SMs x the programs of this compiled kernel that fit
         one SM raises ValueError (``compiler.check_resident``) before
         anything runs.
@@ -362,12 +362,5 @@ def interpreter_ready() -> bool:
     return _mode.interpreting()
 
 
-def programs_run_in_order() -> bool:
-    """True when a launch's programs run one after another in program-id order:
-    the interpreter's own loop. False on a GPU, and in the interpreter inside
-    ``custom_calls._program_threads``' concurrent mode: all at once."""
-    return _mode.interpreting() and _program_threads.active() is None
-
-
 __all__ = ["LoweredConstant", "PeerTimeoutError", "triton_call", "triton_call_p", "run_interpreted",
-           "interpreter_ready", "programs_run_in_order"]
+           "interpreter_ready"]

@@ -108,16 +108,18 @@ def check_resident(kernel, grid: int, *, sms: int, capability: int, pointers: tu
     """Raises ValueError if ``grid`` programs of ``kernel`` cannot all be resident at
     once on ``sms`` SMs of compute capability ``capability``.
 
-    The fused kernels' programs spin-wait on each other's (and on peers')
-    signals, so each must run while the others do: a program left waiting for
-    an SM until others finish could wait on one that has not started. A
-    kernel that launches at all fits one program an SM, so ``grid <= sms`` is
-    accepted without compiling anything.
+    The fused kernels are persistent: their grids are sized to run in one
+    wave, their programs spin-waiting on peers' signals. They hand out work
+    that peers wait for by ticket (``signals.take_ticket``), so a grid that
+    does not all fit still finishes (its last programs start as the first
+    end), but it is not what a config asking for it means, so it is refused.
+    A kernel that launches at all fits one program an SM, so ``grid <= sms``
+    is accepted without compiling anything.
 
     Registers are those of Triton's own ptxas. jax-triton hands XLA the PTX
     and XLA's assembler (jaxlib's CUDA) makes the cubin that runs, which may
     allocate a few registers differently: near a limit, a grid accepted here
-    may still not co-reside, and the bounded waits then report a timeout.
+    may still not co-reside, and then runs in two waves.
     """
     if grid <= sms:
         return
@@ -133,6 +135,6 @@ def check_resident(kernel, grid: int, *, sms: int, capability: int, pointers: tu
         f"{kernel.__name__}: a persistent grid of {grid} programs cannot all be resident on "
         f"this GPU: {sms} SMs x {info['fit']} program(s) an SM = {sms * info['fit']} "
         f"({num_warps} warps, {regs}, {info['shared']} bytes of shared memory a program; "
-        f"bound by {info['bound_by']}{limits}). Its programs wait on each other, so all of "
-        f"them must run at once: lower the config's programs_per_sm or num_programs, or "
-        f"num_warps / num_stages / the block sizes")
+        f"bound by {info['bound_by']}{limits}). A persistent grid is meant to run in one "
+        f"wave: lower the config's programs_per_sm or num_programs, or num_warps / "
+        f"num_stages / the block sizes")

@@ -9,7 +9,7 @@ ROWS < M_OWN: a batch of M_OWN / ROWS problems folded into one launch (jax.vmap
 with a shared w): x is [batch, P * ROWS, k] flattened, so element b's rows
 of owner o are x[b * P * ROWS + o * ROWS + i]; z is [batch, ROWS, N] flattened.
 
-Programs [0, GEMM) compute output tiles in rank-rotated order: the rows owned
+GEMM programs compute output tiles in rank-rotated order: the rows owned
 by rank r+1 first, then r+2, ..., and this rank's own rows last, so ranks do
 not all write to the same peer at once. The row tiles of all owners, in that
 order, go in groups of GROUP_M (``gemm.group_order``, as in the plain GEMM),
@@ -22,16 +22,24 @@ release-stored. Before the first write into an owner they wait until it has
 finished its previous call (start barrier; an owner that fails it gets
 nothing). They never wait on anything of this call.
 
-Programs [GEMM, GEMM + REDUCE_PROGRAMS) reduce this rank's tiles in about the
-order they are completed (grouped by GROUP_M row tiles): acquire-wait for the
-tile's P signals (one per source and tile, indexed by the tile's row-major
-id), sum the P partials in rank order 0..P-1 in float32, store into z. Early
-tiles are reduced while the GEMM programs work on later ones.
+With REDUCE_PROGRAMS > 0, the last REDUCE_PROGRAMS programs to start (by
+ticket, ``signals.take_ticket``; the others compute) reduce this rank's tiles
+in about the order they are completed (grouped by GROUP_M row tiles):
+acquire-wait for the tile's P signals (one per source and tile, indexed by
+the tile's row-major id), sum the P partials in rank order 0..P-1 in float32,
+store into z. Early tiles are reduced while the GEMM programs work on later
+ones. With REDUCE_PROGRAMS == 0 every program computes, taking tiles one
+ticket at a time in the tile order, and the program that takes an own tile
+waits for the peers' partials of it and sums them into its accumulator.
 
-The same wait invariant as AG-GEMM holds: every wait of this call targets
-work of programs that never wait on this call and have lower ids than every
-program that does wait, so the kernel is right on a GPU and in the
-interpreter.
+The wait invariant: every wait of this call targets work that waits on
+nothing of this call and is handed out, on its rank, at a lower ticket than
+the waiting work (reducers' tickets follow the GEMM programs'; a peer's
+partial of this rank's tile sits earlier in the peer's tile order than the
+own tile here, or at the same place unrotated). Tickets go to programs as
+they run, so the kernel finishes whether its programs run concurrently (a
+GPU, all or only some of them resident) or one after another (the
+interpreter).
 """
 
 import jax
@@ -79,58 +87,60 @@ def _sum_partials(z_ptr, partials, my_signals, own, status_ptr, table_ptr, rank,
 
 
 @triton.jit
-def _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_OWN,
-                N, K, pid, gemm_programs, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
-                DATA_OFF: tl.constexpr, REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, W_TRANS: tl.constexpr,
-                ROWS: tl.constexpr):
+def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_OWN,
+               N, K, t, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
+               DATA_OFF: tl.constexpr, REDUCE_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+               UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, W_TRANS: tl.constexpr,
+               ROWS: tl.constexpr):
+    """Output tile ``t`` of the tile order: computed, then stored into its owner's
+    slot and signalled, or (REDUCE_PROGRAMS == 0, an own tile) summed here with
+    the peers' partials of it."""
     dtype = z_ptr.dtype.element_ty  # partials travel in the result's dtype
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_owner = tiles_m * tiles_n
-    for t in range(pid, WORLD * per_owner, gemm_programs):
-        # Row tile `row_tile` of all owners' rows in send order.
-        row_tile, tile_n = group_order(t, WORLD * tiles_m, tiles_n, GROUP_M)
-        step = row_tile // tiles_m
-        tile_m = row_tile % tiles_m
-        if ROTATE:
-            owner = (rank + 1 + step) % WORLD  # rank + 1 first, own rows last
-        else:
-            owner = step + rank * 0  # rank order (as a tensor, like the rotated one)
-        tile = tile_m * tiles_n + tile_n  # the signal's index: row-major, whatever the order
-        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if ROWS == M_OWN:  # the owner's rows are contiguous in x
-            acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, rows, cols,
-                            M_OWN, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "", W_TRANS)
-        else:  # a folded batch: element b's rows of this owner at b * WORLD * ROWS + owner * ROWS
-            a_rows = (rows // ROWS) * (WORLD * ROWS) + owner * ROWS + rows % ROWS
-            acc = gemm_tile(x_ptr, w_ptr, rows, a_rows, cols, M_OWN, N, K, BLOCK_K, UPCAST,
-                            INPUT_PRECISION, "", W_TRANS)
-        reduce_here = False
-        if REDUCE_PROGRAMS == 0:
-            reduce_here = owner == rank
-        if reduce_here:
-            # This rank's own tile: sum it with the peers' partials right here.
-            partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
-            _sum_partials(z_ptr, partials, signals.as_ptr(base, SIG_OFF, tl.int32), acc,
-                          status_ptr, table_ptr, rank, epoch, patience, M_OWN, N, per_owner,
-                          tile, rows, cols, WORLD, True, REMOTE_CACHE)
-        elif signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
-                                    signals.RS_PEER_IDLE, WORLD):
-            owner_ws = signals.peer_base(table_ptr, owner)
-            slot = (signals.rebase(z_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
-                    rank.to(tl.int64) * M_OWN * N)
-            tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
-                     mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
-            sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
-            signals.store_release(sig, epoch)
+    # Row tile `row_tile` of all owners' rows in send order.
+    row_tile, tile_n = group_order(t, WORLD * tiles_m, tiles_n, GROUP_M)
+    step = row_tile // tiles_m
+    tile_m = row_tile % tiles_m
+    if ROTATE:
+        owner = (rank + 1 + step) % WORLD  # rank + 1 first, own rows last
+    else:
+        owner = step + rank * 0  # rank order (as a tensor, like the rotated one)
+    tile = tile_m * tiles_n + tile_n  # the signal's index: row-major, whatever the order
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROWS == M_OWN:  # the owner's rows are contiguous in x
+        acc = gemm_tile(x_ptr + owner.to(tl.int64) * M_OWN * K, w_ptr, rows, rows, cols,
+                        M_OWN, N, K, BLOCK_K, UPCAST, INPUT_PRECISION, "", W_TRANS)
+    else:  # a folded batch: element b's rows of this owner at b * WORLD * ROWS + owner * ROWS
+        a_rows = (rows // ROWS) * (WORLD * ROWS) + owner * ROWS + rows % ROWS
+        acc = gemm_tile(x_ptr, w_ptr, rows, a_rows, cols, M_OWN, N, K, BLOCK_K, UPCAST,
+                        INPUT_PRECISION, "", W_TRANS)
+    reduce_here = False
+    if REDUCE_PROGRAMS == 0:
+        reduce_here = owner == rank
+    if reduce_here:
+        # This rank's own tile: sum it with the peers' partials right here.
+        partials = signals.rebase(z_ptr, signals.data_ptr(base, DATA_OFF, dtype))
+        _sum_partials(z_ptr, partials, signals.as_ptr(base, SIG_OFF, tl.int32), acc,
+                      status_ptr, table_ptr, rank, epoch, patience, M_OWN, N, per_owner,
+                      tile, rows, cols, WORLD, True, REMOTE_CACHE)
+    elif signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
+                                signals.RS_PEER_IDLE, WORLD):
+        owner_ws = signals.peer_base(table_ptr, owner)
+        slot = (signals.rebase(z_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
+                rank.to(tl.int64) * M_OWN * N)
+        tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
+                 mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
+        sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
+        signals.store_release(sig, epoch)
 
 
 @triton.jit
-def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N, pid,
+def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N, reducer,
                   REDUCE_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, SIG_OFF: tl.constexpr,
                   DATA_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   GROUP_M: tl.constexpr, REMOTE_CACHE: tl.constexpr):
@@ -139,7 +149,7 @@ def _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_O
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_owner = tiles_m * tiles_n
-    for i in range(pid, per_owner, REDUCE_PROGRAMS):
+    for i in range(reducer, per_owner, REDUCE_PROGRAMS):
         tile_m, tile_n = group_order(i, tiles_m, tiles_n, GROUP_M)
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,17 +170,33 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
-    pid = tl.program_id(0)
-    gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
-    if pid < gemm_programs:
-        _gemm_tiles(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
-                    M_OWN, N, K, pid, gemm_programs, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE,
-                    ROTATE, W_TRANS, ROWS)
+    tiles = WORLD * tl.cdiv(M_OWN, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    if REDUCE_PROGRAMS == 0:
+        # Tiles by ticket, in the tile order, to whichever program is running:
+        # an own tile (waiting) at position i needs the peers' tiles at positions
+        # <= i, which wait on nothing (signals.take_ticket).
+        t = signals.take_ticket(base)
+        while t < tiles:
+            _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
+                       M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS, BLOCK_M,
+                       BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE,
+                       W_TRANS, ROWS)
+            t = signals.take_ticket(base)
     else:
-        _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
-                      pid - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF, BLOCK_M,
-                      BLOCK_N, GROUP_M, REMOTE_CACHE)
+        # Roles by ticket: the first programs to run compute (and wait on
+        # nothing of this call), the last REDUCE_PROGRAMS reduce.
+        role = signals.take_ticket(base)
+        gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
+        if role < gemm_programs:
+            for t in range(role, tiles, gemm_programs):
+                _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch,
+                           patience, M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS,
+                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION,
+                           REMOTE_CACHE, ROTATE, W_TRANS, ROWS)
+        else:
+            _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
+                          role - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF,
+                          BLOCK_M, BLOCK_N, GROUP_M, REMOTE_CACHE)
     signals.end_call(base, epoch)
 
 

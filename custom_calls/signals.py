@@ -15,7 +15,9 @@ control holds int32 words of this rank:
   resets it and publishes ``EPOCH = c``, which is also the start barrier a
   peer waits for before overwriting this rank's buffers;
 * ``FAILED``, ``FAILED_PEER``: the code of this rank's first failed wait and
-  the peer it waited for (0 until then, and again after a reset).
+  the peer it waited for (0 until then, and again after a reset);
+* ``TICKET``: tickets handed out in the running launch (``take_ticket``), 0
+  between launches (the last program out resets it).
 
 Peers' base addresses come in a table of uint32 (lo, hi) pairs (an int64 JAX
 array would be truncated with x64 off): entries [0, WORLD) are the ranks'
@@ -65,6 +67,7 @@ EPOCH = tl.constexpr(0)
 EXIT = tl.constexpr(1)
 FAILED = tl.constexpr(2)
 FAILED_PEER = tl.constexpr(3)
+TICKET = tl.constexpr(4)
 
 # Codes a failed wait leaves in the status output, [code, rank, peer, index,
 # epoch, seen], and in the error record; ``seen`` is the value the wait last
@@ -230,15 +233,35 @@ def wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr, code,
 
 
 @triton.jit
-def end_call(base, epoch):
-    """Exit protocol: the last program of the launch publishes EPOCH = epoch.
+def take_ticket(base):
+    """The next ticket of this launch on this rank: 0, 1, 2, ... in the order its
+    programs ask, whatever their ids.
 
-    Every program has read EPOCH before it arrives here, so none of this
-    launch reads the bumped value.
+    Work handed out by ticket goes to programs that are running. On a GPU a
+    launch's programs need not all be resident at once (another stream's
+    kernel, NCCL's say, may hold SMs while ours start), so work that peers
+    wait for must not be tied to a program id that may not have started:
+    the kernels give their communication roles (AG-GEMM) and, where GEMM
+    programs wait, their tiles (GEMM-RS reducing in the epilogue) by ticket,
+    in an order where every wait targets work of lower tickets on other ranks
+    that waits on nothing. Then any number of resident programs finishes.
+    Relaxed: a ticket orders no data (the signals do).
+    """
+    return tl.atomic_add(as_ptr(base, TICKET * 4, tl.int32), 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def end_call(base, epoch):
+    """Exit protocol: the last program of the launch resets the tickets and
+    publishes EPOCH = epoch.
+
+    Every program has read EPOCH and taken its last ticket before it arrives
+    here, so none of this launch reads the bumped epoch or the reset count.
     """
     tl.debug_barrier()
     exit_ptr = as_ptr(base, EXIT * 4, tl.int32)
     ticket = tl.atomic_add(exit_ptr, 1, sem="acq_rel", scope="sys")
     if ticket == tl.num_programs(0) - 1:
+        tl.atomic_xchg(as_ptr(base, TICKET * 4, tl.int32), 0, sem="relaxed", scope="sys")
         tl.atomic_xchg(exit_ptr, 0, sem="relaxed", scope="sys")
         tl.atomic_xchg(as_ptr(base, EPOCH * 4, tl.int32), epoch, sem="release", scope="sys")

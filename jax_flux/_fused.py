@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from custom_calls import interpreter_ready, programs_run_in_order, signals  # noqa: F401
+from custom_calls import interpreter_ready, signals  # noqa: F401
 from custom_calls.binding import LoweredConstant
 from custom_calls.gemm import mma_dtype, upcast_operands
 from jax_flux import errors, workspace
@@ -27,9 +27,6 @@ class Launch:
     ctx: jax.Array  # int32 [2]: this rank's index on the axis, patience in ms (config.patience_ms)
     table: LoweredConstant  # uint32 [2P, 2]: (lo, hi) of every rank's workspace, then error record
     interpreting: bool
-    # A rank's programs run one after another, in id order (the interpreter's
-    # loop), not all at once (a GPU; custom_calls._program_threads).
-    in_order: bool
     max_programs: int
     upcast: bool
     remote_cache: str
@@ -77,8 +74,7 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
     if status_check == "async":
         errors.watchdog.start()
     return Launch(
-        ctx=ctx, table=table, interpreting=interpreting, in_order=programs_run_in_order(),
-        max_programs=max_programs,
+        ctx=ctx, table=table, interpreting=interpreting, max_programs=max_programs,
         upcast=upcast_operands(dtype), remote_cache="" if interpreting else ".cg",
         on_timeout=functools.partial(errors.describe, op=op, axis_name=axis_name,
                                      timeout_s=config.timeout_s),

@@ -186,8 +186,8 @@ class MatmulReduceScatterConfig(_Common):
         computes one of this rank's own tiles (the last in its order) sums
         the peers' partials of that tile into it right there (every SM
         reduces at the end instead of a few throughout; the GPU default).
-        It needs every program of the grid resident at once (the default
-        grid is: a program per SM).
+        Programs then take tiles by ticket (``custom_calls.signals.take_ticket``),
+        so it finishes with any number of them resident.
       num_warps, num_stages: Triton compile options (GPU).
       num_programs: total persistent grid, reduction programs included.
       programs_per_sm: programs per SM the default grid assumes (GPU).
@@ -217,9 +217,9 @@ class MatmulReduceScatterConfig(_Common):
         # own tiles come last, so reduction programs can only start near the
         # end, and a few of them summing tile after tile are bound by load
         # latency: by a model (README) ~0.5 ms after a ~1.8 ms GEMM at GPT-3's
-        # M=8192, and several times the GEMM at decode size. Needs the grid
-        # co-resident (the default grid is). The interpreter keeps reduction
-        # programs: there the epilogue reduction runs as one program a rank.
+        # M=8192, and several times the GEMM at decode size. The interpreter
+        # keeps reduction programs: there, programs in order, the epilogue
+        # reduction's first program would take every tile.
         block_m = _clamp_pow2(m_local, 16, 128)
         return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=_block_k(itemsize),
                    reduce_programs=0,

@@ -110,16 +110,6 @@ def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed
     tiles = size * _fused.cdiv(m_own, cfg.block_m) * _fused.cdiv(n, cfg.block_n)
     grid = _fused.persistent_grid(cfg.num_programs, tiles, cfg.reduce_programs,
                                   launch.max_programs)
-    if cfg.reduce_programs == 0 and launch.in_order:
-        # GEMM programs that reduce wait on peers' GEMM programs, which wait in
-        # turn: with a rank's programs run one after another (the interpreter's
-        # loop), only one program a rank is free of waiting on a later one of its
-        # own. Run concurrently (a GPU, custom_calls._program_threads) any grid
-        # works: the own tile at position i of the tile order (the same order on
-        # every rank) waits for partials the peers compute at positions <= i
-        # (rotated: <; unrotated: =), after waits of their own at positions < i
-        # only, so by induction on i no wait lasts forever.
-        grid = 1
     z, _ = kernel.gemm_rs(
         x, w, launch.ctx, launch.table, world=size, sig_off=sig_off, data_off=data_off,
         gemm_programs=grid - cfg.reduce_programs, reduce_programs=cfg.reduce_programs,

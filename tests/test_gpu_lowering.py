@@ -83,8 +83,8 @@ def test_fused_op_lowers_for_cuda_to_one_jax_triton_call(fake_jax_triton, op, ke
 @pytest.mark.parametrize("op", ["all_gather_matmul", "matmul_reduce_scatter"])
 def test_a_grid_that_cannot_be_resident_is_a_value_error_at_lowering(fake_jax_triton, op,
                                                                     monkeypatch):
-    # The fused kernels' programs wait on each other: the whole grid must be
-    # resident. Lowered for a GPU, a grid beyond the SMs x the compiled
+    # A persistent grid is meant to run in one wave. Lowered for a GPU, a grid
+    # beyond the SMs x the compiled
     # kernel's programs an SM is refused before jax-triton is called. The
     # compile itself (compiler.programs_per_sm) needs Triton in compiled mode;
     # tests.compile_for_gpu checks it for sm_90. Here it is replaced, and the
@@ -111,7 +111,6 @@ def test_a_grid_that_cannot_be_resident_is_a_value_error_at_lowering(fake_jax_tr
         cls, module, helpers = cfgs.AllGatherMatmulConfig, ag_gemm, dict(comm_programs=1)
     else:
         x, w, _, _ = testing.random_operands(24, 96, 16, jnp.bfloat16)
-        # (reduce_programs=0 would run as one program: this process interprets.)
         cls, module, helpers = cfgs.MatmulReduceScatterConfig, gemm_rs, dict(reduce_programs=2)
     xs, ws = testing.place(op, mesh, x, w)
 

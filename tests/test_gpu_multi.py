@@ -5,8 +5,9 @@ local GPUs through jax-triton, their workspace in ``cuda`` memory (one
 allocation per GPU, peer access between them): ragged shapes in the three
 dtypes with fresh data on every call, the gradients against the lax
 collectives in the same ``shard_map``, the tensor-parallel MLP bitwise
-repeatable, and the model's training step against impl="xla"; and one process
-per GPU (``jax.distributed``, the ``cuda-ipc`` workspace).
+repeatable, and the model's training step against impl="xla" (tp over every
+GPU; dp=2 x tp, plain and FSDP); and one process per GPU (``jax.distributed``,
+the ``cuda-ipc`` workspace).
 
     JAX_FLUX_TEST_PLATFORM=gpu python -m pytest -q -m gpu tests/test_gpu_multi.py
 
@@ -139,6 +140,45 @@ def test_model_training_step_over_every_local_gpu():
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(grads)),
                     jax.tree.leaves(nnx.to_pure_dict(ref_grads))):
         assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-2
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["dp", "fsdp"])
+def test_model_training_step_data_and_tensor_parallel(fsdp):
+    # dp x tp over the local GPUs: XLA overlaps the data-parallel collectives
+    # (the gradients' all-reduce; with FSDP the parameters' all-gathers and the
+    # gradients' reduce-scatters) with the backward pass, on its collective
+    # stream, where they hold SMs while the fused kernels start on the compute
+    # stream. The kernels hand out the work peers wait for by ticket so that
+    # cannot deadlock them (custom_calls/signals.py, take_ticket). Loss and
+    # gradients against impl="xla" on the same mesh.
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    from models import PRESETS, Llama
+    from models.llama import copy_parameters, cross_entropy
+
+    n = len(jax.devices())
+    if n < 4 or n % 2:
+        pytest.skip(f"dp=2 x tp needs an even number of 4 or more GPUs ({n} here)")
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, n // 2), ("dp", "tp"))
+    cfg = dataclasses.replace(PRESETS["tiny"], layers=2, scan_layers=True)
+    tp = n // 2
+    if cfg.kv_heads % tp or cfg.vocab % n:
+        pytest.skip(f"the tiny model does not split over dp=2 x tp={tp}")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab, (4, 8 * tp + 1)),
+                         jnp.int32)
+    step = nnx.jit(nnx.value_and_grad(lambda m: cross_entropy(m(tokens[:, :-1]), tokens[:, 1:])))
+    kw = dict(mesh=mesh, batch_axis="dp", fsdp=fsdp)
+    reference = Llama(cfg, impl="xla", rngs=nnx.Rngs(1), **kw)
+    ref_loss, ref_grads = step(reference)
+    model = Llama(cfg, impl="fused", rngs=nnx.Rngs(2), **kw)
+    copy_parameters(reference, model)
+    for _ in range(3):  # back to back: the same step, the same numbers
+        loss, grads = step(model)
+        assert abs(float(loss) - float(ref_loss)) < 1e-3 * abs(float(ref_loss))
+        for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(grads)),
+                        jax.tree.leaves(nnx.to_pure_dict(ref_grads))):
+            assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-2
 
 
 def test_fused_ops_one_process_per_gpu():

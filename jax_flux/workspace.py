@@ -48,9 +48,6 @@ import ctypes
 import dataclasses
 import hashlib
 import itertools
-import json
-import os
-import socket
 import threading
 from typing import Any, Hashable
 
@@ -58,13 +55,12 @@ import jax
 import numpy as np
 
 from custom_calls import signals
+from jax_flux import _exchange
 from jax_flux._axes import axis_names
 
 _ALIGN = 256
 _RECORD_BYTES = 64
 _MIN_BYTES = 1 << 16
-# How long lowering waits for the other processes' workspace handles.
-EXCHANGE_TIMEOUT_S = float(os.environ.get("JAX_FLUX_WORKSPACE_EXCHANGE_TIMEOUT_S", "300"))
 
 
 @dataclasses.dataclass
@@ -166,7 +162,8 @@ class TableRequest:
         location = _location(platform, slots)
         key = ("axis", self.axis_name, _mesh_signature(mesh), location)
         if location in _ACROSS_PROCESSES:
-            _check_one_machine(self, key, slots, location)
+            _exchange.check_one_machine(self.op, self.axis_name, self.world, key, slots,
+                                        location)
         return _get(key, slots, self.nbytes, location).table()
 
 
@@ -208,62 +205,6 @@ def _slots(req: TableRequest, mesh, platform: str) -> list[list[Any]]:
 # exchanged handle (CUDA IPC, a POSIX shared-memory name), which only opens on
 # the machine that made it.
 _ACROSS_PROCESSES = ("host-shared", "cuda-ipc")
-_machines_checked: set = set()
-
-
-def _machine() -> tuple[str, str]:
-    """(what identifies this process's machine, its host name). The kernel's boot
-    id is the same for every process and container of one machine and differs
-    between machines even where host names repeat; the host name stands in
-    where there is none."""
-    host = socket.gethostname()
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip() or host, host
-    except OSError:
-        return host, host
-
-
-def _check_one_machine(req: TableRequest, key: tuple, slots, location: str) -> None:
-    """Raises ValueError, in every process lowering the program, where a group's
-    ranks are on more than one machine: CUDA IPC handles and shared-memory
-    names open only where they were made (a tensor-parallel axis runs over
-    NVLink, inside a machine; a data-parallel axis may span machines). Once
-    per workspace key: every process publishes its machine through the
-    key-value store and reads those of every process in the mesh, so all of
-    them see the same answer."""
-    if key in _machines_checked:
-        return
-    client = _kv_client()
-    prefix = "jax_flux/machine/" + hashlib.sha1(repr(key).encode()).hexdigest()
-    me = jax.process_index()
-    machine, host = _machine()
-    client.key_value_set(f"{prefix}/{me}", json.dumps([machine, host]))
-    processes = sorted({d.process_index for d in itertools.chain.from_iterable(slots)})
-    seen = {}
-    for p in processes:
-        if p == me:
-            seen[p] = (machine, host)
-            continue
-        seen[p] = tuple(json.loads(_await(client, f"{prefix}/{p}", f"process {p}",
-                                          "its machine")))
-    for g, group in enumerate(slots):
-        machines = {}
-        for r, d in enumerate(group):
-            machines.setdefault(seen[d.process_index], []).append((r, d.process_index))
-        if len(machines) > 1:
-            where = "; ".join(
-                f"ranks {[r for r, _ in ranks]} on host {m[1]!r} (process"
-                f"{'es' if len({p for _, p in ranks}) > 1 else ''} "
-                f"{sorted({p for _, p in ranks})})" for m, ranks in machines.items())
-            raise ValueError(
-                f"{req.op}(impl='fused') over axis {req.axis_name!r} needs all of a group's "
-                f"{req.world} ranks on one machine (the workspace ({location}) is mapped "
-                f"between its processes, which only works inside a machine), but group {g} "
-                f"spans {len(machines)} machines: {where}. Keep the tensor-parallel axis "
-                f"inside a machine (other mesh axes may span machines), or use impl='xla' "
-                f"or 'ring' for it")
-    _machines_checked.add(key)
 
 
 def _location(platform: str, slots) -> str:
@@ -304,7 +245,7 @@ def _allocate(key: tuple, slots, size: int, location: str):
     # them before waiting on any peer's), then map the peers of every group
     # we have a rank in.
     me = jax.process_index()
-    client = _kv_client()
+    client = _exchange.kv_client()
     prefix = "jax_flux/workspace/" + hashlib.sha1(repr((key, size)).encode()).hexdigest()
     buffers: list[list[Buffer | None]] = [[None] * len(g) for g in slots]
     for g, group in enumerate(slots):
@@ -328,8 +269,9 @@ def _allocate(key: tuple, slots, size: int, location: str):
         for r, d in enumerate(group):
             if buffers[g][r] is not None:
                 continue
-            handle = _await(client, f"{prefix}/{g}/{r}", f"process {d.process_index} (owner "
-                            f"of rank {r} of group {g}, device {d})", "its buffer", raw=True)
+            handle = _exchange.await_value(
+                client, f"{prefix}/{g}/{r}", f"process {d.process_index} (owner of rank {r} of "
+                f"group {g}, device {d})", "its buffer", raw=True)
             for v in viewers:
                 seen[v][r] = backend.open(handle, group[v], size)
             buffers[g][r] = seen[viewers[0]][r]
@@ -343,28 +285,6 @@ def _records(slots, location: str) -> list[list[Record | None]]:
     backend, me = _backend(location), jax.process_index()
     return [[backend.record(d) if d is None or d.process_index == me else None for d in group]
             for group in slots]
-
-
-def _await(client, key: str, who: str, what: str, raw: bool = False):
-    """The value another process publishes at ``key``; RuntimeError after
-    EXCHANGE_TIMEOUT_S (a process that never lowers the program), never a hang."""
-    get = client.blocking_key_value_get_bytes if raw else client.blocking_key_value_get
-    try:
-        return get(key, int(EXCHANGE_TIMEOUT_S * 1000))
-    except Exception as e:
-        raise RuntimeError(f"jax_flux workspace: {who} did not publish {what} within "
-                           f"{EXCHANGE_TIMEOUT_S:g} s; every process must lower the same "
-                           f"fused calls ({e})") from e
-
-
-def _kv_client():
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    if client is None:
-        raise RuntimeError("jax_flux's workspace across processes needs jax.distributed."
-                           "initialize() (its key-value store carries the buffer handles)")
-    return client
 
 
 # ------------------------------------------------------------------ backends

@@ -78,7 +78,7 @@ def _peer_never_arrives(jax, mesh, process_id: int, tol: float) -> None:
 
     import jax_flux
     from jax_flux import AllGatherMatmulConfig, errors, testing, workspace
-    from jax_flux.workspace import _kv_client
+    from jax_flux._exchange import kv_client as _kv_client
 
     op = "all_gather_matmul"
     (sx, sw), _ = testing._SPECS[op]
@@ -131,7 +131,7 @@ def _peer_never_lowers(jax, process_id: int) -> None:
     from jax.sharding import NamedSharding
 
     from jax_flux import testing
-    from jax_flux.workspace import _kv_client
+    from jax_flux._exchange import kv_client as _kv_client
 
     op = "all_gather_matmul"
     (sx, sw), _ = testing._SPECS[op]
@@ -238,10 +238,10 @@ def _two_machines(jax, process_id: int, num_processes: int, local_devices: int) 
     from jax.sharding import PartitionSpec as P
 
     import jax_flux
-    from jax_flux import testing, workspace
+    from jax_flux import _exchange, testing, workspace
 
     if process_id == 1:
-        workspace._machine = lambda: ("another-boot-id", "host-b")
+        _exchange.machine = lambda: ("another-boot-id", "host-b")
     devices = jax.devices()  # process 0's, then process 1's
     world = len(devices)
     spread = [devices[(r % num_processes) * local_devices + r // num_processes]

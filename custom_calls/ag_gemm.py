@@ -10,10 +10,10 @@ ROWS < M_LOCAL: a batch of M_LOCAL / ROWS problems folded into one launch
 [batch, P * ROWS, n] flattened (element b's gathered rows at b * P * ROWS);
 the gathered x keeps the gather's order, [P, batch * ROWS, K].
 
-The first COMM_PROGRAMS programs to start (tickets [0, COMM_PROGRAMS),
-``signals.take_ticket``, whatever their ids) communicate: they push this rank's shard to peers
-r+1, r+2, ... (so at step d every rank sends to rank + d and receives from
-rank - d) in chunks of CHUNK_ROWS rows, each chunk followed by a release store
+The first COMM_PROGRAMS programs to start (tickets [0, COMM_PROGRAMS) of
+``signals.take_ticket``, whatever their ids) communicate: they push this
+rank's shard to peers r+1, r+2, ... (so at step d every rank sends to
+rank + d and receives from rank - d) in chunks of CHUNK_ROWS rows, each chunk followed by a release store
 of its signal ``sig[r * chunks + j] = epoch`` in the peer's workspace. Before
 the first write into a peer they wait until that peer has finished its
 previous call (start barrier; a peer that fails it gets nothing, so it fails

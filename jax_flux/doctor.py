@@ -111,7 +111,8 @@ def triton_mode() -> Check:
             import jax_triton
         except ImportError as e:
             return Check("triton mode", "fail", f"jax-triton does not import ({e}): it launches "
-                         f"the kernels on GPUs; pip install 'jax_flux[gpu]'")
+                         f"the kernels on GPUs; pip install 'jax-triton==0.3.1' (Triton 3.6), "
+                         f"or the gpu extra: pip install '.[gpu]'")
         return Check("triton mode", "ok", f"compiled, launched by jax-triton "
                      f"{getattr(jax_triton, '__version__', '?')}")
     if not interpreting:

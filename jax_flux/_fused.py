@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from custom_calls import interpreter_ready, signals  # noqa: F401
+from custom_calls import interpreter_ready
 from custom_calls.binding import LoweredConstant
 from custom_calls.gemm import mma_dtype, upcast_operands
 from jax_flux import errors, workspace

@@ -212,7 +212,7 @@ def enable_peer_access(ordinals) -> None:
             if not can.value:
                 raise CudaError(f"GPU {a} cannot access GPU {b}'s memory (no P2P path); "
                                 f"impl='fused' needs every pair of GPUs on a fused axis "
-                                f"connected (NVLink or PCIe P2P)")
+                                f"connected (NVLink)")
             with current(a):
                 check(cuda.cuCtxEnablePeerAccess(context(b), 0), f"cuCtxEnablePeerAccess({a}->{b})",
                       ok=(PEER_ACCESS_ALREADY_ENABLED,))

@@ -9,13 +9,62 @@ Unverified on a GPU so far: ``tests/test_gpu_fused.py`` exercises both.
 
 from __future__ import annotations
 
+import itertools
+
+import jax
+
 from custom_calls import cuda_driver
 from jax_flux.workspace import _RECORD_BYTES, Buffer, Record
+
+_links_checked: set = set()
 
 
 def ordinal_of(device) -> int:
     """The CUDA ordinal of a jax device in this process (or an int ordinal)."""
     return device if isinstance(device, int) else int(device.local_hardware_id)
+
+
+def check_links(op: str, axis_name, key: tuple, slots) -> None:
+    """Raises ValueError, before anything is allocated, where two GPUs of a group
+    that this process drives (``slots[group][rank]``: devices) are not linked
+    with native atomics, as NVLink links them and PCIe P2P does not.
+
+    The kernels' waits on a peer (the start barrier; AG-GEMM pull's staged
+    chunks) are system-scope atomics on the peer's memory (an acquire load is
+    ``atomic_add(ptr, 0)``: Triton 3.6 has no atomic load). Over a link
+    without native atomics CUDA carries an atomic out as a read, then a
+    write: a peer's newer epoch written in between is overwritten with the
+    older one, and the ranks' later calls then pass waits on stale signals
+    and read stale data, silently. Once per workspace ``key``. Ranks in other
+    processes are not visible to this one's driver and are not checked.
+    """
+    if key in _links_checked:
+        return
+    me = jax.process_index()
+    no_access, no_atomics = [], []
+    for group in slots:
+        ordinals = sorted({ordinal_of(d) for d in group if d.process_index == me})
+        for a, b in itertools.permutations(ordinals, 2):
+            link = cuda_driver.p2p_attributes(a, b)
+            if not link["access"]:
+                no_access.append((a, b))
+            elif not link["native_atomics"]:
+                no_atomics.append((a, b))
+    if no_access or no_atomics:
+        found = "; ".join(
+            f"{what} {pairs} (from, to)" for what, pairs in
+            (("no peer access between GPUs", no_access),
+             ("peer access without native atomics (PCIe, not NVLink) between GPUs",
+              no_atomics)) if pairs)
+        raise ValueError(
+            f"{op}(impl='fused') over axis {axis_name!r} needs every pair of a group's GPUs "
+            f"linked with native atomics (NVLink), but found {found}. Its waits on a peer "
+            f"are atomics on the peer's memory, which CUDA carries out over a link without "
+            f"native atomics as a read, then a write: a peer's newer epoch can be "
+            f"overwritten with an older one, and later calls would then read stale data "
+            f"without noticing. Use impl='xla' or 'ring' on this axis (`python -m "
+            f"jax_flux.doctor` lists the links)")
+    _links_checked.add(key)
 
 
 class Cuda:

@@ -3,10 +3,10 @@
     python -m jax_flux.doctor [--json]
 
 Each check says ``ok``, ``warn`` (it runs, but not as it should: an untested
-version, lazy module loading, links without NVLink's native atomics, no
-tuning records for this GPU, so ``impl="auto"`` runs xla), ``fail`` (the fused
-path will not run here, or a setting is invalid and the first fused call
-would raise) or ``skip`` (not asked on this platform). The exit code is 1 if
+version, lazy module loading, no tuning records for this GPU, so
+``impl="auto"`` runs xla), ``fail`` (the fused path will not run here, e.g.
+GPUs linked without NVLink's native atomics, or a setting is invalid and the
+first fused call would raise) or ``skip`` (not asked on this platform). The exit code is 1 if
 any check fails. Nothing here launches a kernel or allocates a workspace;
 ``python -m jax_flux.demo`` then runs both ops with every impl against a
 float64 reference.
@@ -144,7 +144,9 @@ def module_loading() -> Check:
 def peer_links(ordinals) -> Check:
     """Peer access between every pair of ``ordinals`` (the GPUs of a fused axis in
     this process), and whether the links have native atomics (NVLink does, PCIe
-    P2P does not: the data then crosses PCIe, far slower than Flux assumes)."""
+    P2P does not): impl="fused" refuses links without them, over which the
+    kernels' atomics on peer memory would not be atomic
+    (``jax_flux._cuda_workspace.check_links``)."""
     from custom_calls import cuda_driver
 
     ordinals = sorted(set(ordinals))
@@ -166,8 +168,9 @@ def peer_links(ordinals) -> Check:
         return Check("peer links", "fail", f"no peer access {no_access} (from, to): "
                      f"impl='fused' needs every GPU pair of a fused axis connected")
     if no_atomics:
-        return Check("peer links", "warn", f"links without native atomics {no_atomics} "
-                     f"(PCIe, not NVLink): the fused kernels run, their data over PCIe")
+        return Check("peer links", "fail", f"links without native atomics {no_atomics} "
+                     f"(PCIe, not NVLink): impl='fused' refuses them (its atomics on a "
+                     f"peer's memory would not be atomic over them); use xla or ring")
     return Check("peer links", "ok", f"{pairs} directed links among GPUs {ordinals}: peer "
                  f"access with native atomics (NVLink class)")
 

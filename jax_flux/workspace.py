@@ -39,7 +39,11 @@ Where the memory lives (``location`` in ``info()``):
 The last two map memory by handles that open only on the machine that made
 them, so every rank of a group must be on one machine (other mesh axes may
 span machines): a group that is not is a ValueError when the program is
-lowered, in every process.
+lowered, in every process. On GPUs the kernels' waits on a peer are atomics
+on its memory, which only links with native atomics (NVLink) carry out as
+atomics: GPUs of a group that this process drives and that are linked
+otherwise (PCIe P2P) are a ValueError when the program is lowered too
+(``jax_flux._cuda_workspace.check_links``).
 """
 
 from __future__ import annotations
@@ -164,6 +168,10 @@ class TableRequest:
         if location in _ACROSS_PROCESSES:
             _exchange.check_one_machine(self.op, self.axis_name, self.world, key, slots,
                                         location)
+        if location in ("cuda", "cuda-ipc"):
+            from jax_flux import _cuda_workspace
+
+            _cuda_workspace.check_links(self.op, self.axis_name, key, slots)
         return _get(key, slots, self.nbytes, location).table()
 
 

@@ -84,6 +84,43 @@ def test_fused_ops_with_the_workspace_in_cuda_memory(fake_driver, op, monkeypatc
     jax.clear_caches()  # programs compiled here hold fake-driver addresses
 
 
+@pytest.mark.parametrize("atomics,match", [
+    ("0", r"peer access without native atomics \(PCIe, not NVLink\) between GPUs \[\(0, 1\), "),
+    (None, r"no peer access between GPUs \[\(0, 1\), \(0, 2\)")])
+def test_gpus_linked_without_native_atomics_are_refused_when_lowered(fake_driver, monkeypatch,
+                                                                    atomics, match):
+    # Over PCIe P2P the kernels' atomics on a peer's memory are a read then a
+    # write, which can undo a peer's epoch: refused before anything is allocated.
+    from jax_flux import _cuda_workspace
+
+    monkeypatch.setattr(_cuda_workspace, "_links_checked", set())  # earlier tests passed it
+    host_location = workspace._location
+    monkeypatch.setattr(workspace, "_location",
+                        lambda platform, slots: {"host": "cuda"}[host_location(platform, slots)])
+    if atomics is None:  # GPU 0 sees no peer at all
+        real = cuda_driver.p2p_attributes
+        monkeypatch.setattr(cuda_driver, "p2p_attributes", lambda a, b: dict(
+            real(a, b), access=0) if a == 0 else real(a, b))
+    else:
+        monkeypatch.setenv("FAKE_CUDA_P2P_ATOMICS", atomics)  # read by cuInit
+        cuda_driver.lib.cache_clear()
+    before = len(workspace.info())
+    mesh = mesh_of(8)
+    x, w, _, _ = testing.random_operands(8 * 5, 24, 16, jnp.float32, seed=0)
+    try:
+        for op in testing.OPS:
+            with pytest.raises(ValueError, match=match) as e:
+                fused_fn(op, mesh)(*testing.place(op, mesh, x, w))
+            assert f"{op}(impl='fused') over axis 'tp'" in str(e.value)
+            assert "impl='xla' or 'ring'" in str(e.value)
+        assert len(workspace.info()) == before  # nothing allocated
+        assert not _cuda_workspace._links_checked  # nothing passed the check
+    finally:
+        monkeypatch.delenv("FAKE_CUDA_P2P_ATOMICS", raising=False)
+        cuda_driver.lib.cache_clear()
+        jax.clear_caches()
+
+
 def test_error_records_in_pinned_host_memory(fake_driver, monkeypatch):
     # On GPUs each rank's error record is cuMemHostAlloc'd (mapped, portable):
     # the kernels write it through its device address, the watchdog reads it on

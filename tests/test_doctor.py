@@ -133,7 +133,7 @@ def test_peer_links_over_the_fake_driver(fake_driver, monkeypatch):
     cuda_driver.lib.cache_clear()
     try:
         check = doctor.peer_links([0, 1])
-        assert check.status == "warn" and "[(0, 1), (1, 0)]" in check.detail, check
+        assert check.status == "fail" and "[(0, 1), (1, 0)]" in check.detail, check
         assert cuda_driver.p2p_attributes(0, 1) == {"performance_rank": 0, "access": 1,
                                                     "native_atomics": 0}
     finally:

@@ -29,9 +29,28 @@ import jax_flux
 from jax_flux import testing, workspace
 from tests.helpers import cotangent, lax_reference
 
+
+
+def _links_without_native_atomics() -> list:
+    """Pairs of local GPUs whose link has no native atomics (PCIe P2P), which
+    impl="fused" refuses (jax_flux._cuda_workspace.check_links)."""
+    if jax.devices()[0].platform != "gpu":
+        return []
+    import itertools
+
+    from custom_calls import cuda_driver
+
+    ordinals = [d.local_hardware_id for d in jax.devices()]
+    return [(a, b) for a, b in itertools.permutations(ordinals, 2)
+            if not cuda_driver.p2p_attributes(a, b)["native_atomics"]]
+
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(len(jax.devices()) < 2,
-                                 reason=f"needs 2 or more local GPUs ({len(jax.devices())} here)")]
+                                 reason=f"needs 2 or more local GPUs ({len(jax.devices())} here)"),
+              pytest.mark.skipif(bool(_links_without_native_atomics()),
+                                 reason="GPUs linked without native atomics (PCIe, not NVLink), "
+                                        "which impl='fused' refuses")]
 
 _DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 # float32 operands go through tf32 tensor cores (the configs' default, like

@@ -79,6 +79,7 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                 COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
+    seen = tl.full((), 0, tl.int64)  # peers found idle (signals.peer_idle)
     for item in range(comm, (WORLD - 1) * chunks, COMM_PROGRAMS):
         # Items in send order: all chunks for peer rank+1, then rank+2, ...
         # (ROTATE off: every rank sends to peer 0 first, then 1, ...).
@@ -88,8 +89,9 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
         else:
             peer = d + (d >= rank).to(tl.int32)
         chunk = item % chunks
-        if signals.wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr,
-                                  signals.AG_PEER_IDLE, WORLD):
+        idle, seen = signals.peer_idle(seen, table_ptr, rank, peer, epoch, patience, status_ptr,
+                                       signals.AG_PEER_IDLE, WORLD)
+        if idle:
             peer_ws = signals.peer_base(table_ptr, peer)
             dst = (signals.rebase(x_ptr, signals.data_ptr(peer_ws, DATA_OFF, dtype)) +
                    rank.to(tl.int64) * M_LOCAL * K)

@@ -93,10 +93,11 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, W_TRANS: tl.constexpr,
-               ROWS: tl.constexpr):
+               ROWS: tl.constexpr, seen):
     """Output tile ``t`` of the tile order: computed, then stored into its owner's
     slot and signalled, or (REDUCE_PROGRAMS == 0, an own tile) summed here with
-    the peers' partials of it."""
+    the peers' partials of it. ``seen``: the owners this program has found idle
+    in this call (``signals.peer_idle``); returns it updated."""
     dtype = z_ptr.dtype.element_ty  # partials travel in the result's dtype
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -128,15 +129,18 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
         _sum_partials(z_ptr, partials, signals.as_ptr(base, SIG_OFF, tl.int32), acc,
                       status_ptr, table_ptr, rank, epoch, patience, M_OWN, N, per_owner,
                       tile, rows, cols, WORLD, True, REMOTE_CACHE)
-    elif signals.wait_peer_idle(table_ptr, rank, owner, epoch, patience, status_ptr,
-                                signals.RS_PEER_IDLE, WORLD):
-        owner_ws = signals.peer_base(table_ptr, owner)
-        slot = (signals.rebase(z_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
-                rank.to(tl.int64) * M_OWN * N)
-        tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
-                 mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
-        sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
-        signals.store_release(sig, epoch)
+    else:
+        idle, seen = signals.peer_idle(seen, table_ptr, rank, owner, epoch, patience,
+                                       status_ptr, signals.RS_PEER_IDLE, WORLD)
+        if idle:
+            owner_ws = signals.peer_base(table_ptr, owner)
+            slot = (signals.rebase(z_ptr, signals.data_ptr(owner_ws, DATA_OFF, dtype)) +
+                    rank.to(tl.int64) * M_OWN * N)
+            tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
+                     mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
+            sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
+            signals.store_release(sig, epoch)
+    return seen
 
 
 @triton.jit
@@ -175,12 +179,13 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
         # Tiles by ticket, in the tile order, to whichever program is running:
         # an own tile (waiting) at position i needs the peers' tiles at positions
         # <= i, which wait on nothing (signals.take_ticket).
+        seen = tl.full((), 0, tl.int64)  # owners found idle (signals.peer_idle)
         t = signals.take_ticket(base)
         while t < tiles:
-            _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
+            seen = _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
                        M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS, BLOCK_M,
                        BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE,
-                       W_TRANS, ROWS)
+                       W_TRANS, ROWS, seen)
             t = signals.take_ticket(base)
     else:
         # Roles by ticket: the first programs to run compute (and wait on
@@ -188,11 +193,12 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
         role = signals.take_ticket(base)
         gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
         if role < gemm_programs:
+            seen = tl.full((), 0, tl.int64)
             for t in range(role, tiles, gemm_programs):
-                _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch,
+                seen = _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch,
                            patience, M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS,
                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION,
-                           REMOTE_CACHE, ROTATE, W_TRANS, ROWS)
+                           REMOTE_CACHE, ROTATE, W_TRANS, ROWS, seen)
         else:
             _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                           role - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF,

@@ -233,6 +233,31 @@ def wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr, code,
 
 
 @triton.jit
+def peer_idle(seen, table_ptr, rank, peer, epoch, patience, status_ptr, code,
+              WORLD: tl.constexpr):
+    """``wait_peer_idle`` for a program that writes into ``peer`` again and again:
+    (whether ``peer`` has finished call ``epoch - 1``, ``seen`` updated).
+
+    ``seen`` (int64, 0 at the start of the call) has a bit for every peer this
+    program has already found idle in this call. Such a peer stays idle for
+    the rest of it: it cannot finish this call before it has everything this
+    rank sends it, so its EPOCH stays at ``epoch - 1`` until then. Only a peer
+    not seen yet is asked, so a program pays the round trip to a peer's memory
+    (an atomic over NVLink) once a call, not once a tile or chunk. A peer that
+    fails is asked again next time (polled once: the failure is recorded).
+    """
+    if WORLD <= 64:
+        bit = tl.full((), 1, tl.int64) << peer.to(tl.int64)
+        idle = (seen & bit) != 0
+        if (seen & bit) == 0:
+            idle = wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr, code, WORLD)
+            seen = tl.where(idle, seen | bit, seen)
+    else:
+        idle = wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr, code, WORLD)
+    return idle, seen
+
+
+@triton.jit
 def take_ticket(base):
     """The next ticket of this launch on this rank: 0, 1, 2, ... in the order its
     programs ask, whatever their ids.

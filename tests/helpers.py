@@ -132,3 +132,21 @@ def ag_with_gathered(mesh, cfg):
 
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
                                  out_specs=(P(None, "tp"), P("tp"))))
+
+
+def count_peer_idle_asks(monkeypatch) -> list:
+    """Counts, in ``[0]``, the kernels' calls of ``signals.wait_peer_idle`` (a round
+    trip to a peer's memory on a GPU) from here on, over every rank's programs."""
+    import threading
+
+    from custom_calls import signals
+
+    count, lock, real = [0], threading.Lock(), signals.wait_peer_idle
+
+    def counting(*args):
+        with lock:
+            count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(signals, "wait_peer_idle", counting)
+    return count

@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 import jax_flux
 from jax_flux import AllGatherMatmulConfig, testing
-from tests.helpers import ag_with_gathered, expect_timeout_then_recover, fused_fn, mesh_of
+from tests.helpers import (ag_with_gathered, count_peer_idle_asks, expect_timeout_then_recover,
+                           fused_fn, mesh_of)
 
 OP = "all_gather_matmul"
 # Small tiles and chunks so one tile spans several chunks and ragged edges abound.
@@ -217,3 +218,18 @@ def test_pull_back_to_back_calls_with_fresh_data_and_the_gathered_x(rotate):
         for r in range(8):
             np.testing.assert_array_equal(np.asarray(xg[r], np.float64), x64)
 
+
+
+def test_each_communication_program_asks_each_peer_once_a_call_whether_it_is_idle(monkeypatch):
+    # The start barrier is a round trip to the peer's memory; a peer found idle
+    # stays so for the call (signals.peer_idle): at most once a program and
+    # peer, not once a chunk (here 4 chunks a peer, 2 communication programs).
+    mesh = mesh_of(8)
+    cfg = AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16, chunk_rows=16,
+                                comm_programs=2)
+    f = fused_fn(OP, mesh, cfg)
+    x, w, x64, w64 = testing.random_operands(8 * 64, 32, 8 * 16, jnp.float32, seed=4)
+    asks = count_peer_idle_asks(monkeypatch)
+    out = f(*testing.place(OP, mesh, x, w))
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+    assert 0 < asks[0] <= 8 * 2 * 7, asks[0]

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 import jax_flux
 from jax_flux import MatmulReduceScatterConfig, testing
-from tests.helpers import (cotangent, expect_timeout_then_recover, fused_fn, mesh_of,
-                           scaled_calls)
+from tests.helpers import (cotangent, count_peer_idle_asks, expect_timeout_then_recover,
+                           fused_fn, mesh_of, scaled_calls)
 
 OP = "matmul_reduce_scatter"
 SMALL = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16, reduce_programs=2,
@@ -260,3 +260,21 @@ def test_the_gpu_default_config_is_right_too(m_own, k_local, n):
     x, w, x64, w64 = testing.random_operands(8 * m_own, 8 * k_local, n, jnp.float32, seed=n)
     xs, ws = testing.place(OP, mesh, x, w)
     assert testing.relative_error(fused_fn(OP, mesh, cfg)(xs, ws), x64 @ w64) < 1e-5
+
+
+@pytest.mark.parametrize("reducers", [2, 0], ids=["reduce_programs", "epilogue"])
+def test_each_program_asks_each_owner_once_a_call_whether_it_is_idle(monkeypatch, reducers):
+    # The start barrier is a round trip to the owner's memory; an owner found
+    # idle stays so for the call (signals.peer_idle): at most once a program and
+    # owner, not once a tile (here 56 or 64 tiles a rank, 4 programs).
+    mesh = mesh_of(8)
+    cfg = MatmulReduceScatterConfig(block_m=16, block_n=16, block_k=16,
+                                    reduce_programs=reducers, num_programs=4)
+    f = fused_fn(OP, mesh, cfg)
+    x, w, x64, w64 = testing.random_operands(8 * 64, 32, 32, jnp.float32, seed=4)
+    asks = count_peer_idle_asks(monkeypatch)
+    out = f(*testing.place(OP, mesh, x, w))
+    assert testing.relative_error(out, x64 @ w64) < 1e-5
+    gemm_programs = 4 - reducers
+    owners = 8 if reducers else 7  # the epilogue sums its own tiles in place
+    assert 0 < asks[0] <= 8 * gemm_programs * owners, asks[0]

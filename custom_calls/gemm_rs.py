@@ -17,10 +17,13 @@ so the programs running at once share w's column tiles in L2 instead of each
 wave reading all of w; a group may span owners (decode: one row tile an
 owner, all owners in a group, w read about once). Each finished tile is
 stored straight into its owner's reduce buffer, in slot r (no atomics:
-deterministic), then its signal ``sig[r * tiles + t] = epoch`` is
-release-stored. Before the first write into an owner they wait until it has
-finished its previous call (start barrier; an owner that fails it gets
-nothing). They never wait on anything of this call.
+deterministic), and its signal ``sig[r * tiles + t] = epoch`` is
+release-stored after the program's next GEMM (or before it waits, or ends):
+the release's fence waits for the tile's stores into the owner, which by
+then have had a GEMM's time to land, instead of stalling the program on
+that round trip after every tile. Before the first write into an owner they wait until it has
+finished its previous call (start barrier, once a program: an owner that
+fails it gets nothing). They never wait on anything of this call.
 
 With REDUCE_PROGRAMS > 0, the last REDUCE_PROGRAMS programs to start (by
 ticket, ``signals.take_ticket``; the others compute) reduce this rank's tiles
@@ -36,7 +39,8 @@ The wait invariant: every wait of this call targets work that waits on
 nothing of this call and is handed out, on its rank, at a lower ticket than
 the waiting work (reducers' tickets follow the GEMM programs'; a peer's
 partial of this rank's tile sits earlier in the peer's tile order than the
-own tile here, or at the same place unrotated). Tickets go to programs as
+own tile here, or at the same place unrotated, and its signal is released
+before the peer's program waits on anything). Tickets go to programs as
 they run, so the kernel finishes whether its programs run concurrently (a
 GPU, all or only some of them resident) or one after another (the
 interpreter).
@@ -93,11 +97,20 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, W_TRANS: tl.constexpr,
-               ROWS: tl.constexpr, seen):
+               ROWS: tl.constexpr, seen, pending, pending_sig):
     """Output tile ``t`` of the tile order: computed, then stored into its owner's
-    slot and signalled, or (REDUCE_PROGRAMS == 0, an own tile) summed here with
-    the peers' partials of it. ``seen``: the owners this program has found idle
-    in this call (``signals.peer_idle``); returns it updated."""
+    slot, or (REDUCE_PROGRAMS == 0, an own tile) summed here with the peers'
+    partials of it. Returns (seen, pending, pending_sig) for the next tile.
+
+    ``seen``: the owners this program has found idle in this call
+    (``signals.peer_idle``). A stored tile's signal is released one tile later
+    (``pending``: whether ``pending_sig`` waits for its release): after this
+    program's next GEMM, when the tile's stores into the owner have had that
+    long to land, so the release's system fence (which waits for them) does
+    not stall the program on a round trip to the owner after every tile. A
+    pending signal is released before anything that waits on this call (an
+    own tile's sum) and when the program runs out of tiles (``_flush``).
+    """
     dtype = z_ptr.dtype.element_ty  # partials travel in the result's dtype
     tiles_m = tl.cdiv(M_OWN, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -120,6 +133,8 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
         a_rows = (rows // ROWS) * (WORLD * ROWS) + owner * ROWS + rows % ROWS
         acc = gemm_tile(x_ptr, w_ptr, rows, a_rows, cols, M_OWN, N, K, BLOCK_K, UPCAST,
                         INPUT_PRECISION, "", W_TRANS)
+    _flush(pending, pending_sig, epoch)
+    pending = rank < 0  # False, as a tensor
     reduce_here = False
     if REDUCE_PROGRAMS == 0:
         reduce_here = owner == rank
@@ -138,9 +153,16 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
                     rank.to(tl.int64) * M_OWN * N)
             tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
                      mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
-            sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
-            signals.store_release(sig, epoch)
-    return seen
+            pending_sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
+            pending = idle
+    return seen, pending, pending_sig
+
+
+@triton.jit
+def _flush(pending, pending_sig, epoch):
+    """Releases the signal of the tile stored last, if it has not been yet."""
+    if pending:
+        signals.store_release(pending_sig, epoch)
 
 
 @triton.jit
@@ -179,14 +201,19 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
         # Tiles by ticket, in the tile order, to whichever program is running:
         # an own tile (waiting) at position i needs the peers' tiles at positions
         # <= i, which wait on nothing (signals.take_ticket).
-        seen = tl.full((), 0, tl.int64)  # owners found idle (signals.peer_idle)
+        # Carried from tile to tile (_gemm_tile): owners found idle, and the
+        # signal of the tile stored last, not released yet.
+        seen = tl.full((), 0, tl.int64)
+        pending, pending_sig = rank < 0, signals.as_ptr(base, SIG_OFF, tl.int32)
         t = signals.take_ticket(base)
         while t < tiles:
-            seen = _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
-                       M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS, BLOCK_M,
-                       BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE,
-                       W_TRANS, ROWS, seen)
+            seen, pending, pending_sig = _gemm_tile(
+                x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_OWN,
+                N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K,
+                GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, ROWS, seen,
+                pending, pending_sig)
             t = signals.take_ticket(base)
+        _flush(pending, pending_sig, epoch)
     else:
         # Roles by ticket: the first programs to run compute (and wait on
         # nothing of this call), the last REDUCE_PROGRAMS reduce.
@@ -194,11 +221,14 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
         gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
         if role < gemm_programs:
             seen = tl.full((), 0, tl.int64)
+            pending, pending_sig = rank < 0, signals.as_ptr(base, SIG_OFF, tl.int32)
             for t in range(role, tiles, gemm_programs):
-                seen = _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch,
-                           patience, M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS,
-                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION,
-                           REMOTE_CACHE, ROTATE, W_TRANS, ROWS, seen)
+                seen, pending, pending_sig = _gemm_tile(
+                    x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
+                    M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS, BLOCK_M, BLOCK_N,
+                    BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS,
+                    ROWS, seen, pending, pending_sig)
+            _flush(pending, pending_sig, epoch)
         else:
             _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                           role - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF,

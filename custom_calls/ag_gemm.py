@@ -79,7 +79,7 @@ def _push_shard(x_ptr, table_ptr, status_ptr, rank, epoch, patience, M_LOCAL, K,
                 CHUNK_ROWS: tl.constexpr, COMM_PROGRAMS: tl.constexpr,
                 COPY_ROWS: tl.constexpr, COPY_COLS: tl.constexpr, ROTATE: tl.constexpr):
     dtype = x_ptr.dtype.element_ty
-    seen = tl.full((), 0, tl.int64)  # peers found idle (signals.peer_idle)
+    seen = tl.full((), 0, tl.int32)  # peers found idle (signals.peer_idle)
     for item in range(comm, (WORLD - 1) * chunks, COMM_PROGRAMS):
         # Items in send order: all chunks for peer rank+1, then rank+2, ...
         # (ROTATE off: every rank sends to peer 0 first, then 1, ...).

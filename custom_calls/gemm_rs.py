@@ -97,14 +97,14 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                REMOTE_CACHE: tl.constexpr, ROTATE: tl.constexpr, W_TRANS: tl.constexpr,
-               ROWS: tl.constexpr, seen, pending, pending_sig):
+               ROWS: tl.constexpr, seen, pending):
     """Output tile ``t`` of the tile order: computed, then stored into its owner's
     slot, or (REDUCE_PROGRAMS == 0, an own tile) summed here with the peers'
-    partials of it. Returns (seen, pending, pending_sig) for the next tile.
+    partials of it. Returns (seen, pending) for the next tile.
 
     ``seen``: the owners this program has found idle in this call
     (``signals.peer_idle``). A stored tile's signal is released one tile later
-    (``pending``: whether ``pending_sig`` waits for its release): after this
+    (``pending``: its owner * per_owner + tile, -1 for none): after this
     program's next GEMM, when the tile's stores into the owner have had that
     long to land, so the release's system fence (which waits for them) does
     not stall the program on a round trip to the owner after every tile. A
@@ -133,8 +133,8 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
         a_rows = (rows // ROWS) * (WORLD * ROWS) + owner * ROWS + rows % ROWS
         acc = gemm_tile(x_ptr, w_ptr, rows, a_rows, cols, M_OWN, N, K, BLOCK_K, UPCAST,
                         INPUT_PRECISION, "", W_TRANS)
-    _flush(pending, pending_sig, epoch)
-    pending = rank < 0  # False, as a tensor
+    _flush(pending, table_ptr, rank, epoch, per_owner, SIG_OFF)
+    pending = rank * 0 - 1
     reduce_here = False
     if REDUCE_PROGRAMS == 0:
         reduce_here = owner == rank
@@ -153,16 +153,20 @@ def _gemm_tile(x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, pa
                     rank.to(tl.int64) * M_OWN * N)
             tl.store(slot + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(dtype),
                      mask=(rows[:, None] < M_OWN) & (cols[None, :] < N))
-            pending_sig = signals.as_ptr(owner_ws, SIG_OFF, tl.int32) + rank * per_owner + tile
-            pending = idle
-    return seen, pending, pending_sig
+            pending = owner * per_owner + tile
+    return seen, pending
 
 
 @triton.jit
-def _flush(pending, pending_sig, epoch):
-    """Releases the signal of the tile stored last, if it has not been yet."""
-    if pending:
-        signals.store_release(pending_sig, epoch)
+def _flush(pending, table_ptr, rank, epoch, per_owner, SIG_OFF: tl.constexpr):
+    """Releases the signal of the tile stored last (``pending``: its owner *
+    per_owner + tile), if there is one (not -1): ``sig[rank * per_owner + tile]``
+    in the owner's workspace."""
+    if pending >= 0:
+        owner = pending // per_owner
+        sig = (signals.as_ptr(signals.peer_base(table_ptr, owner), SIG_OFF, tl.int32) +
+               rank * per_owner + pending % per_owner)
+        signals.store_release(sig, epoch)
 
 
 @triton.jit
@@ -196,39 +200,38 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     rank = tl.load(ctx_ptr)
     patience = tl.load(ctx_ptr + 1)
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
-    tiles = WORLD * tl.cdiv(M_OWN, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    per_owner = tl.cdiv(M_OWN, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    tiles = WORLD * per_owner
     if REDUCE_PROGRAMS == 0:
         # Tiles by ticket, in the tile order, to whichever program is running:
         # an own tile (waiting) at position i needs the peers' tiles at positions
         # <= i, which wait on nothing (signals.take_ticket).
         # Carried from tile to tile (_gemm_tile): owners found idle, and the
         # signal of the tile stored last, not released yet.
-        seen = tl.full((), 0, tl.int64)
-        pending, pending_sig = rank < 0, signals.as_ptr(base, SIG_OFF, tl.int32)
+        seen, pending = tl.full((), 0, tl.int32), rank * 0 - 1
         t = signals.take_ticket(base)
         while t < tiles:
-            seen, pending, pending_sig = _gemm_tile(
+            seen, pending = _gemm_tile(
                 x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience, M_OWN,
                 N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K,
                 GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS, ROWS, seen,
-                pending, pending_sig)
+                pending)
             t = signals.take_ticket(base)
-        _flush(pending, pending_sig, epoch)
+        _flush(pending, table_ptr, rank, epoch, per_owner, SIG_OFF)
     else:
         # Roles by ticket: the first programs to run compute (and wait on
         # nothing of this call), the last REDUCE_PROGRAMS reduce.
         role = signals.take_ticket(base)
         gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
         if role < gemm_programs:
-            seen = tl.full((), 0, tl.int64)
-            pending, pending_sig = rank < 0, signals.as_ptr(base, SIG_OFF, tl.int32)
+            seen, pending = tl.full((), 0, tl.int32), rank * 0 - 1
             for t in range(role, tiles, gemm_programs):
-                seen, pending, pending_sig = _gemm_tile(
+                seen, pending = _gemm_tile(
                     x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,
                     M_OWN, N, K, t, WORLD, SIG_OFF, DATA_OFF, REDUCE_PROGRAMS, BLOCK_M, BLOCK_N,
                     BLOCK_K, GROUP_M, UPCAST, INPUT_PRECISION, REMOTE_CACHE, ROTATE, W_TRANS,
-                    ROWS, seen, pending, pending_sig)
-            _flush(pending, pending_sig, epoch)
+                    ROWS, seen, pending)
+            _flush(pending, table_ptr, rank, epoch, per_owner, SIG_OFF)
         else:
             _reduce_tiles(z_ptr, status_ptr, table_ptr, base, rank, epoch, patience, M_OWN, N,
                           role - gemm_programs, REDUCE_PROGRAMS, WORLD, SIG_OFF, DATA_OFF,

@@ -238,16 +238,18 @@ def peer_idle(seen, table_ptr, rank, peer, epoch, patience, status_ptr, code,
     """``wait_peer_idle`` for a program that writes into ``peer`` again and again:
     (whether ``peer`` has finished call ``epoch - 1``, ``seen`` updated).
 
-    ``seen`` (int64, 0 at the start of the call) has a bit for every peer this
+    ``seen`` (int32, 0 at the start of the call) has a bit for every peer this
     program has already found idle in this call. Such a peer stays idle for
     the rest of it: it cannot finish this call before it has everything this
     rank sends it, so its EPOCH stays at ``epoch - 1`` until then. Only a peer
     not seen yet is asked, so a program pays the round trip to a peer's memory
     (an atomic over NVLink) once a call, not once a tile or chunk. A peer that
     fails is asked again next time (polled once: the failure is recorded).
+    Axes of more than 32 ranks ask every time (int32: one register beside the
+    GEMM's accumulators, which already take nearly all of them).
     """
-    if WORLD <= 64:
-        bit = tl.full((), 1, tl.int64) << peer.to(tl.int64)
+    if WORLD <= 32:
+        bit = tl.full((), 1, tl.int32) << peer
         idle = (seen & bit) != 0
         if (seen & bit) == 0:
             idle = wait_peer_idle(table_ptr, rank, peer, epoch, patience, status_ptr, code, WORLD)

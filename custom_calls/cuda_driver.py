@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import os
 
 PEER_ACCESS_ALREADY_ENABLED = 704
@@ -233,6 +234,20 @@ def p2p_attributes(a: int, b: int) -> dict[str, int]:
               f"cuDeviceGetP2PAttribute({name}, {a}->{b})")
         out[name] = value.value
     return out
+
+
+def weak_links(ordinals) -> tuple[list, list]:
+    """The directed links (from, to) among GPUs ``ordinals`` that the fused kernels
+    cannot use: (those without peer access, those with access but no native
+    atomics: PCIe P2P, not NVLink)."""
+    no_access, no_atomics = [], []
+    for a, b in itertools.permutations(sorted(set(ordinals)), 2):
+        link = p2p_attributes(a, b)
+        if not link["access"]:
+            no_access.append((a, b))
+        elif not link["native_atomics"]:
+            no_atomics.append((a, b))
+    return no_access, no_atomics
 
 
 def export_handle(ordinal: int, ptr: int) -> bytes:

@@ -9,8 +9,6 @@ Unverified on a GPU so far: ``tests/test_gpu_fused.py`` exercises both.
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 
 from custom_calls import cuda_driver
@@ -43,13 +41,9 @@ def check_links(op: str, axis_name, key: tuple, slots) -> None:
     me = jax.process_index()
     no_access, no_atomics = [], []
     for group in slots:
-        ordinals = sorted({ordinal_of(d) for d in group if d.process_index == me})
-        for a, b in itertools.permutations(ordinals, 2):
-            link = cuda_driver.p2p_attributes(a, b)
-            if not link["access"]:
-                no_access.append((a, b))
-            elif not link["native_atomics"]:
-                no_atomics.append((a, b))
+        lacking = cuda_driver.weak_links(ordinal_of(d) for d in group if d.process_index == me)
+        no_access += lacking[0]
+        no_atomics += lacking[1]
     if no_access or no_atomics:
         found = "; ".join(
             f"{what} {pairs} (from, to)" for what, pairs in

@@ -153,14 +153,8 @@ def peer_links(ordinals) -> Check:
     if len(ordinals) < 2:
         return Check("peer links", "skip", "no GPU" if not ordinals else
                      "one GPU in this process: no peers here")
-    no_access, no_atomics = [], []
     try:
-        for a, b in itertools.permutations(ordinals, 2):
-            link = cuda_driver.p2p_attributes(a, b)
-            if not link["access"]:
-                no_access.append((a, b))
-            elif not link["native_atomics"]:
-                no_atomics.append((a, b))
+        no_access, no_atomics = cuda_driver.weak_links(ordinals)
     except cuda_driver.CudaError as e:
         return Check("peer links", "fail", str(e))
     pairs = len(ordinals) * (len(ordinals) - 1)

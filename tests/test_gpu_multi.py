@@ -36,13 +36,9 @@ def _links_without_native_atomics() -> list:
     impl="fused" refuses (jax_flux._cuda_workspace.check_links)."""
     if jax.devices()[0].platform != "gpu":
         return []
-    import itertools
-
     from custom_calls import cuda_driver
 
-    ordinals = [d.local_hardware_id for d in jax.devices()]
-    return [(a, b) for a, b in itertools.permutations(ordinals, 2)
-            if not cuda_driver.p2p_attributes(a, b)["native_atomics"]]
+    return cuda_driver.weak_links(d.local_hardware_id for d in jax.devices())[1]
 
 
 pytestmark = [pytest.mark.gpu,

@@ -21,9 +21,10 @@ deterministic), and its signal ``sig[r * tiles + t] = epoch`` is
 release-stored after the program's next GEMM (or before it waits, or ends):
 the release's fence waits for the tile's stores into the owner, which by
 then have had a GEMM's time to land, instead of stalling the program on
-that round trip after every tile. Before the first write into an owner they wait until it has
-finished its previous call (start barrier, once a program: an owner that
-fails it gets nothing). They never wait on anything of this call.
+that round trip after every tile. Before the first write into an owner they
+wait until it has finished its previous call (start barrier, once a program:
+an owner that fails it gets nothing). They never wait on anything of this
+call.
 
 With REDUCE_PROGRAMS > 0, the last REDUCE_PROGRAMS programs to start (by
 ticket, ``signals.take_ticket``; the others compute) reduce this rank's tiles

@@ -6,10 +6,10 @@ Each check says ``ok``, ``warn`` (it runs, but not as it should: an untested
 version, lazy module loading, no tuning records for this GPU, so
 ``impl="auto"`` runs xla), ``fail`` (the fused path will not run here, e.g.
 GPUs linked without NVLink's native atomics, or a setting is invalid and the
-first fused call would raise) or ``skip`` (not asked on this platform). The exit code is 1 if
-any check fails. Nothing here launches a kernel or allocates a workspace;
-``python -m jax_flux.demo`` then runs both ops with every impl against a
-float64 reference.
+first fused call would raise) or ``skip`` (not asked on this platform). The
+exit code is 1 if any check fails. Nothing here launches a kernel or
+allocates a workspace; ``python -m jax_flux.demo`` then runs both ops with
+every impl against a float64 reference.
 """
 
 from __future__ import annotations

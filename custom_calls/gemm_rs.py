@@ -203,13 +203,13 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
     base, epoch = signals.begin_call(table_ptr, rank, status_ptr)
     per_owner = tl.cdiv(M_OWN, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     tiles = WORLD * per_owner
+    # Carried from tile to tile (_gemm_tile): owners found idle, and the signal
+    # of the tile stored last, not released yet (-1: none).
+    seen, pending = tl.full((), 0, tl.int32), rank * 0 - 1
     if REDUCE_PROGRAMS == 0:
         # Tiles by ticket, in the tile order, to whichever program is running:
         # an own tile (waiting) at position i needs the peers' tiles at positions
         # <= i, which wait on nothing (signals.take_ticket).
-        # Carried from tile to tile (_gemm_tile): owners found idle, and the
-        # signal of the tile stored last, not released yet.
-        seen, pending = tl.full((), 0, tl.int32), rank * 0 - 1
         t = signals.take_ticket(base)
         while t < tiles:
             seen, pending = _gemm_tile(
@@ -225,7 +225,6 @@ def gemm_rs_kernel(x_ptr, w_ptr, ctx_ptr, table_ptr, z_ptr, status_ptr,
         role = signals.take_ticket(base)
         gemm_programs = tl.num_programs(0) - REDUCE_PROGRAMS
         if role < gemm_programs:
-            seen, pending = tl.full((), 0, tl.int32), rank * 0 - 1
             for t in range(role, tiles, gemm_programs):
                 seen, pending = _gemm_tile(
                     x_ptr, w_ptr, z_ptr, table_ptr, status_ptr, base, rank, epoch, patience,

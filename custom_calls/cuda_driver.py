@@ -22,6 +22,7 @@ import itertools
 import os
 
 PEER_ACCESS_ALREADY_ENABLED = 704
+_INVALID_VALUE, _INVALID_DEVICE = 1, 101
 _IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 _STREAM_NON_BLOCKING = 1
 _FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
@@ -58,6 +59,8 @@ def lib() -> ctypes.CDLL:
         "cuDeviceGetAttribute": [ptr(i32), i32, i32],
         "cuDeviceCanAccessPeer": [ptr(i32), i32, i32],
         "cuDeviceGetP2PAttribute": [ptr(i32), i32, i32, i32],
+        "cuDeviceGetPCIBusId": [ctypes.c_char_p, i32, i32],
+        "cuDeviceGetByPCIBusId": [ptr(i32), ctypes.c_char_p],
         "cuDevicePrimaryCtxRetain": [ptr(p), i32],
         "cuCtxPushCurrent_v2": [p],
         "cuCtxPopCurrent_v2": [ptr(p)],
@@ -248,6 +251,27 @@ def weak_links(ordinals) -> tuple[list, list]:
         elif not link["native_atomics"]:
             no_atomics.append((a, b))
     return no_access, no_atomics
+
+
+def bus_id(ordinal: int) -> str:
+    """The PCI bus id of GPU ``ordinal`` ("0000:1B:00.0"): what names a GPU to
+    every process of a machine, whichever GPUs each one sees."""
+    buf = ctypes.create_string_buffer(32)
+    check(lib().cuDeviceGetPCIBusId(buf, len(buf), ordinal), f"cuDeviceGetPCIBusId({ordinal})")
+    return buf.value.decode()
+
+
+def ordinal_of_bus(bus: str) -> int | None:
+    """This process's ordinal of the GPU at PCI bus id ``bus``; None where this
+    process does not see it (``CUDA_VISIBLE_DEVICES``). Which of the two codes
+    the driver gives for a hidden GPU is not verified on a GPU; both mean the
+    id, which another process's driver wrote, names no device here."""
+    dev = ctypes.c_int()
+    code = lib().cuDeviceGetByPCIBusId(ctypes.byref(dev), bus.encode())
+    if code in (_INVALID_DEVICE, _INVALID_VALUE):
+        return None
+    check(code, f"cuDeviceGetByPCIBusId({bus!r})")
+    return dev.value
 
 
 def export_handle(ordinal: int, ptr: int) -> bytes:

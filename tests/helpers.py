@@ -87,21 +87,36 @@ def build_fake_libcuda(out_dir) -> str:
     calling test when there is no C compiler or no cuda.h on this host."""
     import glob
     import os
+
+    import pytest
+
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda",
+             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/usr"]
+    include = next((os.path.join(r, "include") for r in roots
+                    if r and os.path.exists(os.path.join(r, "include", "cuda.h"))), None)
+    if include is None:
+        pytest.skip("the fake CUDA driver needs cuda.h")
+    return _build_fake("fake_libcuda.c", "libcuda_fake.so", out_dir, "-I", include)
+
+
+def build_fake_libnvml(out_dir) -> str:
+    """Compiles tests/fake_cuda/fake_libnvml.c; skips the calling test without a C compiler."""
+    return _build_fake("fake_libnvml.c", "libnvml_fake.so", out_dir)
+
+
+def _build_fake(source: str, name: str, out_dir, *flags: str) -> str:
+    import os
     import shutil
     import subprocess
 
     import pytest
 
     gcc = shutil.which("gcc") or shutil.which("cc")
-    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda",
-             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/usr"]
-    include = next((os.path.join(r, "include") for r in roots
-                    if r and os.path.exists(os.path.join(r, "include", "cuda.h"))), None)
-    if gcc is None or include is None:
-        pytest.skip("the fake CUDA driver needs a C compiler and cuda.h")
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cuda", "fake_libcuda.c")
-    out = os.path.join(str(out_dir), "libcuda_fake.so")
-    subprocess.run([gcc, "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I", include,
+    if gcc is None:
+        pytest.skip(f"tests/fake_cuda/{source} needs a C compiler")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_cuda", source)
+    out = os.path.join(str(out_dir), name)
+    subprocess.run([gcc, "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", *flags,
                     src, "-o", out], check=True, capture_output=True, text=True)
     return out
 

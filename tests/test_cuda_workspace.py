@@ -8,7 +8,9 @@ push/pop, zeroing (the fake hands out non-zero memory), peer access, error
 names; and the fused ops running with their workspace in ``cuda`` memory,
 read and written by the interpreted kernels; the one-GPU rank emulation's
 compiles, loads and launches (recorded by the fake, parameter by parameter).
-The IPC exchange across processes is in test_multiprocess.py. What it cannot
+The IPC exchange across processes, and the link check that asks NVML
+(tests/fake_cuda/fake_libnvml.c) about GPUs in other processes, are in
+test_multiprocess.py. What it cannot
 check: real device memory, real peer access, kernels on a GPU
 (tests/test_gpu_fused.py).
 """
@@ -51,6 +53,39 @@ def test_driver_peer_access_and_errors(fake_driver):
     assert len(handle) == 64 and b"\0" in handle
     with pytest.raises(cuda_driver.CudaError, match="cuIpcOpenMemHandle"):
         cuda_driver.open_handle(1, handle)  # a process cannot open its own handle
+
+
+def test_driver_names_gpus_by_pci_bus_id(fake_driver):
+    # What processes that each see only their own GPUs tell each other.
+    ids = [cuda_driver.bus_id(o) for o in range(8)]
+    assert ids[:2] == ["0000:10:00.0", "0000:11:00.0"] and len(set(ids)) == 8
+    assert [cuda_driver.ordinal_of_bus(b) for b in ids] == list(range(8))
+    assert cuda_driver.ordinal_of_bus("0000:7F:00.0") is None  # a GPU this process is not shown
+
+
+@pytest.mark.parametrize("atomics", ["1", "0"])
+def test_nvml_link_status(tmp_path, monkeypatch, atomics):
+    from custom_calls import nvml
+    from tests.helpers import build_fake_libnvml
+
+    monkeypatch.setenv("JAX_FLUX_LIBNVML", build_fake_libnvml(tmp_path))
+    monkeypatch.setenv("FAKE_NVML_GPUS", "4")
+    monkeypatch.setenv("FAKE_NVML_P2P_ATOMICS", atomics)
+    nvml.lib.cache_clear()
+    nvml._device.cache_clear()
+    try:
+        assert nvml.link("0000:10:00.0", "0000:13:00.0") == {
+            "access": True, "native_atomics": atomics == "1"}
+        with pytest.raises(nvml.NvmlError, match=r"nvmlDeviceGetHandleByPciBusId\('0000:14:00.0'"
+                                                 r"\) failed: Not Found"):
+            nvml.link("0000:10:00.0", "0000:14:00.0")
+        monkeypatch.setenv("JAX_FLUX_LIBNVML", str(tmp_path / "absent.so"))
+        nvml.lib.cache_clear()
+        with pytest.raises(nvml.NvmlError, match="absent.so.* is not loadable here"):
+            nvml.link("0000:10:00.0", "0000:11:00.0")
+    finally:
+        nvml.lib.cache_clear()
+        nvml._device.cache_clear()
 
 
 def test_missing_driver_is_a_clear_error(monkeypatch):

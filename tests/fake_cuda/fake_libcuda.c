@@ -31,6 +31,10 @@ static int g_initialized = 0;
 static int g_devices = 8;
 /* FAKE_CUDA_P2P_ATOMICS=0 (read at cuInit): links without native atomics, as PCIe P2P. */
 static int g_p2p_atomics = 1;
+/* FAKE_CUDA_BUS_BASE (read at cuInit): the PCI bus number of ordinal 0; the
+ * others follow. Processes of one test "machine" take disjoint ranges, as
+ * processes that each see only their own GPUs (CUDA_VISIBLE_DEVICES) do. */
+static int g_bus_base = 0x10;
 static struct { uintptr_t ptr; size_t size; char name[64]; int device; int owned; } g_allocs[MAX_ALLOCS];
 static int g_nallocs = 0;
 static int g_counter = 0;
@@ -55,6 +59,8 @@ CUresult CUDAAPI cuInit(unsigned int Flags) {
   if (n) g_devices = atoi(n);
   const char *atomics = getenv("FAKE_CUDA_P2P_ATOMICS");
   g_p2p_atomics = atomics ? atoi(atomics) : 1;
+  const char *base = getenv("FAKE_CUDA_BUS_BASE");
+  g_bus_base = base ? atoi(base) : 0x10;
   g_initialized = 1;
   return CUDA_SUCCESS;
 }
@@ -110,6 +116,24 @@ CUresult CUDAAPI cuDeviceGetP2PAttribute(int *value, CUdevice_P2PAttribute attri
     case CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED: *value = g_p2p_atomics; break;
     default: return CUDA_ERROR_INVALID_VALUE;
   }
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDeviceGetPCIBusId(char *pciBusId, int len, CUdevice dev) {
+  if (!valid_dev(dev)) return CUDA_ERROR_INVALID_DEVICE;
+  if (len < 13) return CUDA_ERROR_INVALID_VALUE;
+  snprintf(pciBusId, (size_t)len, "0000:%02X:00.0", g_bus_base + dev);
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuDeviceGetByPCIBusId(CUdevice *dev, const char *pciBusId) {
+  unsigned domain, bus, device, function;
+  if (sscanf(pciBusId, "%x:%x:%x.%x", &domain, &bus, &device, &function) != 4)
+    return CUDA_ERROR_INVALID_VALUE;
+  int ordinal = (int)bus - g_bus_base;
+  if (domain != 0 || device != 0 || function != 0 || !valid_dev(ordinal))
+    return CUDA_ERROR_INVALID_DEVICE;
+  *dev = ordinal;
   return CUDA_SUCCESS;
 }
 

@@ -45,6 +45,22 @@ def await_value(client, key: str, who: str, what: str, raw: bool = False):
                            f"fused calls ({e})") from e
 
 
+def share(topic: str, key: tuple, slots, value, what: str) -> dict:
+    """Every process of a program's mesh publishes ``value`` (JSON) under
+    ``topic`` for workspace ``key`` and reads everyone else's: {process index:
+    value}, the same in every process. ``slots[group][rank]``: the devices,
+    whose processes take part. RuntimeError naming a process that does not
+    publish ``what`` within EXCHANGE_TIMEOUT_S."""
+    client = kv_client()
+    prefix = f"jax_flux/{topic}/" + hashlib.sha1(repr(key).encode()).hexdigest()
+    me = jax.process_index()
+    client.key_value_set(f"{prefix}/{me}", json.dumps(value))
+    seen = {me: json.loads(json.dumps(value))}  # as the others see it: lists, string keys
+    for p in sorted({d.process_index for d in itertools.chain.from_iterable(slots)} - {me}):
+        seen[p] = json.loads(await_value(client, f"{prefix}/{p}", f"process {p}", what))
+    return seen
+
+
 def machine() -> tuple[str, str]:
     """(what identifies this process's machine, its host name). The kernel's boot
     id is the same for every process and container of one machine and differs
@@ -69,15 +85,7 @@ def check_one_machine(op: str, axis_name, world: int, key: tuple, slots,
     all of them see the same answer."""
     if key in _machines_checked:
         return
-    client = kv_client()
-    prefix = "jax_flux/machine/" + hashlib.sha1(repr(key).encode()).hexdigest()
-    me = jax.process_index()
-    mine = machine()
-    client.key_value_set(f"{prefix}/{me}", json.dumps(mine))
-    seen = {me: mine}
-    for p in sorted({d.process_index for d in itertools.chain.from_iterable(slots)} - {me}):
-        seen[p] = tuple(json.loads(await_value(client, f"{prefix}/{p}", f"process {p}",
-                                               "its machine")))
+    seen = {p: tuple(m) for p, m in share("machine", key, slots, machine(), "its machine").items()}
     for g, group in enumerate(slots):
         machines: dict[tuple, list] = {}
         for r, d in enumerate(group):

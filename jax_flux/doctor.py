@@ -152,7 +152,9 @@ def peer_links(ordinals) -> Check:
     ordinals = sorted(set(ordinals))
     if len(ordinals) < 2:
         return Check("peer links", "skip", "no GPU" if not ordinals else
-                     "one GPU in this process: no peers here")
+                     "one GPU in this process: no peers here (links to other processes' "
+                     "GPUs are checked when a fused program is lowered, through NVML "
+                     "where this process cannot see them)")
     try:
         no_access, no_atomics = cuda_driver.weak_links(ordinals)
     except cuda_driver.CudaError as e:

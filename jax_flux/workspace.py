@@ -41,9 +41,9 @@ them, so every rank of a group must be on one machine (other mesh axes may
 span machines): a group that is not is a ValueError when the program is
 lowered, in every process. On GPUs the kernels' waits on a peer are atomics
 on its memory, which only links with native atomics (NVLink) carry out as
-atomics: GPUs of a group that this process drives and that are linked
-otherwise (PCIe P2P) are a ValueError when the program is lowered too
-(``jax_flux._cuda_workspace.check_links``).
+atomics: GPUs of a group linked otherwise (PCIe P2P) are a ValueError when
+the program is lowered too, GPUs of other processes asked about by PCI bus
+id (``jax_flux._cuda_workspace.check_links``).
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@ and the lax collective, then prints one "OK" line.
 
 With ``fake-cuda`` (and ``JAX_FLUX_LIBCUDA`` naming tests/fake_cuda's
 library), the workspace takes its GPU path instead: ``cuda-ipc`` through
-``custom_calls.cuda_driver``, handles through the key-value store.
-``fake-cuda-several-gpus``: the same with several "GPUs" a process, the tp
-axis inside each process or across them. ``exchange-timeout``: one process
+``custom_calls.cuda_driver``, handles through the key-value store; each
+process sees only its own GPU and there is no NVML, so the links go
+unchecked with a warning. ``fake-cuda-several-gpus``: the same with several
+"GPUs" a process, the tp axis inside each process or across them, the links
+across processes asked of the fake NVML. ``fake-cuda-pcie``: NVML says those
+links lack native atomics; a tp axis across processes is refused.
+``exchange-timeout``: one process
 never lowers; the other must fail in bounded time. ``two-machines``: process
 1 says it is on another machine; a tp axis inside each process still runs,
 one across them is a ValueError in both. ``gpu``: the default
@@ -23,6 +27,7 @@ collectives, the ``cuda-ipc`` workspace; tests/test_gpu_multi.py).
 import os
 import re
 import sys
+import warnings
 
 
 def _setup(process_id: int, num_processes: int, port: int, local_devices: int,
@@ -123,6 +128,33 @@ def _use_gpu_workspace_path() -> str:
     return "cuda-ipc"
 
 
+def _links_unverified(jax, mesh, process_id: int) -> None:
+    """One GPU a process, each hidden from the other's driver, and no NVML: the
+    links cannot be asked about. Lowering warns, naming them, once."""
+    import warnings
+
+    import numpy as np
+    import pytest
+    from jax.sharding import NamedSharding
+
+    from jax_flux import testing
+
+    op = "all_gather_matmul"
+    (sx, sw), _ = testing._SPECS[op]
+    x, w, _, _ = testing.random_operands(8, 8, 8, np.float32)
+    args = (_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
+            _global(jax, NamedSharding(mesh, sw), np.asarray(w)))
+    with pytest.warns(UserWarning, match=r"could not check that the links \[\('0000:10:00.0 "
+                      r"\(process 0\)', '0000:11:00.0 \(process 1\)'\), \('0000:11:00.0 "
+                      r"\(process 1\)', '0000:10:00.0 \(process 0\)'\)\] \(from, to\) have "
+                      r"native atomics .*hidden from this process's CUDA, and NVML"):
+        testing.sharded(op, mesh, "fused").lower(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        testing.sharded(op, mesh, "fused").lower(*args)  # checked once a workspace
+    print(f"process {process_id}: unverifiable links named in a warning", flush=True)
+
+
 def _peer_never_lowers(jax, process_id: int) -> None:
     """Only process 0 lowers a fused program: it must fail within the exchange
     timeout, naming the process whose buffer never came, not hang."""
@@ -172,6 +204,9 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
     from jax_flux import testing, workspace
 
     _use_gpu_workspace_path()
+    caught = warnings.catch_warnings(record=True)
+    seen = caught.__enter__()
+    warnings.simplefilter("always")
     devices = jax.devices()  # process 0's, then process 1's, ...
     world = len(devices)
     spread = [devices[(r % num_processes) * local_devices + r // num_processes]
@@ -203,6 +238,13 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
                                         f"error {err:.2e}")
     locations = sorted({ws["location"] for ws in workspace.info()})
     assert locations == ["cuda-ipc"], locations
+    caught.__exit__(None, None, None)
+    assert not [w for w in seen if "could not check" in str(w.message)], [str(w.message)
+                                                                         for w in seen]
+    # NVML was asked (read, write, atomics) about each link from one of this
+    # process's GPUs to one of the other's, in the tp-across layout only.
+    asked = ctypes.CDLL(os.environ["JAX_FLUX_LIBNVML"]).fakeNvmlP2PQueries()
+    assert asked == 3 * local_devices * (world - local_devices), asked
 
     fake = ctypes.CDLL(os.environ["JAX_FLUX_LIBCUDA"])
     fake.fakeCudaDeviceOf.argtypes = [ctypes.c_uint64]
@@ -223,6 +265,58 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
             assert got == want, f"rank {v}'s view of rank {r}: device {got}, want {want}"
     print(f"OK process {process_id}: several GPUs a process over cuda-ipc ({list(layouts)}); "
           f"peer access {ordinals}", flush=True)
+    jax.distributed.shutdown()
+
+
+def _pcie_between_processes(jax, process_id: int, num_processes: int,
+                            local_devices: int) -> None:
+    """The fake NVML says the links between the two processes' GPUs lack native
+    atomics (PCIe P2P): a tp axis inside each process runs (its links asked of
+    the driver); one across them is a ValueError in every process when the
+    program is lowered, naming the links by PCI bus id, before anything is
+    allocated."""
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_flux
+    from jax_flux import testing, workspace
+
+    _use_gpu_workspace_path()
+    devices = jax.devices()
+    world = len(devices)
+    spread = [devices[(r % num_processes) * local_devices + r // num_processes]
+              for r in range(world)]
+    inside = Mesh(np.asarray(devices).reshape(num_processes, local_devices), ("dp", "tp"))
+    across = Mesh(np.asarray(spread).reshape(1, world), ("dp", "tp"))
+    specs = (P("dp", "tp"), P("tp", None))
+
+    def program(mesh):
+        return jax.jit(jax.shard_map(
+            lambda x, w: jax_flux.matmul_reduce_scatter(x, w, "tp", impl="fused"), mesh=mesh,
+            in_specs=specs, out_specs=P(("dp", "tp"))))
+
+    x, w, x64, w64 = testing.random_operands(world * 3, 8 * world, 12, jnp.float32, seed=5)
+    out = program(inside)(_global(jax, NamedSharding(inside, specs[0]), np.asarray(x)),
+                          _global(jax, NamedSharding(inside, specs[1]), np.asarray(w)))
+    for shard in out.addressable_shards:
+        err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
+        assert err < 1e-5, f"tp inside a process: shard {shard.index}: error {err:.2e}"
+    before = len(workspace.info())
+    args = (_global(jax, NamedSharding(across, specs[0]), np.asarray(x)),
+            _global(jax, NamedSharding(across, specs[1]), np.asarray(w)))
+    # Process 0's GPUs are at buses 0x10, 0x11; process 1's at 0x12, 0x13.
+    with pytest.raises(ValueError, match=r"matmul_reduce_scatter\(impl='fused'\) over axis "
+                       r"'tp' needs every pair of a group's GPUs linked with native atomics "
+                       r"\(NVLink\), but found peer access without native atomics \(PCIe, not "
+                       r"NVLink\) between GPUs \[\('0000:10:00.0 \(process 0\)', '0000:12:00.0 "
+                       r"\(process 1\)'\), .*\('0000:13:00.0 \(process 1\)', '0000:11:00.0 "
+                       r"\(process 0\)'\)\] \(from, to\)"):
+        program(across).lower(*args)
+    assert len(workspace.info()) == before, "a workspace was allocated for the refused mesh"
+    print(f"OK process {process_id}: tp inside processes runs, across PCIe refused", flush=True)
     jax.distributed.shutdown()
 
 
@@ -280,11 +374,17 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
          mode: str = "") -> None:
     """``gpu``: the checks below on real GPUs (``local_devices`` a process), the
     workspace in ``cuda-ipc`` memory."""
+    if mode.startswith("fake-cuda"):
+        # One machine's GPUs; each process sees only its own, at its own PCI bus ids.
+        os.environ["FAKE_CUDA_DEVICES"] = str(local_devices)
+        os.environ["FAKE_CUDA_BUS_BASE"] = str(0x10 + process_id * local_devices)
     jax = _setup(process_id, num_processes, port, local_devices, gpu=mode == "gpu")
     if mode == "exchange-timeout":
         return _peer_never_lowers(jax, process_id)
     if mode == "two-machines":
         return _two_machines(jax, process_id, num_processes, local_devices)
+    if mode == "fake-cuda-pcie":
+        return _pcie_between_processes(jax, process_id, num_processes, local_devices)
     if mode == "fake-cuda-several-gpus":
         return _several_gpus_a_process(jax, process_id, num_processes, local_devices)
     if mode == "fake-cuda":
@@ -307,6 +407,8 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
     ranks = [devices[(r % num_processes) * local_devices + r // num_processes]
              for r in range(world)]
     mesh = testing.mesh(ranks)
+    if mode == "fake-cuda":
+        _links_unverified(jax, mesh, process_id)
     for op in ("all_gather_matmul", "matmul_reduce_scatter"):
         (sx, sw), _ = testing._SPECS[op]
         fused, ref = testing.sharded(op, mesh, "fused"), lax_reference(op, mesh)

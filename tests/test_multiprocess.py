@@ -70,8 +70,11 @@ def test_fused_ops_across_processes_through_the_cuda_ipc_workspace_path(tmp_path
     # key-value store, cuIpcOpenMemHandle (handle by value) in the peer.
     from tests.helpers import build_fake_libcuda
 
+    # Each process sees only its own GPU and there is no NVML: the links cannot
+    # be checked, and lowering says so in a warning.
     lib = build_fake_libcuda(tmp_path)
-    _run_workers(2, 1, "fake-cuda", env_extra={"JAX_FLUX_LIBCUDA": lib})
+    _run_workers(2, 1, "fake-cuda", env_extra={
+        "JAX_FLUX_LIBCUDA": lib, "JAX_FLUX_LIBNVML": str(tmp_path / "no-libnvidia-ml.so.1")})
 
 
 @linux_only
@@ -79,11 +82,24 @@ def test_cuda_ipc_workspace_with_several_gpus_a_process(tmp_path):
     # Two processes with two "GPUs" each, over the fake driver. The usual
     # multi-host layout (tp inside a process): peer access between a process's
     # own GPUs. tp across processes: each peer mapped once per local GPU, in
-    # its context, and each rank's table row holding its own mappings.
-    from tests.helpers import build_fake_libcuda
+    # its context, and each rank's table row holding its own mappings. The
+    # links to the other process's GPUs are asked of NVML.
+    _run_workers(2, 2, "fake-cuda-several-gpus", env_extra=_fake_machine(tmp_path, 4))
 
-    lib = build_fake_libcuda(tmp_path)
-    _run_workers(2, 2, "fake-cuda-several-gpus", env_extra={"JAX_FLUX_LIBCUDA": lib})
+
+@linux_only
+def test_a_tp_group_across_processes_over_pcie_is_refused_when_lowered(tmp_path):
+    # NVML says the links between the processes' GPUs lack native atomics.
+    _run_workers(2, 2, "fake-cuda-pcie",
+                 env_extra={**_fake_machine(tmp_path, 4), "FAKE_NVML_P2P_ATOMICS": "0"})
+
+
+def _fake_machine(tmp_path, gpus: int) -> dict:
+    """The fake driver and NVML of one machine with ``gpus`` GPUs."""
+    from tests.helpers import build_fake_libcuda, build_fake_libnvml
+
+    return {"JAX_FLUX_LIBCUDA": build_fake_libcuda(tmp_path),
+            "JAX_FLUX_LIBNVML": build_fake_libnvml(tmp_path), "FAKE_NVML_GPUS": str(gpus)}
 
 
 @linux_only

@@ -54,7 +54,9 @@ def share(topic: str, key: tuple, slots, value, what: str) -> dict:
     client = kv_client()
     prefix = f"jax_flux/{topic}/" + hashlib.sha1(repr(key).encode()).hexdigest()
     me = jax.process_index()
-    client.key_value_set(f"{prefix}/{me}", json.dumps(value))
+    # Overwritable: lowering again after a check refused a program asks again,
+    # and publishes the same value.
+    client.key_value_set(f"{prefix}/{me}", json.dumps(value), allow_overwrite=True)
     seen = {me: json.loads(json.dumps(value))}  # as the others see it: lists, string keys
     for p in sorted({d.process_index for d in itertools.chain.from_iterable(slots)} - {me}):
         seen[p] = json.loads(await_value(client, f"{prefix}/{p}", f"process {p}", what))

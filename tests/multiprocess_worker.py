@@ -21,13 +21,17 @@ never lowers; the other must fail in bounded time. ``two-machines``: process
 1 says it is on another machine; a tp axis inside each process still runs,
 one across them is a ValueError in both. ``gpu``: the default
 checks on real GPUs, LOCAL_DEVICES of them a process (NCCL for XLA's
-collectives, the ``cuda-ipc`` workspace; tests/test_gpu_multi.py).
+collectives, the ``cuda-ipc`` workspace; tests/test_gpu_multi.py). The
+refusal and failure modes are in tests/multiprocess_refusals.py.
 """
 
 import os
 import re
 import sys
 import warnings
+
+from tests import multiprocess_refusals as refusals
+from tests.multiprocess_refusals import global_array, meshes, use_gpu_workspace_path
 
 
 def _setup(process_id: int, num_processes: int, port: int, local_devices: int,
@@ -54,10 +58,6 @@ def _setup(process_id: int, num_processes: int, port: int, local_devices: int,
 # Relative error allowed against float64: float32 operands run exactly in the
 # interpreter, through tf32 tensor cores on GPUs (the configs' default).
 _TOL = {"cpu": 1e-5, "gpu": 2e-3}
-
-
-def _global(jax, sharding, host):
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _check(name, out, ref_out, ref64, tol):
@@ -89,8 +89,8 @@ def _peer_never_arrives(jax, mesh, process_id: int, tol: float) -> None:
     (sx, sw), _ = testing._SPECS[op]
     world = mesh.devices.size
     x, w, x64, w64 = testing.random_operands(world * 2, 8, 2 * world, jnp.float32, seed=11)
-    xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
-    ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
+    xs = global_array(jax, NamedSharding(mesh, sx), np.asarray(x))
+    ws = global_array(jax, NamedSharding(mesh, sw), np.asarray(w))
     quick = testing.sharded(op, mesh, "fused", AllGatherMatmulConfig(timeout_s=2.0))
     quick.lower(xs, ws).compile()  # both processes: the workspace exchange happens here
     client = _kv_client()
@@ -118,71 +118,6 @@ def _peer_never_arrives(jax, mesh, process_id: int, tol: float) -> None:
         assert err < tol, f"after reset: shard {shard.index}: error {err:.2e}"
 
 
-def _use_gpu_workspace_path() -> str:
-    """Routes the workspace through its CUDA backends (over the fake driver)."""
-    from jax_flux import workspace
-
-    host_location = workspace._location
-    gpu = {"host": "cuda", "host-shared": "cuda-ipc"}
-    workspace._location = lambda platform, slots: gpu[host_location(platform, slots)]
-    return "cuda-ipc"
-
-
-def _links_unverified(jax, mesh, process_id: int) -> None:
-    """One GPU a process, each hidden from the other's driver, and no NVML: the
-    links cannot be asked about. Lowering warns, naming them, once."""
-    import warnings
-
-    import numpy as np
-    import pytest
-    from jax.sharding import NamedSharding
-
-    from jax_flux import testing
-
-    op = "all_gather_matmul"
-    (sx, sw), _ = testing._SPECS[op]
-    x, w, _, _ = testing.random_operands(8, 8, 8, np.float32)
-    args = (_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
-            _global(jax, NamedSharding(mesh, sw), np.asarray(w)))
-    with pytest.warns(UserWarning, match=r"could not check that the links \[\('0000:10:00.0 "
-                      r"\(process 0\)', '0000:11:00.0 \(process 1\)'\), \('0000:11:00.0 "
-                      r"\(process 1\)', '0000:10:00.0 \(process 0\)'\)\] \(from, to\) have "
-                      r"native atomics .*hidden from this process's CUDA, and NVML"):
-        testing.sharded(op, mesh, "fused").lower(*args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        testing.sharded(op, mesh, "fused").lower(*args)  # checked once a workspace
-    print(f"process {process_id}: unverifiable links named in a warning", flush=True)
-
-
-def _peer_never_lowers(jax, process_id: int) -> None:
-    """Only process 0 lowers a fused program: it must fail within the exchange
-    timeout, naming the process whose buffer never came, not hang."""
-    import numpy as np
-    import pytest
-    from jax.sharding import NamedSharding
-
-    from jax_flux import testing
-    from jax_flux._exchange import kv_client as _kv_client
-
-    op = "all_gather_matmul"
-    (sx, sw), _ = testing._SPECS[op]
-    mesh = testing.mesh(jax.devices())
-    client = _kv_client()
-    if process_id == 0:
-        x, w, _, _ = testing.random_operands(8, 8, 8, np.float32)
-        xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
-        ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
-        with pytest.raises(RuntimeError,
-                           match="process 1 .*did not publish its (machine|buffer) within 3 s"):
-            testing.sharded(op, mesh, "fused").lower(xs, ws)
-        client.key_value_set("jax_flux_test/lowering_failed", "1")
-    else:
-        client.blocking_key_value_get("jax_flux_test/lowering_failed", 120_000)
-    print(f"OK process {process_id}: exchange timeout reported", flush=True)
-    jax.distributed.shutdown()
-
-
 def _several_gpus_a_process(jax, process_id: int, num_processes: int,
                             local_devices: int) -> None:
     """Several "GPUs" a process over the fake driver (the workspace's cuda-ipc path):
@@ -197,24 +132,19 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
 
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import jax_flux
     from jax_flux import testing, workspace
 
-    _use_gpu_workspace_path()
+    use_gpu_workspace_path()
     caught = warnings.catch_warnings(record=True)
     seen = caught.__enter__()
     warnings.simplefilter("always")
-    devices = jax.devices()  # process 0's, then process 1's, ...
-    world = len(devices)
-    spread = [devices[(r % num_processes) * local_devices + r // num_processes]
-              for r in range(world)]
-    layouts = {"tp inside processes": Mesh(np.asarray(devices).reshape(num_processes,
-                                                                       local_devices),
-                                           ("dp", "tp")),
-               "tp across processes": Mesh(np.asarray(spread).reshape(1, world), ("dp", "tp"))}
+    inside, across = meshes(jax, num_processes, local_devices)
+    world, spread = across.size, list(across.devices.flat)
+    layouts = {"tp inside processes": inside, "tp across processes": across}
     for layout, mesh in layouts.items():
         tp = mesh.shape["tp"]
         cases = {
@@ -229,8 +159,8 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
                                       mesh=mesh, in_specs=(sx, sw), out_specs=so))
             for call in range(3):
                 x, w, x64, w64 = testing.random_operands(m, k, n, jnp.float32, seed=call)
-                out = f(_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
-                        _global(jax, NamedSharding(mesh, sw), np.asarray(w)))
+                out = f(global_array(jax, NamedSharding(mesh, sx), np.asarray(x)),
+                        global_array(jax, NamedSharding(mesh, sw), np.asarray(w)))
                 ref64 = x64 @ w64
                 for shard in out.addressable_shards:
                     err = testing.relative_error(shard.data, ref64[shard.index])
@@ -268,112 +198,6 @@ def _several_gpus_a_process(jax, process_id: int, num_processes: int,
     jax.distributed.shutdown()
 
 
-def _pcie_between_processes(jax, process_id: int, num_processes: int,
-                            local_devices: int) -> None:
-    """The fake NVML says the links between the two processes' GPUs lack native
-    atomics (PCIe P2P): a tp axis inside each process runs (its links asked of
-    the driver); one across them is a ValueError in every process when the
-    program is lowered, naming the links by PCI bus id, before anything is
-    allocated."""
-    import jax.numpy as jnp
-    import numpy as np
-    import pytest
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import jax_flux
-    from jax_flux import testing, workspace
-
-    _use_gpu_workspace_path()
-    devices = jax.devices()
-    world = len(devices)
-    spread = [devices[(r % num_processes) * local_devices + r // num_processes]
-              for r in range(world)]
-    inside = Mesh(np.asarray(devices).reshape(num_processes, local_devices), ("dp", "tp"))
-    across = Mesh(np.asarray(spread).reshape(1, world), ("dp", "tp"))
-    specs = (P("dp", "tp"), P("tp", None))
-
-    def program(mesh):
-        return jax.jit(jax.shard_map(
-            lambda x, w: jax_flux.matmul_reduce_scatter(x, w, "tp", impl="fused"), mesh=mesh,
-            in_specs=specs, out_specs=P(("dp", "tp"))))
-
-    x, w, x64, w64 = testing.random_operands(world * 3, 8 * world, 12, jnp.float32, seed=5)
-    out = program(inside)(_global(jax, NamedSharding(inside, specs[0]), np.asarray(x)),
-                          _global(jax, NamedSharding(inside, specs[1]), np.asarray(w)))
-    for shard in out.addressable_shards:
-        err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
-        assert err < 1e-5, f"tp inside a process: shard {shard.index}: error {err:.2e}"
-    before = len(workspace.info())
-    args = (_global(jax, NamedSharding(across, specs[0]), np.asarray(x)),
-            _global(jax, NamedSharding(across, specs[1]), np.asarray(w)))
-    # Process 0's GPUs are at buses 0x10, 0x11; process 1's at 0x12, 0x13.
-    with pytest.raises(ValueError, match=r"matmul_reduce_scatter\(impl='fused'\) over axis "
-                       r"'tp' needs every pair of a group's GPUs linked with native atomics "
-                       r"\(NVLink\), but found peer access without native atomics \(PCIe, not "
-                       r"NVLink\) between GPUs \[\('0000:10:00.0 \(process 0\)', '0000:12:00.0 "
-                       r"\(process 1\)'\), .*\('0000:13:00.0 \(process 1\)', '0000:11:00.0 "
-                       r"\(process 0\)'\)\] \(from, to\)"):
-        program(across).lower(*args)
-    with pytest.raises(ValueError, match="PCIe, not NVLink"):  # asked again, not a KV error
-        program(across).lower(*args)
-    assert len(workspace.info()) == before, "a workspace was allocated for the refused mesh"
-    print(f"OK process {process_id}: tp inside processes runs, across PCIe refused", flush=True)
-    jax.distributed.shutdown()
-
-
-def _two_machines(jax, process_id: int, num_processes: int, local_devices: int) -> None:
-    """Process 1 claims another machine (its workspace handles would not open
-    here): a tp axis inside each process (dp across the "machines") runs the
-    fused op; a tp axis across them fails in every process when the program
-    is lowered, naming the ranks and hosts, before anything is allocated."""
-    import jax.numpy as jnp
-    import numpy as np
-    import pytest
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import jax_flux
-    from jax_flux import _exchange, testing, workspace
-
-    if process_id == 1:
-        _exchange.machine = lambda: ("another-boot-id", "host-b")
-    devices = jax.devices()  # process 0's, then process 1's
-    world = len(devices)
-    spread = [devices[(r % num_processes) * local_devices + r // num_processes]
-              for r in range(world)]
-    inside = Mesh(np.asarray(devices).reshape(num_processes, local_devices), ("dp", "tp"))
-    across = Mesh(np.asarray(spread).reshape(1, world), ("dp", "tp"))
-    specs = (P(("dp", "tp")), P(None, "tp"))
-
-    def program(mesh):
-        return jax.jit(jax.shard_map(
-            lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", impl="fused"), mesh=mesh,
-            in_specs=specs, out_specs=P("dp", "tp")))
-
-    x, w, x64, w64 = testing.random_operands(world * 3, 16, world * 2, jnp.float32, seed=3)
-    xs = _global(jax, NamedSharding(inside, specs[0]), np.asarray(x))
-    ws = _global(jax, NamedSharding(inside, specs[1]), np.asarray(w))
-    out = program(inside)(xs, ws)
-    for shard in out.addressable_shards:
-        err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
-        assert err < 1e-5, f"tp inside a machine: shard {shard.index}: error {err:.2e}"
-    before = len(workspace.info())
-    xs = _global(jax, NamedSharding(across, specs[0]), np.asarray(x))
-    ws = _global(jax, NamedSharding(across, specs[1]), np.asarray(w))
-    with pytest.raises(ValueError, match=r"all_gather_matmul\(impl='fused'\) over axis 'tp' "
-                       r"needs all of a group's 4 ranks on one machine .* group 0 spans 2 "
-                       r"machines: ranks \[0, 2\] on host .*\(process \[0\]\); ranks \[1, "
-                       r"3\] on host 'host-b' \(process \[1\]\)"):
-        program(across).lower(xs, ws)
-    with pytest.raises(ValueError, match="spans 2 machines"):  # asked again, not a KV error
-        program(across).lower(xs, ws)
-    assert len(workspace.info()) == before, "a workspace was allocated for the refused mesh"
-    print(f"OK process {process_id}: tp inside machines runs, across machines refused",
-          flush=True)
-    jax.distributed.shutdown()
-
-
 def main(process_id: int, num_processes: int, port: int, local_devices: int,
          mode: str = "") -> None:
     """``gpu``: the checks below on real GPUs (``local_devices`` a process), the
@@ -384,15 +208,15 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
         os.environ["FAKE_CUDA_BUS_BASE"] = str(0x10 + process_id * local_devices)
     jax = _setup(process_id, num_processes, port, local_devices, gpu=mode == "gpu")
     if mode == "exchange-timeout":
-        return _peer_never_lowers(jax, process_id)
+        return refusals.peer_never_lowers(jax, process_id)
     if mode == "two-machines":
-        return _two_machines(jax, process_id, num_processes, local_devices)
+        return refusals.two_machines(jax, process_id, num_processes, local_devices)
     if mode == "fake-cuda-pcie":
-        return _pcie_between_processes(jax, process_id, num_processes, local_devices)
+        return refusals.pcie_between_processes(jax, process_id, num_processes, local_devices)
     if mode == "fake-cuda-several-gpus":
         return _several_gpus_a_process(jax, process_id, num_processes, local_devices)
     if mode == "fake-cuda":
-        expected_location = _use_gpu_workspace_path()
+        expected_location = use_gpu_workspace_path()
     else:
         expected_location = "cuda-ipc" if mode == "gpu" else "host-shared"
     tol = _TOL[jax.devices()[0].platform]
@@ -406,21 +230,18 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
     from tests.helpers import cotangent, lax_reference
 
     world = num_processes * local_devices
-    devices = jax.devices()  # process 0's, then process 1's, ...
-    # Rank r on process r % num_processes: neighbours are always in other processes.
-    ranks = [devices[(r % num_processes) * local_devices + r // num_processes]
-             for r in range(world)]
+    ranks = list(meshes(jax, num_processes, local_devices)[1].devices.flat)
     mesh = testing.mesh(ranks)
     if mode == "fake-cuda":
-        _links_unverified(jax, mesh, process_id)
+        refusals.links_unverified(jax, mesh, process_id)
     for op in ("all_gather_matmul", "matmul_reduce_scatter"):
         (sx, sw), _ = testing._SPECS[op]
         fused, ref = testing.sharded(op, mesh, "fused"), lax_reference(op, mesh)
         for call in range(5):  # fresh data each call: a stale buffer shows
             m = world * (3 + call)
             x, w, x64, w64 = testing.random_operands(m, 24, 8 * world, jnp.float32, seed=call)
-            xs = _global(jax, NamedSharding(mesh, sx), np.asarray(x))
-            ws = _global(jax, NamedSharding(mesh, sw), np.asarray(w))
+            xs = global_array(jax, NamedSharding(mesh, sx), np.asarray(x))
+            ws = global_array(jax, NamedSharding(mesh, sw), np.asarray(w))
             _check(f"{op} call {call}", fused(xs, ws), ref(xs, ws), x64 @ w64, tol)
 
     # Gradient of the AG-GEMM: its backward is a fused GEMM-RS across processes too.
@@ -428,9 +249,9 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
     (sx, sw), so = testing._SPECS[op]
     x, w, x64, w64 = testing.random_operands(world * 4, 16, 4 * world, jnp.float32, seed=7)
     g, g64 = cotangent((world * 4, 4 * world), jnp.float32)
-    args = (_global(jax, NamedSharding(mesh, sx), np.asarray(x)),
-            _global(jax, NamedSharding(mesh, sw), np.asarray(w)),
-            _global(jax, NamedSharding(mesh, so), np.asarray(g)))
+    args = (global_array(jax, NamedSharding(mesh, sx), np.asarray(x)),
+            global_array(jax, NamedSharding(mesh, sw), np.asarray(w)),
+            global_array(jax, NamedSharding(mesh, so), np.asarray(g)))
     got = testing.sharded(op, mesh, "fused", grad=True)(*args)
     want = lax_reference(op, mesh, grad=True)(*args)
     for name, a, b, r64 in zip(("out", "dx", "dw"), got, want, (x64 @ w64, g64 @ w64.T,
@@ -444,8 +265,8 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int,
             lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", impl="fused"), mesh=mesh2,
             in_specs=(P(("dp", "tp")), P(None, "tp")), out_specs=P("dp", "tp")))
         x, w, x64, w64 = testing.random_operands(world * 3, 12, world * 2, jnp.float32, seed=9)
-        xs = _global(jax, NamedSharding(mesh2, P(("dp", "tp"))), np.asarray(x))
-        ws = _global(jax, NamedSharding(mesh2, P(None, "tp")), np.asarray(w))
+        xs = global_array(jax, NamedSharding(mesh2, P(("dp", "tp"))), np.asarray(x))
+        ws = global_array(jax, NamedSharding(mesh2, P(None, "tp")), np.asarray(w))
         out = f(xs, ws)
         ref64 = x64 @ w64
         for shard in out.addressable_shards:

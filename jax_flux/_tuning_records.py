@@ -154,12 +154,15 @@ def measured_ms(entry: dict) -> dict[str, float]:
 
 
 def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-              out_dtype=None, w_transposed: bool = False, w_dtype=None) -> str | None:
+              out_dtype=None, w_transposed: bool = False, w_dtype=None,
+              exclude: tuple[str, ...] = ()) -> str | None:
     """The impl measured fastest for one problem on one device kind: what ``impl="auto"`` runs.
 
     Args:
       op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype:
         the problem, as ``key`` takes it.
+      exclude: impls not to consider (``("fused",)``: what ``auto`` runs
+        where the fused kernels cannot run on the mesh).
 
     Returns:
       ``"fused"``, ``"xla"`` or ``"ring"``, by the medians of the entry
@@ -172,6 +175,9 @@ def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, wo
                            w_transposed=w_transposed, w_dtype=w_dtype)
     times = measured_ms(found[2]) if found is not None else {}
     if "xla" not in times:
+        return None
+    times = {impl: t for impl, t in times.items() if impl not in exclude}
+    if not times:
         return None
     return min(times, key=lambda impl: (times[impl], impl != "xla"))  # a tie stays on xla
 

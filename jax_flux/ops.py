@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from custom_calls._jax_compat import varying_axes
-from jax_flux import _validate, ag_gemm, gemm_rs, remat
+from jax_flux import _auto, _validate, ag_gemm, gemm_rs, remat
 from jax_flux._axes import axis_names
 from jax_flux._matmul import dot_tn
 
@@ -41,28 +41,12 @@ _RS = "matmul_reduce_scatter"
 
 
 def _resolve(op: str, impl: str, config: Any) -> str:
-    """``impl`` checked; ``"auto"`` stays, to be resolved per launch (``_auto``)."""
+    """``impl`` checked; ``"auto"`` stays, to be resolved per launch (``jax_flux._auto``)."""
     _validate.check_impl(op, impl)
     if impl in ("xla", "ring") and config is not None:
         raise ValueError(f"{op}: config applies to impl='fused' only, got impl={impl!r} with "
                          f"config={config!r}")
     return impl
-
-
-def _auto(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> str:
-    """What ``impl="auto"`` runs for this launch: the impl measured fastest for its
-    per-rank problem on this device kind (``jax_flux.autotune``: ``benchmarks.tune``
-    records xla's and ring's times beside the fused config's, and jax_flux ships
-    such entries), else xla. Resolved per launch, so the backward pass's ops
-    follow their own measurements (``benchmarks.tune --backward``)."""
-    from jax_flux import autotune
-    from jax_flux._fused import device_kind
-
-    n = w.shape[0] if w_transposed else w.shape[1]
-    m_local = x.shape[0] if op == _AG else x.shape[0] // size
-    return autotune.best_impl(op, device_kind(), m_local, x.shape[1], n, x.dtype, size,
-                              out_dtype=out_dtype, w_transposed=w_transposed,
-                              w_dtype=w.dtype) or "xla"
 
 
 # With w_transposed, w is given as w^T (the backward passes' ``d @ w^T``): the
@@ -83,29 +67,36 @@ def _backward_scope(op: str):
 
 def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
                 out_dtype=None, w_transposed=False):
+    def run(impl, x, w):
+        kw = dict(return_gathered=return_gathered, out_dtype=out_dtype)
+        with _scope(_AG, impl):
+            if impl == "fused":
+                return ag_gemm.fused(x, w, axis_name, size, config, w_transposed=w_transposed,
+                                     **kw)
+            w = w.T if w_transposed else w
+            if impl == "ring":
+                return ag_gemm.ring(x, w, axis_name, size, **kw)
+            return ag_gemm.reference(x, w, axis_name, **kw)
+
     if impl == "auto":
-        impl = _auto(_AG, x, w, size, out_dtype, w_transposed)
-    kw = dict(return_gathered=return_gathered, out_dtype=out_dtype)
-    with _scope(_AG, impl):
-        if impl == "fused":
-            return ag_gemm.fused(x, w, axis_name, size, config, w_transposed=w_transposed, **kw)
-        w = w.T if w_transposed else w
-        if impl == "ring":
-            return ag_gemm.ring(x, w, axis_name, size, **kw)
-        return ag_gemm.reference(x, w, axis_name, **kw)
+        return _auto.launch(_AG, run, x, w, axis_name, size, out_dtype, w_transposed)
+    return run(impl, x, w)
 
 
 def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_transposed=False):
+    def run(impl, x, w):
+        with _scope(_RS, impl):
+            if impl == "fused":
+                return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype,
+                                     w_transposed=w_transposed)
+            w = w.T if w_transposed else w
+            if impl == "ring":
+                return gemm_rs.ring(x, w, axis_name, size, out_dtype=out_dtype)
+            return gemm_rs.reference(x, w, axis_name, out_dtype=out_dtype)
+
     if impl == "auto":
-        impl = _auto(_RS, x, w, size, out_dtype, w_transposed)
-    with _scope(_RS, impl):
-        if impl == "fused":
-            return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype,
-                                 w_transposed=w_transposed)
-        w = w.T if w_transposed else w
-        if impl == "ring":
-            return gemm_rs.ring(x, w, axis_name, size, out_dtype=out_dtype)
-        return gemm_rs.reference(x, w, axis_name, out_dtype=out_dtype)
+        return _auto.launch(_RS, run, x, w, axis_name, size, out_dtype, w_transposed)
+    return run(impl, x, w)
 
 
 # ------------------------------------------------------------ AG-GEMM vjp

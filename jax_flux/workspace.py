@@ -162,6 +162,15 @@ class TableRequest:
     nbytes: int
 
     def __call__(self, mesh, platform: str) -> np.ndarray:
+        key, slots, location = self.placement(mesh, platform)
+        return _get(key, slots, self.nbytes, location).table()
+
+    def placement(self, mesh, platform: str) -> tuple[tuple, list[list[Any]], str]:
+        """(the workspace's key, the device of every (group, rank), its location)
+        for this mesh; raises ValueError where the fused calls cannot run on it
+        (a group over several machines, GPUs not linked with native atomics).
+        Nothing is allocated. Every process lowering the program gets the same
+        answer (the cross-process checks exchange what they find)."""
         slots = _slots(self, mesh, platform)
         location = _location(platform, slots)
         key = ("axis", self.axis_name, _mesh_signature(mesh), location)
@@ -172,7 +181,7 @@ class TableRequest:
             from jax_flux import _cuda_workspace
 
             _cuda_workspace.check_links(self.op, self.axis_name, key, slots)
-        return _get(key, slots, self.nbytes, location).table()
+        return key, slots, location
 
 
 _lock = threading.Lock()

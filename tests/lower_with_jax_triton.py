@@ -157,9 +157,32 @@ def main() -> int:
                    f["narrow_scope"] == 0 for _, t, f in kernels), (op, kernels)
         print(f"{op:22s} {jnp.dtype(dtype).name:13s} gradient: "
               f"kernels={[e for e, _, _ in kernels]}, no transpose or convert of w")
+    check_auto(mesh)
     check_residency(mesh)
     errors.watchdog.stop()
     return 0
+
+
+def check_auto(mesh) -> None:
+    """impl="auto" where a record says fused: the choice made at lowering takes the
+    kernel (the fake driver's GPUs have NVLink-like links), no collective."""
+    import jax.numpy as jnp
+
+    from jax_flux import autotune, testing
+
+    os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(), "autotune.json")
+    for op, (m, k, n), local in (("all_gather_matmul", (512, 256, 1024), (128, 256, 256)),
+                                 ("matmul_reduce_scatter", (512, 1024, 256), (128, 256, 256))):
+        autotune.record(op, autotune.key(op, "cpu", *local, jnp.bfloat16, 4),
+                        autotune.CONFIG_CLASSES[op](), 0.5, baselines_ms={"xla": 1.0})
+        x, w, _, _ = testing.random_operands(m, k, n, jnp.bfloat16)
+        xs, ws = testing.place(op, mesh, x, w)
+        text = testing.sharded.__wrapped__(op, mesh, "auto").trace(xs, ws).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert len(_backend_configs(text)) == 1, op
+        for name in ("all_gather", "reduce_scatter", "collective_permute"):
+            assert f"stablehlo.{name}" not in text, (op, name)
+        print(f"{op:22s} bfloat16 auto (a record says fused): one kernel, no collective")
 
 
 def check_residency(mesh) -> None:

@@ -150,8 +150,11 @@ def two_machines(jax, process_id: int, num_processes: int, local_devices: int) -
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    import os
+    import tempfile
+
     import jax_flux
-    from jax_flux import _exchange, testing, workspace
+    from jax_flux import AllGatherMatmulConfig, _exchange, autotune, testing, workspace
 
     if process_id == 1:
         _exchange.machine = lambda: ("another-boot-id", "host-b")
@@ -181,7 +184,22 @@ def two_machines(jax, process_id: int, num_processes: int, local_devices: int) -
         program(across).lower(xs, ws)
     with pytest.raises(ValueError, match="spans 2 machines"):  # asked again, not a KV error
         program(across).lower(xs, ws)
+    # impl="auto" where fused was measured fastest: every process takes the
+    # faster of the rest (xla), with the refusal in a warning.
+    os.environ["JAX_FLUX_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(), "autotune.json")
+    autotune.record(autotune.AG, autotune.key(autotune.AG, jax.devices()[0].device_kind, 3,
+                                              16, 2, jnp.float32, world),
+                    AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16), 0.5,
+                    baselines_ms={"xla": 1.0, "ring": 2.0})
+    auto = jax.jit(jax.shard_map(lambda x, w: jax_flux.all_gather_matmul(x, w, "tp"),
+                                 mesh=across, in_specs=specs, out_specs=P("dp", "tp")))
+    with pytest.warns(UserWarning, match=r"all_gather_matmul\(impl='auto'\): .* runs "
+                                         r"impl='xla' .*spans 2 machines"):
+        out = auto(xs, ws)
+    for shard in out.addressable_shards:
+        err = testing.relative_error(shard.data, (x64 @ w64)[shard.index])
+        assert err < 1e-5, f"auto across machines: shard {shard.index}: error {err:.2e}"
     assert len(workspace.info()) == before, "a workspace was allocated for the refused mesh"
-    print(f"OK process {process_id}: tp inside machines runs, across machines refused",
-          flush=True)
+    print(f"OK process {process_id}: tp inside machines runs, across machines refused, "
+          f"auto runs xla there", flush=True)
     jax.distributed.shutdown()

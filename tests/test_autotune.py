@@ -1,11 +1,15 @@
 """Autotuning: the pruned space, verify-then-time, the persistent cache the ops consult."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, autotune, testing
+import jax_flux
+from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, autotune, testing, workspace
 from tests.helpers import mesh_of
 
 
@@ -287,3 +291,89 @@ def test_an_untuned_m_takes_the_nearest_tuned_m_within_a_factor_of_2(cache):
     xs, ws = testing.place(AG, mesh, x, w)
     assert _impls_in(_fresh(AG, mesh).lower(xs, ws).as_text()) == {"fused"}
     assert testing.relative_error(_fresh(AG, mesh)(xs, ws), x64 @ w64) < 1e-5
+
+
+def _refuse_every_mesh(monkeypatch):
+    # What the lowering finds on a mesh the fused kernels cannot run on (a
+    # PCIe-linked or cross-machine group: tests/test_cuda_workspace.py,
+    # tests/test_multiprocess.py give the real ones).
+    def placement(self, mesh, platform):
+        raise ValueError(f"{self.op}(impl='fused') over axis {self.axis_name!r}: refused here")
+    monkeypatch.setattr(workspace.TableRequest, "placement", placement)
+
+
+@pytest.mark.parametrize("op", [autotune.AG, autotune.RS])
+def test_auto_runs_the_faster_of_the_rest_where_the_mesh_refuses_the_fused_kernels(
+        cache, monkeypatch, op):
+    # Measured fastest fused, ring next: auto takes fused where the mesh it is
+    # lowered on allows it, ring (with a warning saying why) where it does not,
+    # and the refused kernel leaves nothing in the program; forward, gradient,
+    # vmap with a shared weight (still one folded launch where fused).
+    mesh = mesh_of(8)
+    dims = (8, 32, 2) if op == autotune.AG else (8, 4, 16)  # per rank: m_local, k, n
+    _record(op, *dims, fused=0.5, xla=1.0, ring=0.75)
+    x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=9)
+    xs, ws = testing.place(op, mesh, x, w)
+    g64 = np.random.default_rng(10).standard_normal((64, 16) if op == autotune.AG else (64, 16))
+    g = jnp.asarray(g64, jnp.float32)
+    want = x64 @ w64
+    in_specs, out_spec = testing._SPECS[op]
+    batched = jax.jit(jax.vmap(jax.shard_map(
+        lambda x, w: testing.OPS[op](x, w, "tp"), mesh=mesh, in_specs=in_specs,
+        out_specs=out_spec), in_axes=(0, None)))
+    xb = jnp.stack([xs, 2 * xs])
+
+    def check(expect):
+        lowered = _fresh(op, mesh).lower(xs, ws)
+        assert _impls_in(lowered.as_text()) == {expect}
+        assert f"jax_flux.{op}[{expect}]" in lowered.as_text(debug_info=True)  # in profiles
+        assert testing.relative_error(_fresh(op, mesh)(xs, ws), want) < 1e-5
+        out, dx, dw = _fresh(op, mesh, grad=True)(xs, ws, g)
+        assert testing.relative_error(out, want) < 1e-5
+        assert testing.relative_error(dx, g64 @ w64.T) < 1e-5
+        assert testing.relative_error(dw, x64.T @ g64) < 1e-5
+        text = batched.lower(xb, ws).as_text()
+        assert _impls_in(text) == {expect}
+        assert text.count("cpu_callback") == (1 if expect == "fused" else 0)
+        assert "stablehlo.while" not in text
+        out = batched(xb, ws)
+        assert testing.relative_error(out, np.stack([want, 2 * want])) < 1e-5
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no warning
+        check("fused")
+    before = len(workspace.info())
+    _refuse_every_mesh(monkeypatch)
+    jax.clear_caches()
+    with pytest.warns(UserWarning, match=rf"{op}\(impl='auto'\): the fused kernels were "
+                                         rf"measured fastest .* runs impl='ring' .*refused here"):
+        check("ring")
+    assert len(workspace.info()) == before
+    _record(op, *dims, fused=0.5, xla=1.0, ring=2.0)  # xla next: xla
+    with pytest.warns(UserWarning, match="runs impl='xla'"):
+        assert _impls_in(_fresh(op, mesh).lower(xs, ws).as_text()) == {"xla"}
+
+
+def test_auto_runs_the_faster_of_the_rest_where_shard_map_is_not_manual_over_every_axis(
+        cache):
+    # The fused kernels need shard_map manual over every mesh axis of size > 1
+    # (a ValueError with impl="fused"); auto falls back when it is traced.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    kind = jax.devices()[0].device_kind
+    autotune.record(autotune.AG, autotune.key(autotune.AG, kind, 8, 32, 4, jnp.float32, 4),
+                    AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16), 0.5,
+                    baselines_ms={"xla": 1.0, "ring": 2.0})
+    x, w, x64, w64 = testing.random_operands(32, 32, 16, jnp.float32, seed=11)
+
+    def body(impl):
+        return jax.jit(jax.shard_map(lambda x, w: jax_flux.all_gather_matmul(x, w, "tp",
+                                                                             impl=impl),
+                                     mesh=mesh, in_specs=(P("tp"), P(None, "tp")),
+                                     out_specs=P(None, "tp"), axis_names={"tp"}))
+
+    with pytest.raises(ValueError, match="manual over every mesh axis"):
+        body("fused").lower(x, w)
+    auto = body("auto")
+    with pytest.warns(UserWarning, match=r"runs impl='xla' .*manual over every mesh axis"):
+        assert _impls_in(auto.lower(x, w).as_text()) == {"xla"}
+        assert testing.relative_error(auto(x, w), x64 @ w64) < 1e-5

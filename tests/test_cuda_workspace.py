@@ -22,7 +22,7 @@ import pytest
 
 import jax_flux
 from custom_calls import cuda_driver
-from jax_flux import testing, workspace
+from jax_flux import autotune, testing, workspace
 from tests.helpers import build_fake_libcuda, fused_fn, mesh_of
 
 
@@ -123,7 +123,7 @@ def test_fused_ops_with_the_workspace_in_cuda_memory(fake_driver, op, monkeypatc
     ("0", r"peer access without native atomics \(PCIe, not NVLink\) between GPUs \[\(0, 1\), "),
     (None, r"no peer access between GPUs \[\(0, 1\), \(0, 2\)")])
 def test_gpus_linked_without_native_atomics_are_refused_when_lowered(fake_driver, monkeypatch,
-                                                                    atomics, match):
+                                                                    tmp_path, atomics, match):
     # Over PCIe P2P the kernels' atomics on a peer's memory are a read then a
     # write, which can undo a peer's epoch: refused before anything is allocated.
     from jax_flux import _cuda_workspace
@@ -141,13 +141,25 @@ def test_gpus_linked_without_native_atomics_are_refused_when_lowered(fake_driver
         cuda_driver.lib.cache_clear()
     before = len(workspace.info())
     mesh = mesh_of(8)
-    x, w, _, _ = testing.random_operands(8 * 5, 24, 16, jnp.float32, seed=0)
+    x, w, x64, w64 = testing.random_operands(8 * 5, 24, 16, jnp.float32, seed=0)
+    monkeypatch.setenv("JAX_FLUX_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
     try:
         for op in testing.OPS:
             with pytest.raises(ValueError, match=match) as e:
                 fused_fn(op, mesh)(*testing.place(op, mesh, x, w))
             assert f"{op}(impl='fused') over axis 'tp'" in str(e.value)
             assert "impl='xla' or 'ring'" in str(e.value)
+            # impl="auto" where fused was measured fastest: the faster of the
+            # rest (xla here), with the refusal in a warning.
+            dims = (5, 24, 2) if op == autotune.AG else (5, 3, 16)
+            autotune.record(op, autotune.key(op, jax.devices()[0].device_kind, *dims,
+                                             jnp.float32, 8),
+                            autotune.CONFIG_CLASSES[op](block_m=16, block_n=16, block_k=16),
+                            0.5, baselines_ms={"xla": 1.0, "ring": 2.0})
+            with pytest.warns(UserWarning, match=rf"{op}\(impl='auto'\).* runs impl='xla' "
+                                                 rf".*{match}"):
+                out = testing.sharded.__wrapped__(op, mesh)(*testing.place(op, mesh, x, w))
+            np.testing.assert_allclose(out, x64 @ w64, rtol=1e-5, atol=1e-5)
         assert len(workspace.info()) == before  # nothing allocated
         assert not _cuda_workspace._links_checked  # nothing passed the check
     finally:

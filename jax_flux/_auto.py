@@ -24,31 +24,30 @@ AG = "all_gather_matmul"
 RS = "matmul_reduce_scatter"
 
 
-def measured_best(op: str, x, w, size: int, out_dtype, w_transposed: bool,
-                  exclude: tuple[str, ...] = ()) -> str:
-    """The impl measured fastest for this launch's per-rank problem on this device
-    kind (``benchmarks.tune`` records xla's and ring's times beside the fused
-    config's; jax_flux ships such entries), else xla. Per launch, so the
-    backward pass's ops follow their own measurements (``benchmarks.tune
+def explained(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> dict:
+    """``autotune.explain`` of this launch's per-rank problem on this device kind:
+    its "auto" is the impl measured fastest (``benchmarks.tune`` records xla's
+    and ring's times beside the fused config's; jax_flux ships such entries),
+    else xla, and its "fallback" the faster of xla and ring. Per launch, so
+    the backward pass's ops follow their own measurements (``benchmarks.tune
     --backward``)."""
     from jax_flux import autotune
     from jax_flux._fused import device_kind
 
     n = w.shape[0] if w_transposed else w.shape[1]
     m_local = x.shape[0] if op == AG else x.shape[0] // size
-    return autotune.best_impl(op, device_kind(), m_local, x.shape[1], n, x.dtype, size,
-                              out_dtype=out_dtype, w_transposed=w_transposed,
-                              w_dtype=w.dtype, exclude=exclude) or "xla"
+    return autotune.explain(op, device_kind(), m_local, x.shape[1], n, x.dtype, size,
+                            out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w.dtype)
 
 
 def launch(op: str, run: Callable[[str, object, object], object], x, w, axis_name: Hashable,
            size: int, out_dtype, w_transposed: bool):
     """``run(impl, x, w)`` for the impl ``auto`` takes: the measured fastest; where
     that is "fused", chosen at lowering between it and the fastest of the rest."""
-    impl = measured_best(op, x, w, size, out_dtype, w_transposed)
-    if impl != "fused":
-        return run(impl, x, w)
-    fallback = measured_best(op, x, w, size, out_dtype, w_transposed, exclude=("fused",))
+    why = explained(op, x, w, size, out_dtype, w_transposed)
+    if why["auto"] != "fused":
+        return run(why["auto"], x, w)
+    fallback = why["fallback"]
 
     def fused(x, w):
         try:

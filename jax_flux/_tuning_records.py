@@ -196,16 +196,20 @@ def explain(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, worl
       problem's own, or the nearest tuned m_local's) or None, "file": the
       cache file it is in, "config": the fused config ``impl="fused"`` runs
       (None: the shape heuristic), "measured_ms": {impl: ms} of the record,
-      "auto": the impl ``impl="auto"`` runs}``.
+      "auto": the impl ``impl="auto"`` runs, "fallback": what it runs instead
+      where that is "fused" and the mesh cannot run the fused kernels (the
+      faster of xla and ring; None where auto is not "fused")}``.
     """
     kw = dict(out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w_dtype)
     found = _problem_entry(op, device_kind, m_local, k, n, dtype, world, **kw)
     record_key, path, entry = found or (None, None, {})
+    auto = best_impl(op, device_kind, m_local, k, n, dtype, world, **kw) or "xla"
     return {"key": key(op, device_kind, m_local, k, n, dtype, world, **kw),
             "record": record_key, "file": path,
             "config": lookup(op, device_kind, m_local, k, n, dtype, world, **kw),
-            "measured_ms": measured_ms(entry),
-            "auto": best_impl(op, device_kind, m_local, k, n, dtype, world, **kw) or "xla"}
+            "measured_ms": measured_ms(entry), "auto": auto,
+            "fallback": (best_impl(op, device_kind, m_local, k, n, dtype, world, **kw,
+                                   exclude=("fused",)) or "xla") if auto == "fused" else None}
 
 
 def cached_entry(entry_key: str) -> dict | None:

@@ -274,12 +274,12 @@ def test_an_untuned_m_takes_the_nearest_tuned_m_within_a_factor_of_2(cache):
     why = autotune.explain(AG, kind, 12, 32, 2, jnp.float32, 8)
     assert why["key"] == autotune.key(AG, kind, 12, 32, 2, jnp.float32, 8)
     assert why["record"] == autotune.key(AG, kind, 8, 32, 2, jnp.float32, 8)
-    assert why["file"] == str(cache) and why["auto"] == "fused"
+    assert why["file"] == str(cache) and why["auto"] == "fused" and why["fallback"] == "xla"
     assert why["measured_ms"] == {"fused": 0.5, "xla": 1.0}
     assert why["config"] == AllGatherMatmulConfig(block_m=16, block_n=16, block_k=16)
     assert autotune.explain(AG, kind, 3, 32, 2, jnp.float32, 8) == {
         "key": autotune.key(AG, kind, 3, 32, 2, jnp.float32, 8), "record": None, "file": None,
-        "config": None, "measured_ms": {}, "auto": "xla"}
+        "config": None, "measured_ms": {}, "auto": "xla", "fallback": None}
     # A problem tuned itself keeps its own record.
     _record(AG, 12, 32, 2, fused=3.0, xla=1.0)
     assert best(12) == "xla"

@@ -60,7 +60,8 @@ COLUMNS = ["op", "shape", "M", "K", "N", "tile", "group_m", "warps", "stages", "
            "regs", "stack", "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm",
            "gemm_programs", "tiles", "waves", "last_wave_fill", "w_reads_est", "x_reads_est",
            "w_reads_est_rowmajor", "comm_kib_in_flight", "loop", "loop_plain_gemm",
-           "loop_mma", "loop_ldgsts", "loop_spills", "narrow_copies", "regs_plain_gemm"]
+           "loop_mma", "loop_ldgsts", "loop_spills", "loop_kind", "narrow_copies",
+           "regs_plain_gemm"]
 
 
 def _compile(kernel, pointers: dict, constexprs: dict, cfg, cc: int) -> dict:
@@ -174,6 +175,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
         "w_reads_est": w_reads, "x_reads_est": x_reads, "w_reads_est_rowmajor": w_rowmajor,
         "loop": fused["loop"], "loop_plain_gemm": plain["loop"], "loop_mma": fused["loop_mma"],
         "loop_ldgsts": fused["loop_ldgsts"], "loop_spills": fused["loop_local"],
+        "loop_kind": fused["loop_kind"],
         "narrow_copies": fused["narrow_copies"], "regs_plain_gemm": plain["regs"],
     }
 
@@ -235,7 +237,9 @@ def main(argv=None) -> int:
         "Static: what the compiled code shows, nothing timed. `loop`: SASS instructions of the "
         "K loop (per BLOCK_K step) of the fused kernel, `loop_plain_gemm`: the same for Triton's "
         "plain GEMM with the same tile; `loop_mma`/`loop_ldgsts`: tensor-core MMAs and cp.async "
-        "copies per step; `loop_spills`: local-memory accesses in the loop; `narrow_copies`: "
+        "copies per step; `loop_spills`: local-memory accesses in the loop; `loop_kind`: `K`, "
+        "or `tile` where ptxas unrolled a short K loop and the loop found is the persistent "
+        "loop over output tiles (its numbers are then per tile); `narrow_copies`: "
         "cp.async copies narrower than 16 bytes in the PTX (float32 w is copied 4 bytes at a "
         "time: tf32 wgmma wants both operands K-major and w is row-major).",
         "`fit_per_sm`: programs of the fused kernel that fit one SM (registers, shared memory, "

@@ -152,8 +152,12 @@ def sass_features(cubin: bytes) -> dict:
     """What the assembled kernel shows: registers and stack bytes per thread
     (stack: spills or local arrays), static shared memory (bytes; Triton's
     pipeline buffers are dynamic, ``metadata.shared``), and its hot K loop (``hot_loop``):
-    instructions, tensor-core MMAs, cp.async copies (LDGSTS) and local-memory
-    accesses (spills inside the loop). Empty without Triton's CUDA tools."""
+    instructions, tensor-core MMAs, cp.async copies (LDGSTS), local-memory
+    accesses (spills inside the loop), and which loop that is: "K" (no
+    global stores in it), or "tile" where ptxas unrolled a short K loop and
+    the loop around the first MMA is the persistent loop over output tiles
+    (its epilogue stores are in it; its numbers are per tile, not per K
+    step). Empty without Triton's CUDA tools."""
     usage = resource_usage(cubin)
     nvdisasm = cuda_tool("nvdisasm")
     if not usage or nvdisasm is None:
@@ -166,6 +170,7 @@ def sass_features(cubin: bytes) -> dict:
         "loop_mma": sum(loop[op] for op in MMA_OPCODES),
         "loop_ldgsts": loop["LDGSTS"],
         "loop_local": loop["LDL"] + loop["STL"],
+        "loop_kind": "tile" if loop["STG"] + loop["ATOMG"] + loop["RED"] else "K",
         **sass_ordering(sass),
     }
 

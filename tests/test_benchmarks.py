@@ -194,7 +194,12 @@ def test_compiled_report_quick(tmp_path, extra, name):
     assert {r["op"] for r in rows} == {"ag", "rs"}
     for row in rows:
         assert int(row["regs"]) > 0 and int(row["fit_per_sm"]) >= 1, row
-        assert int(row["loop_mma"]) > 0 and row["loop_spills"] == "0", row
+        assert int(row["loop_mma"]) > 0, row
+        # Nothing spills in a K loop. K=128 is two steps, which ptxas may unroll
+        # (Triton 3.6.0 does for AG at M=64: the loop found is then the tile
+        # loop, with 2 local loads a tile for bfloat16 x float8 w^T; 3.9 none).
+        assert row["loop_kind"] in ("K", "tile"), row
+        assert row["loop_spills"] == "0" or row["loop_kind"] == "tile", row
         assert int(row["tiles"]) <= int(row["waves"]) * int(row["gemm_programs"]), row
     md = (tmp_path / f"compiled_quick_{name}_sm90.md").read_text()
     assert "compiled on a CPU-only host, not run" in md and "command" in md

@@ -154,4 +154,7 @@ def test_lowering_through_the_real_jax_triton(tmp_path):
     if r.returncode == 77:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert len([line for line in r.stdout.splitlines() if "target=sm_90a" in line]) == 4
+    lines = r.stdout.splitlines()
+    assert len([line for line in lines if "target=sm_90a" in line]) == 12, r.stdout
+    assert len([line for line in lines if "gradient: kernels=" in line]) == 4, r.stdout
+    assert len([line for line in lines if "auto (a record says fused)" in line]) == 2, r.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Hashable
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from custom_calls import gemm
@@ -114,7 +115,22 @@ def result_dtype(op: str, x, w, preferred_element_type):
     return dtype
 
 
-def check_scatter_rows(op: str, x, axis_name: Hashable, size: int) -> None:
-    if x.shape[0] % size:
-        raise ValueError(f"{op}: x{tuple(x.shape)} has {x.shape[0]} rows, not divisible by the "
-                         f"size {size} of axis {axis_name!r} it is scattered over")
+def row_dim(op: str, x, dim, what: str) -> int:
+    """``dim`` (``what``: "axis", "scatter_dimension"), the dim of x the op
+    gathers or scatters along, as a non-negative int: any dim of x but the
+    last (the contraction dim), negative ones counted from the end as in
+    ``lax``."""
+    last = x.ndim - 2
+    integer = isinstance(dim, (int, np.integer)) and not isinstance(dim, bool)
+    if not integer or not 0 <= (dim + x.ndim if dim < 0 else dim) <= last:
+        raise ValueError(f"{op}: {what} must be a dim of x{tuple(x.shape)} other than its last "
+                         f"(the contraction dim): an int from 0 to {last} (or {-x.ndim} to -2), "
+                         f"got {dim!r}")
+    return int(dim) % x.ndim
+
+
+def check_scatter_rows(op: str, x, axis_name: Hashable, size: int, dim: int = 0) -> None:
+    if x.shape[dim] % size:
+        raise ValueError(f"{op}: x{tuple(x.shape)} has {x.shape[dim]} rows in dim {dim}, not "
+                         f"divisible by the size {size} of axis {axis_name!r} it is scattered "
+                         f"over")

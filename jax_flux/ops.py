@@ -231,19 +231,30 @@ def _varying(a, axes):
     return lax.pcast(a, missing, to="varying") if missing else a
 
 
+def _batched(op, dims: int):
+    """``op`` of x's dims from ``dims`` on, mapped over the ``dims`` before: a
+    batch of problems sharing w, each gathered or scattered along its dim 0.
+    (The fused impl folds such a batch into its one launch: ``jax.vmap``
+    against a shared weight, ``_fused.vmap_folding``.)"""
+    for _ in range(dims):
+        op = jax.vmap(op)
+    return op
+
+
 def _rows(x):
     """x [rows, ..., K] as the 2-D [rows * ..., K] the impls take (no copy: row-major)."""
     return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
 
 
-def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: str = "auto",
-                      config: Any = None, preferred_element_type: Any = None,
-                      w_transposed: bool = False, return_gathered: bool = False):
+def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, axis: int = 0,
+                      impl: str = "auto", config: Any = None,
+                      preferred_element_type: Any = None, w_transposed: bool = False,
+                      return_gathered: bool = False):
     """All-gathers ``x`` over ``axis_name`` (tiled, along rows) and multiplies by ``w``.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
-    ``lax.all_gather(x, axis_name, axis=0, tiled=True) @ w`` accumulated in
-    float32, without materialising the gather before the matmul starts
+    ``lax.all_gather(x, axis_name, axis=axis, tiled=True) @ w`` accumulated
+    in float32, without materialising the gather before the matmul starts
     (impl ``"ring"`` and ``"fused"``).
 
     Args:
@@ -255,6 +266,11 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
       w: [K, n], same dtype as x (typically this rank's column shard).
       axis_name: the mesh axis to gather over (size P), or a tuple of axes
         (one axis of their sizes' product, the first major, as in ``lax``).
+      axis: the dim of x gathered along, any but the last (negative: from
+        the end), as in ``lax.all_gather``: 1 for MaxText's [b, s, h] with
+        the sequence sharded. The dims before it are a batch of problems
+        sharing w (``jax.vmap``: the fused impl folds them into its one
+        launch).
       impl: ``"xla"`` (all-gather then matmul), ``"ring"`` (bidirectional
         collective-permute ring overlapping chunk matmuls), ``"fused"`` (the
         Flux Triton kernel) or ``"auto"``: the one measured fastest for this
@@ -281,19 +297,27 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
       [m * P, n] (or [m * P, ..., n]) in x's dtype (or
       ``preferred_element_type``); rank r's rows at [r * m, (r + 1) * m).
       With ``return_gathered``, (that, the gathered x [m * P, (...,) K] in
-      x's dtype).
+      x's dtype). With ``axis``, x's shape with dim ``axis`` P times longer
+      and the last n.
 
     Raises:
       ValueError: x of fewer than 2 dims or w not 2-D, contraction sizes or
         dtypes differ, an unsupported dtype or preferred_element_type (or
-        none for float8 operands), an unknown impl, or no such bound axis.
+        none for float8 operands), axis not a dim of x before its last, an
+        unknown impl, or no such bound axis.
     """
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size, w_transposed)
+    axis = _validate.row_dim(_AG, x, axis, "axis")
     out_dtype = _validate.result_dtype(_AG, x, w, preferred_element_type)
     impl = _resolve(_AG, impl, config)
     if return_gathered not in (True, False):
         raise ValueError(f"{_AG}: return_gathered must be a bool, got {return_gathered!r}")
+    if axis:
+        return _batched(functools.partial(
+            all_gather_matmul, w=w, axis_name=axis_name, impl=impl, config=config,
+            preferred_element_type=preferred_element_type, w_transposed=w_transposed,
+            return_gathered=return_gathered), axis)(x)
     args = (*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
             bool(w_transposed))
     outs = _ag_gathered(*args) if return_gathered else (_ag(*args),)
@@ -305,14 +329,14 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, impl: 
 
 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
-                          impl: str = "auto", config: Any = None,
+                          scatter_dimension: int = 0, impl: str = "auto", config: Any = None,
                           preferred_element_type: Any = None,
                           w_transposed: bool = False) -> jax.Array:
     """Multiplies ``x @ w`` and reduce-scatters the sum over ``axis_name`` along rows.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
-    ``lax.psum_scatter(x @ w, axis_name, scatter_dimension=0, tiled=True)``
-    with the matmul accumulated in float32.
+    ``lax.psum_scatter(x @ w, axis_name, scatter_dimension=scatter_dimension,
+    tiled=True)`` with the matmul accumulated in float32.
 
     Args:
       x: [M, k], or [M, ..., k] (scattered along dim 0, the middle dims
@@ -322,6 +346,10 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
       w: [k, N], same dtype as x (typically this rank's row shard).
       axis_name: the mesh axis (or tuple of axes) to reduce and scatter over
         (size P).
+      scatter_dimension: the dim of x scattered along, any but the last
+        (negative: from the end), as in ``lax.psum_scatter``; its size
+        divisible by P. The dims before it are a batch of problems sharing
+        w, as with ``all_gather_matmul``'s ``axis``.
       impl: ``"xla"``, ``"ring"``, ``"fused"`` or ``"auto"``, as in
         ``all_gather_matmul``.
       config: ``MatmulReduceScatterConfig`` for impl ``"fused"``; None picks
@@ -339,13 +367,19 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
       of the sum over ranks.
 
     Raises:
-      ValueError: as ``all_gather_matmul``, and when M is not divisible by P.
+      ValueError: as ``all_gather_matmul``, and when M (dim
+        ``scatter_dimension``) is not divisible by P.
     """
     size = _validate.axis_size(_RS, axis_name)
     _validate.check_operands(_RS, x, w, axis_name, size, w_transposed)
-    _validate.check_scatter_rows(_RS, x, axis_name, size)
+    dim = _validate.row_dim(_RS, x, scatter_dimension, "scatter_dimension")
+    _validate.check_scatter_rows(_RS, x, axis_name, size, dim)
     out_dtype = _validate.result_dtype(_RS, x, w, preferred_element_type)
     impl = _resolve(_RS, impl, config)
+    if dim:
+        return _batched(functools.partial(
+            matmul_reduce_scatter, w=w, axis_name=axis_name, impl=impl, config=config,
+            preferred_element_type=preferred_element_type, w_transposed=w_transposed), dim)(x)
     z = _rs(*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
             bool(w_transposed))
     # Rank r's share of the flattened rows is rows [r * M/P, (r + 1) * M/P) of x's dim 0.

@@ -84,11 +84,28 @@ def test_unsupported_dtype(op, dtype):
 
 
 def test_reduce_scatter_rows_divisible_by_axis_size():
-    with pytest.raises(ValueError, match=r"x\(12, 4\) has 12 rows, not divisible by the size 8"):
-        call(jax_flux.matmul_reduce_scatter, arr((12, 4)), arr((4, 3)))
+    rs = jax_flux.matmul_reduce_scatter
+    with pytest.raises(ValueError, match=r"x\(12, 4\) has 12 rows in dim 0, not divisible by "
+                                         r"the size 8"):
+        call(rs, arr((12, 4)), arr((4, 3)))
     # Scattered along dim 0: 12 x 2 rows flattened would divide, dim 0 does not.
-    with pytest.raises(ValueError, match=r"x\(12, 2, 4\) has 12 rows, not divisible by the size 8"):
-        call(jax_flux.matmul_reduce_scatter, arr((12, 2, 4)), arr((4, 3)))
+    with pytest.raises(ValueError, match=r"x\(12, 2, 4\) has 12 rows in dim 0, not divisible "
+                                         r"by the size 8"):
+        call(rs, arr((12, 2, 4)), arr((4, 3)))
+    with pytest.raises(ValueError, match=r"x\(8, 12, 4\) has 12 rows in dim 1, not divisible "
+                                         r"by the size 8"):
+        call(rs, arr((8, 12, 4)), arr((4, 3)), scatter_dimension=-2)
+
+
+@pytest.mark.parametrize("op,what", [(jax_flux.all_gather_matmul, "axis"),
+                                     (jax_flux.matmul_reduce_scatter, "scatter_dimension")])
+@pytest.mark.parametrize("dim", [2, -1, 3, -4, 1.0, True, None])
+def test_the_row_dim_is_a_dim_of_x_before_its_last(op, what, dim):
+    # x [8, 8, 4]: dims 0 and 1 (or -3 and -2); the last is the contraction dim.
+    with pytest.raises(ValueError, match=rf"{what} must be a dim of x\(8, 8, 4\) other than its "
+                                         rf"last \(the contraction dim\): an int from 0 to 1 "
+                                         rf"\(or -3 to -2\), got {dim!r}"):
+        call(op, arr((8, 8, 4)), arr((4, 3)), **{what: dim})
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -1,8 +1,10 @@
-"""Shared test helpers: meshes over subsets of the 8 CPU devices, the lax reference in shard_map."""
+"""Shared test helpers: meshes over subsets of the 8 CPU devices, the lax reference in shard_map,
+an output and its gradients in the same harness."""
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -165,3 +167,23 @@ def count_peer_idle_asks(monkeypatch) -> list:
 
     monkeypatch.setattr(signals, "wait_peer_idle", counting)
     return count
+
+
+def out_and_grads(fn, mesh, in_specs, out_spec, x, w, seed=4):
+    """(out, dx, dw) of the global view of ``fn`` over ``mesh``, the gradients for
+    a random cotangent (a permutation of the output's rows would show)."""
+    f = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec)
+    shape = jax.eval_shape(f, x, w)
+    g = jnp.asarray(np.random.default_rng(seed).standard_normal(shape.shape), shape.dtype)
+
+    def run(x, w):
+        out, vjp = jax.vjp(f, x, w)
+        return (out, *vjp(g))
+
+    return jax.jit(run)(x, w)
+
+
+def assert_close(got, want, tol=1e-5):
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert testing.relative_error(a, np.asarray(b, np.float64)) < tol

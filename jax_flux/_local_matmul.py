@@ -21,7 +21,7 @@ from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 
 def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
                     impl: str = "auto", config=None, preferred_element_type=None, scale=None,
-                    kernel_transposed: bool = False):
+                    kernel_transposed: bool = False, sequence_dim: int = 0):
     """Column-parallel matmul on local shards, inside a ``shard_map`` over ``axis_name``.
 
     Args:
@@ -38,28 +38,28 @@ def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: 
       scale: ``[*out_local]`` float32 multiplying the product before the bias
         (``quantize_float8``), or None.
       kernel_transposed: the kernel's layout, above.
+      sequence_dim: x's sequence dim (0: ``[S, B, ...]``; 1: ``[B, S, ...]``).
 
     Returns:
       ``[S, ..., *out_local]``: the whole sequence, this rank's output features.
     """
-    lead, k_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k_in)
+    k_in = x.shape[-1]
     out_dims = kernel.shape[:-1] if kernel_transposed else kernel.shape[1:]
     k2 = kernel.reshape(-1, k_in) if kernel_transposed else kernel.reshape(k_in, -1)
     if sequence_parallel:
-        y = all_gather_matmul(x2, k2, axis_name, impl=impl, config=config,
+        y = all_gather_matmul(x, k2, axis_name, axis=sequence_dim, impl=impl, config=config,
                               preferred_element_type=preferred_element_type,
                               w_transposed=kernel_transposed)
-        lead = (y.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
-        y = dot_f32(x2, k2, kernel_transposed).astype(preferred_element_type or x.dtype)
-    y = _scaled(y.reshape(*lead, *out_dims), scale)
+        y = dot_f32(x.reshape(-1, k_in), k2, kernel_transposed).astype(
+            preferred_element_type or x.dtype).reshape(*x.shape[:-1], -1)
+    y = _scaled(y.reshape(*y.shape[:-1], *out_dims), scale)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
 def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
                  impl: str = "auto", config=None, preferred_element_type=None, scale=None,
-                 kernel_transposed: bool = False):
+                 kernel_transposed: bool = False, sequence_dim: int = 0):
     """Row-parallel matmul on local shards, inside a ``shard_map`` over ``axis_name``.
 
     Args:
@@ -76,6 +76,7 @@ def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: boo
       scale: ``[out]`` float32 multiplying the sum before the bias
         (``quantize_float8``), or None.
       kernel_transposed: the kernel's layout, above.
+      sequence_dim: x's sequence dim, as ``column_parallel``.
 
     Returns:
       ``[S / P, ..., out]`` with ``sequence_parallel`` (this rank's sequence
@@ -83,18 +84,18 @@ def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: boo
     """
     n_in = kernel.ndim - 1
     lead = x.shape[:x.ndim - n_in]
-    x2 = x.reshape(math.prod(lead), -1)
+    x = x.reshape(*lead, -1)  # the input features flattened (no copy)
     n_out = kernel.shape[0] if kernel_transposed else kernel.shape[-1]
     k2 = kernel.reshape(n_out, -1) if kernel_transposed else kernel.reshape(-1, n_out)
     out_dtype = preferred_element_type or x.dtype
     if sequence_parallel:
-        z = matmul_reduce_scatter(x2, k2, axis_name, impl=impl, config=config,
-                                  preferred_element_type=preferred_element_type,
+        z = matmul_reduce_scatter(x, k2, axis_name, scatter_dimension=sequence_dim, impl=impl,
+                                  config=config, preferred_element_type=preferred_element_type,
                                   w_transposed=kernel_transposed)
-        lead = (z.shape[0] // math.prod(lead[1:]),) + tuple(lead[1:])
     else:
-        z = lax.psum(dot_f32(x2, k2, kernel_transposed).astype(out_dtype), axis_name)
-    z = _scaled(z.reshape(*lead, n_out), scale)
+        z = lax.psum(dot_f32(x.reshape(math.prod(lead), -1), k2, kernel_transposed).astype(
+            out_dtype), axis_name).reshape(*lead, n_out)
+    z = _scaled(z, scale)
     return z if bias is None else z + bias.astype(z.dtype)
 
 

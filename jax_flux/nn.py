@@ -2,8 +2,9 @@
 
 Megatron-style tensor parallelism over one mesh axis (``axis_name``, size P),
 with sequence parallelism: between blocks, activations are laid out
-``[S, B, ...]`` (sequence first) and sharded along S, so a gathered
-activation's rows are the true sequence order and no token is ever permuted.
+``[S, B, ...]`` (sequence first; ``sequence_dim=1``: ``[B, S, ...]``) and
+sharded along S, so a gathered activation's rows are the true sequence order
+and no token is ever permuted.
 
 * ``ColumnParallelLinear``: the kernel is sharded along its first output dim.
   Sequence-parallel input (sharded along S) goes through ``all_gather_matmul``;
@@ -35,16 +36,18 @@ back reduce-scattered, stored like the kernel.
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_flux._axes import axis_names
+# The layers' mesh helpers are this module's API too (models use them).
+from jax_flux._layer_sharding import axis_size, in_manual_context, place, token_spec
 from jax_flux._local_matmul import column_parallel, row_parallel
 from jax_flux._validate import is_float8
 
@@ -55,39 +58,6 @@ default_kernel_init = nnx.initializers.lecun_normal()
 
 def _as_shape(features: Shape) -> tuple[int, ...]:
     return (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
-
-
-def axis_size(mesh: Mesh, axis_name: Hashable) -> int:
-    """Devices along the tensor-parallel axis (or tuple of axes) of ``mesh``."""
-    names = axis_names(axis_name)
-    if not set(names) <= set(mesh.axis_names):
-        raise ValueError(f"mesh has axes {mesh.axis_names}, not the tensor-parallel axis "
-                         f"{axis_name!r}")
-    return math.prod(int(mesh.shape[a]) for a in names)
-
-
-def in_manual_context(axis_name: Hashable) -> bool:
-    """True inside a shard_map that is manual over ``axis_name`` (local shards)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return set(axis_names(axis_name)) <= set(getattr(mesh, "manual_axes", ()))
-
-
-def place(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
-    """``x`` laid out as ``spec`` on ``mesh``, in global view under jit.
-
-    On a mesh with ``Explicit`` axes (``jax.make_mesh``'s default) a layout
-    is part of the type: ``jax.sharding.reshard`` moves the data, and
-    ``shard_map`` requires its inputs to match ``in_specs`` already. On
-    ``Auto`` axes it is a ``with_sharding_constraint``.
-    """
-    sharding = NamedSharding(mesh, spec)
-    if getattr(mesh, "explicit_axes", ()):  # JAX refuses meshes mixing the two kinds
-        return jax.sharding.reshard(x, sharding)
-    return lax.with_sharding_constraint(x, sharding)
-
-
-def _batch_spec(batch_axis) -> Any:
-    return batch_axis if batch_axis else None
 
 
 def relayout(kernel, layer, transposed: bool):
@@ -105,7 +75,8 @@ class _ParallelLinear(nnx.Module):
 
     def __init__(self, in_features: Shape, out_features: Shape, *, mesh: Mesh,
                  axis_name: Hashable = "tp", use_bias: bool = False, impl: str = "auto",
-                 config=None, sequence_parallel: bool = True, batch_axis=None, dtype=None,
+                 config=None, sequence_parallel: bool = True, sequence_dim: int = 0,
+                 batch_axis=None, dtype=None,
                  param_dtype=jnp.float32, preferred_element_type=None, fsdp_axis=None,
                  kernel_transposed: bool = False, kernel_init=default_kernel_init,
                  bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
@@ -126,6 +97,10 @@ class _ParallelLinear(nnx.Module):
         self.impl = impl
         self.config = config
         self.sequence_parallel = sequence_parallel
+        if isinstance(sequence_dim, bool) or sequence_dim not in (0, 1):
+            raise ValueError(f"{type(self).__name__}: sequence_dim must be 0 ([S, B, ...]) or 1 "
+                             f"([B, S, ...]), got {sequence_dim!r}")
+        self.sequence_dim = sequence_dim
         self.batch_axis = batch_axis
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -162,6 +137,9 @@ class _ParallelLinear(nnx.Module):
         # A float32 scale per output feature once quantize_float8 made the kernel
         # float8 (a data attribute, so that it may become a Param then).
         self.kernel_scale = nnx.data(None)
+
+    def _tokens(self) -> str:
+        return "B, S, ..." if self.sequence_dim else "S, ..."
 
     def _compute_dtype(self, x):
         return self.dtype or jnp.result_type(x.dtype, self.param_dtype)
@@ -258,9 +236,12 @@ class ColumnParallelLinear(_ParallelLinear):
       use_bias: add a bias (sharded like the output).
       impl, config: passed to ``all_gather_matmul``.
       sequence_parallel: default for calls; True: x is sharded along its
-        leading (sequence) dim and gathered; False: x is replicated.
-      batch_axis: mesh axis (or axes) of dim 1 of x in the global view (data
-        parallelism), or None.
+        sequence dim and gathered; False: x is replicated.
+      sequence_dim: where x's sequence dim is: 0 (``[S, B, ...]``,
+        Megatron's) or 1 (``[B, S, ...]``, MaxText's; the ops gather and
+        scatter along it in place, no transpose).
+      batch_axis: mesh axis (or axes) of x's batch dim (the other of its
+        first two) in the global view (data parallelism), or None.
       dtype: compute dtype (default: promote x and params); param_dtype: of
         the parameters; preferred_element_type: the result's dtype (default:
         the compute dtype), as in ``nnx.Linear``: float32 logits from
@@ -302,22 +283,23 @@ class ColumnParallelLinear(_ParallelLinear):
         return (self.axis_name,) + (None,) * (len(self.out_shape) - 1)
 
     def _check_input(self, x):
-        if x.ndim < 2 or x.shape[-1] != self.in_shape[0]:
-            raise ValueError(f"ColumnParallelLinear: expected x [S, ..., {self.in_shape[0]}], "
-                             f"got {x.shape}")
+        if x.ndim < 2 + self.sequence_dim or x.shape[-1] != self.in_shape[0]:
+            raise ValueError(f"ColumnParallelLinear: expected x [{self._tokens()}, "
+                             f"{self.in_shape[0]}], got {x.shape}")
 
     def _local_fn(self, sp):
         def fn(x, kernel, bias, scale):
             return column_parallel(x, kernel, bias, axis_name=self.axis_name,
                                    sequence_parallel=sp, impl=self.impl, config=self.config,
                                    preferred_element_type=self.preferred_element_type,
-                                   scale=scale, kernel_transposed=self.kernel_transposed)
+                                   scale=scale, kernel_transposed=self.kernel_transposed,
+                                   sequence_dim=self.sequence_dim)
         return fn
 
     def _activation_specs(self, ndim, sp):
-        mid = (_batch_spec(self.batch_axis),) + (None,) * (ndim - 3)
-        x_spec = P(self.axis_name if sp else None, *mid, None)
-        out_spec = P(None, *mid, self.axis_name, *(None,) * (len(self.out_shape) - 1))
+        x_spec = P(*token_spec(self, ndim - 1, sp), None)
+        out_spec = P(*token_spec(self, ndim - 1, False), self.axis_name,
+                     *(None,) * (len(self.out_shape) - 1))
         return x_spec, out_spec
 
 
@@ -329,8 +311,8 @@ class RowParallelLinear(_ParallelLinear):
       in_features: int or tuple, the trailing dims of x; the first is split
         over the axis (the sharded output of a ColumnParallelLinear).
       out_features: output features.
-      mesh, axis_name, impl, config, batch_axis, dtype, param_dtype, preferred_element_type,
-        kernel_init, bias_init, rngs: as ColumnParallelLinear (impl/config go
+      mesh, axis_name, impl, config, sequence_dim, batch_axis, dtype, param_dtype,
+        preferred_element_type, kernel_init, bias_init, rngs: as ColumnParallelLinear (impl/config go
         to ``matmul_reduce_scatter``).
       kernel_transposed: store the kernel as ``[out, *in]``, as
         ColumnParallelLinear.
@@ -338,7 +320,7 @@ class RowParallelLinear(_ParallelLinear):
         output features.
       use_bias: add a (replicated) bias after the reduction.
       sequence_parallel: default for calls; True: reduce-scatter along the
-        leading (sequence) dim; False: all-reduce (replicated result).
+        sequence dim (``sequence_dim``); False: all-reduce (replicated result).
 
     Raises:
       ValueError: at construction, when ``in_features[0]`` is not divisible
@@ -365,21 +347,22 @@ class RowParallelLinear(_ParallelLinear):
 
     def _check_input(self, x):
         n = len(self.in_shape)
-        if x.ndim < n + 1 or (n > 1 and tuple(x.shape[-(n - 1):]) != self.in_shape[1:]):
-            raise ValueError(f"RowParallelLinear: expected x [S, ..., *{self.in_shape}] (first "
-                             f"feature dim sharded), got {x.shape}")
+        if x.ndim < n + 1 + self.sequence_dim or (
+                n > 1 and tuple(x.shape[-(n - 1):]) != self.in_shape[1:]):
+            raise ValueError(f"RowParallelLinear: expected x [{self._tokens()}, "
+                             f"*{self.in_shape}] (first feature dim sharded), got {x.shape}")
 
     def _local_fn(self, sp):
         def fn(x, kernel, bias, scale):
             return row_parallel(x, kernel, bias, axis_name=self.axis_name,
                                 sequence_parallel=sp, impl=self.impl, config=self.config,
                                 preferred_element_type=self.preferred_element_type,
-                                scale=scale, kernel_transposed=self.kernel_transposed)
+                                scale=scale, kernel_transposed=self.kernel_transposed,
+                                sequence_dim=self.sequence_dim)
         return fn
 
     def _activation_specs(self, ndim, sp):
         n = len(self.in_shape)
-        mid = (_batch_spec(self.batch_axis),) + (None,) * (ndim - n - 2)
-        x_spec = P(None, *mid, self.axis_name, *(None,) * (n - 1))
-        out_spec = P(self.axis_name if sp else None, *mid, None)
+        x_spec = P(*token_spec(self, ndim - n, False), self.axis_name, *(None,) * (n - 1))
+        out_spec = P(*token_spec(self, ndim - n, sp), None)
         return x_spec, out_spec

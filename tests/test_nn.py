@@ -11,41 +11,11 @@ from jax_flux import testing
 from jax_flux.nn import ColumnParallelLinear, RowParallelLinear
 from models import Llama, LlamaConfig
 from tests.helpers import mesh_of
-
-
-def _pair(mesh, impl, use_bias=True, **kw):
-    col = ColumnParallelLinear(16, (32, 2), mesh=mesh, use_bias=use_bias, impl=impl,
-                               rngs=nnx.Rngs(0), **kw)
-    row = RowParallelLinear(32, 24, mesh=mesh, use_bias=use_bias, impl=impl, rngs=nnx.Rngs(1),
-                            **kw)
-    if use_bias:  # nonzero biases, so they are checked too (placed as the parameters are)
-        col.bias[...] = jax.device_put(jnp.linspace(-1, 1, 64).reshape(32, 2),
-                                       col.bias[...].sharding)
-        row.bias[...] = jax.device_put(jnp.linspace(1, 2, 24), row.bias[...].sharding)
-    return col, row
-
-
-def _mlp(col, row, x, sp=True):
-    h = col(x, sequence_parallel=sp)
-    return row(jax.nn.silu(h[..., 0]) * h[..., 1], sequence_parallel=sp)
-
-
-def _dense(col, row, x):
-    def f64(p):
-        return 0.0 if p is None else np.asarray(p[...], np.float64)
-
-    x = np.asarray(x, np.float64)
-    h = np.einsum("sbi,ifo->sbfo", x, f64(col.kernel)) + f64(col.bias)
-    g = h[..., 0] / (1 + np.exp(-h[..., 0])) * h[..., 1]
-    return g @ f64(row.kernel) + f64(row.bias)
-
-
-def _x(s=16, b=2, h=16, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal((s, b, h)), jnp.float32)
+from tests.nn_helpers import dense, mlp, pair, x_of
 
 
 def test_parameters_carry_their_sharding():
-    col, row = _pair(mesh_of(8), "xla")
+    col, row = pair(mesh_of(8), "xla")
     specs = nnx.get_partition_spec(nnx.state(col))
     assert specs["kernel"].get_value() == P(None, "tp", None)
     assert specs["bias"].get_value() == P("tp", None)
@@ -58,78 +28,13 @@ def test_parameters_carry_their_sharding():
 
 @pytest.mark.parametrize("impl", ["xla", "ring", "fused"])
 def test_global_view_under_jit(impl):
-    col, row = _pair(mesh_of(8), impl)
-    x = _x()
-    out = nnx.jit(_mlp)(col, row, x)
+    col, row = pair(mesh_of(8), impl)
+    x = x_of()
+    out = nnx.jit(mlp)(col, row, x)
     assert out.shape == (16, 2, 24)
     # Sequence-sharded output, in true sequence order.
     assert out.sharding.spec[0] == "tp"
-    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
-
-
-@pytest.mark.parametrize("impl", ["xla", "fused"])
-def test_batch_split_over_a_data_parallel_axis(impl):
-    # A (dp, tp) mesh: the batch (dim 1) over "dp", parameters replicated along it,
-    # their gradients summed over it; against the same layers on one device.
-    from jax.sharding import Mesh
-
-    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
-    col, row = _pair(mesh, impl, batch_axis="dp")
-    x = _x(b=4, seed=8)
-    out = nnx.jit(_mlp)(col, row, x)
-    assert tuple(out.sharding.spec)[:2] == ("tp", "dp")
-    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
-
-    def grads(col, row):
-        loss = lambda c, r: jnp.sum(jnp.sin(_mlp(c, r, x)))  # noqa: E731
-        return jax.tree.leaves(nnx.to_pure_dict(nnx.state(
-            nnx.jit(nnx.grad(loss, argnums=(0, 1)))(col, row))))
-
-    want = grads(*_pair(mesh_of(1), "xla"))
-    got = grads(col, row)
-    assert len(got) == len(want) == 4
-    for a, b in zip(got, want):
-        assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
-
-
-@pytest.mark.parametrize("impl", ["xla", "fused"])
-def test_fsdp_parameters_split_over_the_data_parallel_axis_too(impl):
-    # FSDP x TP on a (dp, tp) mesh: kernels stored split over "dp" as well (1/8
-    # a device), gathered per call; outputs and gradients as on one device, in
-    # global view and inside a user's shard_map over both axes.
-    from jax.sharding import Mesh
-
-    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
-    col, row = _pair(mesh, impl, batch_axis="dp", fsdp_axis="dp")
-    assert nnx.get_partition_spec(nnx.state(col))["kernel"].get_value() == P("dp", "tp", None)
-    assert nnx.get_partition_spec(nnx.state(row))["kernel"].get_value() == P("tp", "dp")
-    assert col.kernel[...].sharding.shard_shape((16, 32, 2)) == (8, 8, 2)
-    assert row.kernel[...].sharding.shard_shape((32, 24)) == (8, 12)
-    x = _x(b=4, seed=9)
-    out = nnx.jit(_mlp)(col, row, x)
-    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
-
-    def grads(col, row):
-        loss = lambda c, r: jnp.sum(jnp.sin(_mlp(c, r, x)))  # noqa: E731
-        return nnx.state(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(col, row))
-
-    want = jax.tree.leaves(nnx.to_pure_dict(grads(*_pair(mesh_of(1), "xla"))))
-    got = grads(col, row)
-    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(got)), want):
-        assert testing.relative_error(a, np.asarray(b, np.float64)) < 1e-5
-    # The kernels' gradients come back split like the kernels (reduce-scattered).
-    assert got[0]["kernel"][...].sharding.shard_shape((16, 32, 2)) == (8, 8, 2)
-
-    graph, state = nnx.split((col, row))
-    specs = nnx.get_partition_spec(state)
-
-    def body(state, x):  # local shards: 1/8 of each kernel, gathered over "dp" per call
-        c, r = nnx.merge(graph, state)
-        return _mlp(c, r, x)
-
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P("tp", "dp")),
-                              out_specs=P("tp", "dp")))
-    assert testing.relative_error(f(state, x), _dense(col, row, x)) < 1e-5
+    assert testing.relative_error(out, dense(col, row, x)) < 1e-5
 
 
 @pytest.mark.parametrize("impl", ["xla", "fused"])
@@ -143,20 +48,20 @@ def test_kernels_stored_transposed(impl):
 
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp"))
     kw = dict(batch_axis="dp", fsdp_axis="dp")
-    col, row = _pair(mesh, impl, **kw)
-    colt, rowt = _pair(mesh, impl, kernel_transposed=True, **kw)
+    col, row = pair(mesh, impl, **kw)
+    colt, rowt = pair(mesh, impl, kernel_transposed=True, **kw)
     np.testing.assert_array_equal(colt.kernel[...], jnp.transpose(col.kernel[...], (1, 2, 0)))
     np.testing.assert_array_equal(rowt.kernel[...], row.kernel[...].T)
     assert nnx.get_partition_spec(nnx.state(colt))["kernel"].get_value() == P("tp", None, "dp")
     assert nnx.get_partition_spec(nnx.state(rowt))["kernel"].get_value() == P("dp", "tp")
-    x = _x(b=4, seed=10)
+    x = x_of(b=4, seed=10)
     for sp in (True, False):
-        want = np.asarray(nnx.jit(lambda c, r, x: _mlp(c, r, x, sp))(col, row, x), np.float64)
-        got = nnx.jit(lambda c, r, x: _mlp(c, r, x, sp))(colt, rowt, x)
+        want = np.asarray(nnx.jit(lambda c, r, x: mlp(c, r, x, sp))(col, row, x), np.float64)
+        got = nnx.jit(lambda c, r, x: mlp(c, r, x, sp))(colt, rowt, x)
         assert testing.relative_error(got, want) < 1e-6, sp
 
     def grads(col, row):
-        loss = lambda c, r: jnp.sum(jnp.sin(_mlp(c, r, x)))  # noqa: E731
+        loss = lambda c, r: jnp.sum(jnp.sin(mlp(c, r, x)))  # noqa: E731
         return nnx.state(nnx.jit(nnx.grad(loss, argnums=(0, 1)))(col, row))
 
     want, got = grads(col, row), grads(colt, rowt)
@@ -170,64 +75,37 @@ def test_kernels_stored_transposed(impl):
 
     def body(state, x):
         c, r = nnx.merge(graph, state)
-        return _mlp(c, r, x)
+        return mlp(c, r, x)
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(nnx.get_partition_spec(state),
                                                          P("tp", "dp")),
                               out_specs=P("tp", "dp")))
-    assert testing.relative_error(f(state, x), _dense(col, row, x)) < 1e-5
+    assert testing.relative_error(f(state, x), dense(col, row, x)) < 1e-5
     with pytest.raises(ValueError, match="kernel_transposed must be a bool"):
-        _pair(mesh, impl, kernel_transposed="yes")
-
-
-@pytest.mark.parametrize("impl", ["ring", "fused"])
-def test_tensor_parallel_over_a_tuple_of_axes(impl):
-    # axis_name=("x", "y"): one tensor-parallel axis of 8 over a 2 x 4 mesh.
-    from jax.sharding import Mesh
-
-    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("x", "y"))
-    col, row = _pair(mesh, impl, axis_name=("x", "y"))
-    assert col.kernel[...].sharding.shard_shape((16, 32, 2)) == (16, 4, 2)
-    x = _x(seed=6)
-    out = nnx.jit(_mlp)(col, row, x)
-    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
-
-
-@pytest.mark.parametrize("impl", ["xla", "fused"])
-def test_a_mesh_with_explicit_axes(impl):
-    # jax.make_mesh's default: shard_map wants its inputs laid out as in_specs
-    # already, so the layers reshard them (jax_flux.nn.place).
-    mesh = jax.make_mesh((8,), ("tp",))
-    col, row = _pair(mesh, impl)
-    x = _x(seed=7)
-    out = nnx.jit(_mlp)(col, row, x)
-    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
-    with jax.set_mesh(mesh):
-        out = nnx.jit(_mlp)(col, row, x)
-    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+        pair(mesh, impl, kernel_transposed="yes")
 
 
 def test_replicated_decode_path():
-    col, row = _pair(mesh_of(8), "xla")
-    x = _x(s=1, seed=3)  # one position: cannot be split over 8 ranks
-    out = nnx.jit(lambda c, r, x: _mlp(c, r, x, sp=False))(col, row, x)
-    assert testing.relative_error(out, _dense(col, row, x)) < 1e-5
+    col, row = pair(mesh_of(8), "xla")
+    x = x_of(s=1, seed=3)  # one position: cannot be split over 8 ranks
+    out = nnx.jit(lambda c, r, x: mlp(c, r, x, sp=False))(col, row, x)
+    assert testing.relative_error(out, dense(col, row, x)) < 1e-5
 
 
 @pytest.mark.parametrize("impl", ["xla", "fused"])
 def test_inside_a_users_shard_map_on_local_shards(impl):
     mesh = mesh_of(8)
-    col, row = _pair(mesh, impl)
+    col, row = pair(mesh, impl)
     graph, state = nnx.split((col, row))
     specs = nnx.get_partition_spec(state)
 
     def body(state, x):  # local shards of the parameters and of the sequence
         c, r = nnx.merge(graph, state)
-        return _mlp(c, r, x)
+        return mlp(c, r, x)
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P("tp")), out_specs=P("tp")))
-    x = _x(seed=5)
-    assert testing.relative_error(f(state, x), _dense(col, row, x)) < 1e-5
+    x = x_of(seed=5)
+    assert testing.relative_error(f(state, x), dense(col, row, x)) < 1e-5
 
 
 def test_bfloat16_compute_with_float32_params():
@@ -236,11 +114,11 @@ def test_bfloat16_compute_with_float32_params():
                                rngs=nnx.Rngs(0))
     row = RowParallelLinear(32, 24, mesh=mesh, dtype=jnp.bfloat16, impl="ring", rngs=nnx.Rngs(1))
     assert col.kernel[...].dtype == jnp.float32
-    x = _x()
-    out = nnx.jit(_mlp)(col, row, x)
+    x = x_of()
+    out = nnx.jit(mlp)(col, row, x)
     assert out.dtype == jnp.bfloat16
     col64 = ColumnParallelLinear(16, (32, 2), mesh=mesh, rngs=nnx.Rngs(0))
-    assert testing.relative_error(out, _dense(col64, row, x)) < 3e-2
+    assert testing.relative_error(out, dense(col64, row, x)) < 3e-2
 
 
 def test_bad_sizes_raise_at_construction():
@@ -272,7 +150,7 @@ def test_bad_sizes_raise_at_construction():
 
 
 def test_wrong_input_width_is_a_clear_error():
-    col, _ = _pair(mesh_of(8), "xla")
+    col, _ = pair(mesh_of(8), "xla")
     with pytest.raises(ValueError, match=r"expected x \[S, ..., 16\], got \(16, 2, 8\)"):
         col(jnp.ones((16, 2, 8)))
 
@@ -285,7 +163,7 @@ def test_float32_results_from_bfloat16_compute(impl):
     kw = dict(dtype=jnp.bfloat16, preferred_element_type=jnp.float32, impl=impl)
     col = ColumnParallelLinear(16, 32, mesh=mesh, rngs=nnx.Rngs(0), **kw)
     row = RowParallelLinear(32, 24, mesh=mesh, rngs=nnx.Rngs(1), **kw)
-    x = _x().astype(jnp.bfloat16)
+    x = x_of().astype(jnp.bfloat16)
 
     def f64(a):
         return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
@@ -313,7 +191,7 @@ def test_float8_weights_with_bfloat16_compute(impl):
     row = RowParallelLinear(32, 24, mesh=mesh, rngs=nnx.Rngs(1), **kw)
     assert col.kernel[...].dtype == jnp.float8_e4m3fn and col.bias[...].dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(col.kernel[...], np.float32)))
-    x = _x().astype(jnp.bfloat16)
+    x = x_of().astype(jnp.bfloat16)
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     if impl == "fused":  # no convert of the kernel (XLA's CPU dot widens it itself)
         assert "xf8E4M3FN>) -> tensor" not in nnx.jit(lambda c, x: c(x)).lower(col, x).as_text()
@@ -339,8 +217,8 @@ def test_quantize_float8_with_a_scale_per_output_feature(impl, transposed):
     from jax_flux.quantize import quantize_float8
 
     mesh = mesh_of(8)
-    col, row = _pair(mesh, impl, dtype=jnp.bfloat16, kernel_transposed=transposed)
-    x = _x().astype(jnp.bfloat16)
+    col, row = pair(mesh, impl, dtype=jnp.bfloat16, kernel_transposed=transposed)
+    x = x_of().astype(jnp.bfloat16)
     ranges = jnp.linspace(0.01, 3, 64).reshape(32, 2)  # column ranges
     col.kernel[...] = col.kernel[...] * (ranges[..., None] if transposed else ranges)
     before_col = np.asarray(nnx.jit(lambda c, x: c(x))(col, x), np.float64)
@@ -358,7 +236,7 @@ def test_quantize_float8_with_a_scale_per_output_feature(impl, transposed):
                 f64(col.kernel_scale[...]) + f64(col.bias[...]))
         assert h.dtype == jnp.bfloat16 and testing.relative_error(h, want) < 1e-2
         assert testing.relative_error(h, before_col) < 5e-2
-    out = nnx.jit(_mlp)(col, row, x)  # through both quantized layers
+    out = nnx.jit(mlp)(col, row, x)  # through both quantized layers
     assert out.dtype == jnp.bfloat16
     assert testing.relative_error(out, _dense_scaled(col, row, x)) < 2e-2
     with pytest.raises(ValueError, match="ColumnParallelLinear at .: kernel is already "
@@ -367,7 +245,7 @@ def test_quantize_float8_with_a_scale_per_output_feature(impl, transposed):
     with pytest.raises(ValueError, match="no ColumnParallelLinear or RowParallelLinear in Rngs"):
         quantize_float8(nnx.Rngs(0))
     with pytest.raises(ValueError, match="dtype must be float8_e4m3fn or float8_e5m2"):
-        quantize_float8(_pair(mesh, impl)[0], jnp.bfloat16)
+        quantize_float8(pair(mesh, impl)[0], jnp.bfloat16)
 
 
 def _plain(layer):

@@ -112,6 +112,40 @@ def test_fused_gathered_x_and_grad_world_size_1():
     assert testing.relative_error(dw, x64.T @ g64) < 2e-2
 
 
+@pytest.mark.parametrize("op", list(testing.OPS))
+def test_fused_batch_first_folded_world_size_1(op):
+    # x [B, S, K] gathered / scattered along S (axis=1): the batch folded into
+    # the kernel's rows (ROWS < m), one launch, ragged S; output and gradients.
+    from jax.sharding import PartitionSpec as P
+
+    import jax_flux
+
+    mesh = testing.mesh(jax.devices()[:1])
+    rng = np.random.default_rng(11)
+    x64, w64 = rng.standard_normal((3, 333, 200)), rng.standard_normal((200, 129)) / 8
+    g64 = rng.standard_normal((3, 333, 129))
+    x, w, g = (jnp.asarray(a, jnp.bfloat16) for a in (x64, w64, g64))
+    if op == "all_gather_matmul":
+        ours = lambda x, w: jax_flux.all_gather_matmul(x, w, "tp", axis=1, impl="fused")  # noqa: E731
+        specs = (P(None, "tp"), P(None, "tp")), P(None, None, "tp")
+    else:
+        ours = lambda x, w: jax_flux.matmul_reduce_scatter(  # noqa: E731
+            x, w, "tp", scatter_dimension=1, impl="fused")
+        specs = (P(None, None, "tp"), P("tp", None)), P(None, "tp")
+    f = jax.shard_map(ours, mesh=mesh, in_specs=specs[0], out_specs=specs[1])
+
+    def run(x, w, g):
+        out, vjp = jax.vjp(f, x, w)
+        return (out, *vjp(g))
+
+    got = jax.jit(run)(x, w, g)
+    want = (x64 @ w64, g64 @ w64.T, np.einsum("bsk,bsn->kn", x64, g64))
+    for a, b in zip(got, want):
+        assert testing.relative_error(a, b) < 2e-2
+    text = jax.jit(f).lower(x, w).as_text()
+    assert text.count("triton_kernel_call") == 1 and "stablehlo.while" not in text
+
+
 def test_fused_large_world_size_1_with_explicit_configs():
     mesh = testing.mesh(jax.devices()[:1])
     for op, cfg in (("all_gather_matmul", AllGatherMatmulConfig(

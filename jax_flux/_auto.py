@@ -19,9 +19,8 @@ import warnings
 from typing import Callable, Hashable
 
 from jax_flux import _lowering_choice, workspace
-
-AG = "all_gather_matmul"
-RS = "matmul_reduce_scatter"
+from jax_flux._fused import device_kind
+from jax_flux._tuning_records import AG, explain
 
 
 def explained(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> dict:
@@ -31,13 +30,10 @@ def explained(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> dict:
     else xla, and its "fallback" the faster of xla and ring. Per launch, so
     the backward pass's ops follow their own measurements (``benchmarks.tune
     --backward``)."""
-    from jax_flux import autotune
-    from jax_flux._fused import device_kind
-
     n = w.shape[0] if w_transposed else w.shape[1]
     m_local = x.shape[0] if op == AG else x.shape[0] // size
-    return autotune.explain(op, device_kind(), m_local, x.shape[1], n, x.dtype, size,
-                            out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w.dtype)
+    return explain(op, device_kind(), m_local, x.shape[1], n, x.dtype, size,
+                   out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w.dtype)
 
 
 def launch(op: str, run: Callable[[str, object, object], object], x, w, axis_name: Hashable,

@@ -127,6 +127,15 @@ def main(argv) -> int:
             print(f"sm_{arch} {name}: {params} PTX parameters, expected {len(c.params)} + "
                   f"{Compiled.TRAILING_SCRATCH_PARAMS}", file=sys.stderr)
             return 1
+        # jax-triton 0.3.1 builds jaxlib's TritonKernel without a global scratch
+        # size (jaxlib 0.11 takes one), and the rank emulation passes null
+        # scratch pointers: a kernel that needs scratch (device-side TMA
+        # descriptors, say) would get none at run time.
+        if c.global_scratch:
+            print(f"sm_{arch} {name}: needs {c.global_scratch} bytes of Triton global scratch "
+                  f"a program; neither jax-triton 0.3.1 nor the rank emulation provides any",
+                  file=sys.stderr)
+            return 1
         f = ptx_features(c.ptx)
         sass = sass_features(c.cubin)
         if sass:

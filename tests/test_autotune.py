@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_flux
 from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, autotune, testing, workspace
+from tests.autotune_helpers import fresh_auto, impls_in, record_times
 from tests.helpers import mesh_of
 
 
@@ -176,71 +177,47 @@ def test_tune_records_xla_and_ring_beside_the_fused_config(cache):
                                                                                   key=times.get)
 
 
-def _fresh(op, mesh, grad=False):
-    # testing.sharded memoises its jitted functions, and auto is resolved when
-    # a call is traced: a new function each time sees the current records.
-    return testing.sharded.__wrapped__(op, mesh, "auto", grad=grad)
-
-
-def _impls_in(text: str) -> set:
-    """Which impls a lowered program holds: the kernel (a host callback on CPU
-    devices), the lax collectives, the ring's permutes."""
-    return {impl for impl, op in (("fused", "cpu_callback"), ("xla", "all_gather"),
-                                  ("xla", "reduce_scatter"), ("ring", "collective_permute"))
-            if op in text}
-
-
-def _record(op, m_local, k, n, *, fused=None, xla=None, ring=None, w_transposed=False):
-    kind = jax.devices()[0].device_kind
-    cfg = (AllGatherMatmulConfig if op == autotune.AG else MatmulReduceScatterConfig)(
-        block_m=16, block_n=16, block_k=16)
-    autotune.record(op, autotune.key(op, kind, m_local, k, n, jnp.float32, 8,
-                                     w_transposed=w_transposed),
-                    cfg if fused else None, fused,
-                    baselines_ms={k_: v for k_, v in (("xla", xla), ("ring", ring)) if v})
-
-
 def test_auto_runs_the_impl_measured_fastest_else_xla(cache):
     mesh = mesh_of(8)
     x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=5)
     xs, ws = testing.place(autotune.AG, mesh, x, w)
 
     def impls():
-        return _impls_in(_fresh(autotune.AG, mesh).lower(xs, ws).as_text())
+        return impls_in(fresh_auto(autotune.AG, mesh).lower(xs, ws).as_text())
 
     # Per rank: x [8, 32] @ w [32, 2]. Never measured: xla.
     assert impls() == {"xla"}
     # An entry tuned before xla's time was kept (the fused time alone): still xla.
-    _record(autotune.AG, 8, 32, 2, fused=0.5)
+    record_times(autotune.AG, 8, 32, 2, fused=0.5)
     assert impls() == {"xla"}
-    _record(autotune.AG, 8, 32, 2, fused=0.5, xla=1.0, ring=2.0)
+    record_times(autotune.AG, 8, 32, 2, fused=0.5, xla=1.0, ring=2.0)
     assert impls() == {"fused"}
-    out = _fresh(autotune.AG, mesh)(xs, ws)  # the fused kernel, with the recorded config
+    out = fresh_auto(autotune.AG, mesh)(xs, ws)  # the fused kernel, with the recorded config
     assert testing.relative_error(out, x64 @ w64) < 1e-5
-    _record(autotune.AG, 8, 32, 2, fused=0.5, xla=1.0, ring=0.25)
+    record_times(autotune.AG, 8, 32, 2, fused=0.5, xla=1.0, ring=0.25)
     assert impls() == {"ring"}
-    _record(autotune.AG, 8, 32, 2, fused=2.0, xla=1.0, ring=1.0)  # a tie stays on xla
+    record_times(autotune.AG, 8, 32, 2, fused=2.0, xla=1.0, ring=1.0)  # a tie stays on xla
     assert impls() == {"xla"}
     # No fused config passed when it was tuned: xla or ring, never fused.
-    _record(autotune.AG, 8, 32, 2, xla=1.0, ring=3.0)
+    record_times(autotune.AG, 8, 32, 2, xla=1.0, ring=3.0)
     assert impls() == {"xla"}
     kind = jax.devices()[0].device_kind
     assert autotune.lookup(autotune.AG, kind, 8, 32, 2, jnp.float32, 8) is None
 
 
-def test_auto_in_the_backward_pass_follows_the_backward_launch_record(cache):
+def test_auto_in_the_backward_pass_follows_the_backward_launchrecord_times(cache):
     # Forward AG-GEMM measured fastest on xla, its dx launch (a GEMM-RS of dy
     # [64, 2] with w^T [2, 32]) fastest fused: the gradient runs both.
     mesh = mesh_of(8)
-    _record(autotune.AG, 8, 32, 2, fused=2.0, xla=1.0)
-    _record(autotune.RS, 8, 2, 32, fused=0.5, xla=1.0, w_transposed=True)
+    record_times(autotune.AG, 8, 32, 2, fused=2.0, xla=1.0)
+    record_times(autotune.RS, 8, 2, 32, fused=0.5, xla=1.0, w_transposed=True)
     x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=6)
     g64 = np.random.default_rng(7).standard_normal((64, 16))
     xs, ws = testing.place(autotune.AG, mesh, x, w)
-    fn = _fresh(autotune.AG, mesh, grad=True)
+    fn = fresh_auto(autotune.AG, mesh, grad=True)
     g = jnp.asarray(g64, jnp.float32)
     text = fn.lower(xs, ws, g).as_text()
-    assert text.count("cpu_callback") == 1 and _impls_in(text) == {"fused", "xla"}
+    assert text.count("cpu_callback") == 1 and impls_in(text) == {"fused", "xla"}
     assert "reduce_scatter" not in text
     out, dx, dw = fn(xs, ws, g)
     assert testing.relative_error(out, x64 @ w64) < 1e-5
@@ -255,8 +232,8 @@ def test_an_untuned_m_takes_the_nearest_tuned_m_within_a_factor_of_2(cache):
     def best(m, **kw):
         return autotune.best_impl(AG, kind, m, 32, 2, jnp.float32, 8, **kw)
 
-    _record(AG, 8, 32, 2, fused=0.5, xla=1.0)   # fused fastest at 8 rows a rank
-    _record(AG, 32, 32, 2, fused=2.0, xla=1.0)  # xla at 32
+    record_times(AG, 8, 32, 2, fused=0.5, xla=1.0)   # fused fastest at 8 rows a rank
+    record_times(AG, 32, 32, 2, fused=2.0, xla=1.0)  # xla at 32
     assert [best(m) for m in (8, 12, 16, 24, 32, 64)] == [
         "fused", "fused",  # 12: nearest 8 (log2 0.58 against 1.42)
         "xla",             # 16: as near to 8 as to 32; the larger m's
@@ -281,16 +258,16 @@ def test_an_untuned_m_takes_the_nearest_tuned_m_within_a_factor_of_2(cache):
         "key": autotune.key(AG, kind, 3, 32, 2, jnp.float32, 8), "record": None, "file": None,
         "config": None, "measured_ms": {}, "auto": "xla", "fallback": None}
     # A problem tuned itself keeps its own record.
-    _record(AG, 12, 32, 2, fused=3.0, xla=1.0)
+    record_times(AG, 12, 32, 2, fused=3.0, xla=1.0)
     assert best(12) == "xla"
     assert autotune.explain(AG, kind, 12, 32, 2, jnp.float32, 8)["record"] == why["key"]
     # The op: 8 rows a rank, untuned, runs what 10 rows a rank measured fastest.
     mesh = mesh_of(8)
-    _record(AG, 10, 32, 16, fused=0.5, xla=1.0)
+    record_times(AG, 10, 32, 16, fused=0.5, xla=1.0)
     x, w, x64, w64 = testing.random_operands(64, 32, 128, jnp.float32, seed=8)
     xs, ws = testing.place(AG, mesh, x, w)
-    assert _impls_in(_fresh(AG, mesh).lower(xs, ws).as_text()) == {"fused"}
-    assert testing.relative_error(_fresh(AG, mesh)(xs, ws), x64 @ w64) < 1e-5
+    assert impls_in(fresh_auto(AG, mesh).lower(xs, ws).as_text()) == {"fused"}
+    assert testing.relative_error(fresh_auto(AG, mesh)(xs, ws), x64 @ w64) < 1e-5
 
 
 def _refuse_every_mesh(monkeypatch):
@@ -311,7 +288,7 @@ def test_auto_runs_the_faster_of_the_rest_where_the_mesh_refuses_the_fused_kerne
     # vmap with a shared weight (still one folded launch where fused).
     mesh = mesh_of(8)
     dims = (8, 32, 2) if op == autotune.AG else (8, 4, 16)  # per rank: m_local, k, n
-    _record(op, *dims, fused=0.5, xla=1.0, ring=0.75)
+    record_times(op, *dims, fused=0.5, xla=1.0, ring=0.75)
     x, w, x64, w64 = testing.random_operands(64, 32, 16, jnp.float32, seed=9)
     xs, ws = testing.place(op, mesh, x, w)
     g64 = np.random.default_rng(10).standard_normal((64, 16) if op == autotune.AG else (64, 16))
@@ -324,16 +301,16 @@ def test_auto_runs_the_faster_of_the_rest_where_the_mesh_refuses_the_fused_kerne
     xb = jnp.stack([xs, 2 * xs])
 
     def check(expect):
-        lowered = _fresh(op, mesh).lower(xs, ws)
-        assert _impls_in(lowered.as_text()) == {expect}
+        lowered = fresh_auto(op, mesh).lower(xs, ws)
+        assert impls_in(lowered.as_text()) == {expect}
         assert f"jax_flux.{op}[{expect}]" in lowered.as_text(debug_info=True)  # in profiles
-        assert testing.relative_error(_fresh(op, mesh)(xs, ws), want) < 1e-5
-        out, dx, dw = _fresh(op, mesh, grad=True)(xs, ws, g)
+        assert testing.relative_error(fresh_auto(op, mesh)(xs, ws), want) < 1e-5
+        out, dx, dw = fresh_auto(op, mesh, grad=True)(xs, ws, g)
         assert testing.relative_error(out, want) < 1e-5
         assert testing.relative_error(dx, g64 @ w64.T) < 1e-5
         assert testing.relative_error(dw, x64.T @ g64) < 1e-5
         text = batched.lower(xb, ws).as_text()
-        assert _impls_in(text) == {expect}
+        assert impls_in(text) == {expect}
         assert text.count("cpu_callback") == (1 if expect == "fused" else 0)
         assert "stablehlo.while" not in text
         out = batched(xb, ws)
@@ -349,9 +326,9 @@ def test_auto_runs_the_faster_of_the_rest_where_the_mesh_refuses_the_fused_kerne
                                          rf"measured fastest .* runs impl='ring' .*refused here"):
         check("ring")
     assert len(workspace.info()) == before
-    _record(op, *dims, fused=0.5, xla=1.0, ring=2.0)  # xla next: xla
+    record_times(op, *dims, fused=0.5, xla=1.0, ring=2.0)  # xla next: xla
     with pytest.warns(UserWarning, match="runs impl='xla'"):
-        assert _impls_in(_fresh(op, mesh).lower(xs, ws).as_text()) == {"xla"}
+        assert impls_in(fresh_auto(op, mesh).lower(xs, ws).as_text()) == {"xla"}
 
 
 def test_auto_runs_the_faster_of_the_rest_where_shard_map_is_not_manual_over_every_axis(
@@ -375,5 +352,5 @@ def test_auto_runs_the_faster_of_the_rest_where_shard_map_is_not_manual_over_eve
         body("fused").lower(x, w)
     auto = body("auto")
     with pytest.warns(UserWarning, match=r"runs impl='xla' .*manual over every mesh axis"):
-        assert _impls_in(auto.lower(x, w).as_text()) == {"xla"}
+        assert impls_in(auto.lower(x, w).as_text()) == {"xla"}
         assert testing.relative_error(auto(x, w), x64 @ w64) < 1e-5

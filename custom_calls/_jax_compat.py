@@ -20,3 +20,10 @@ def varying_axes_of_aval(aval) -> frozenset:
 def varying_axes(x) -> frozenset:
     """Mesh axes the value ``x`` varies over inside ``shard_map``."""
     return varying_axes_of_aval(jax.typeof(x))
+
+
+def lowering_for_export(ctx) -> bool:
+    """Whether the program a lowering rule's ``ctx`` belongs to is lowered for
+    ``jax.export`` (serialized, to run in another process), in jax 0.10 and 0.11."""
+    params = getattr(ctx.module_context, "lowering_parameters", None)
+    return bool(getattr(params, "for_export", False))

@@ -35,7 +35,7 @@ from jax.interpreters import batching, mlir
 
 from custom_calls import _mode
 from custom_calls._interpreter_launch import interleave, run_interpreted
-from custom_calls._jax_compat import varying_axes_of_aval as _varying_axes
+from custom_calls._jax_compat import lowering_for_export, varying_axes_of_aval as _varying_axes
 
 Grid = tuple[int, ...]
 
@@ -222,10 +222,22 @@ def _lowering_mesh(ctx):
     return getattr(ctx.module_context.axis_context, "mesh", None)
 
 
-def _with_lowered_constants(ctx, lowered: tuple, platform: str):
+def _with_lowered_constants(ctx, kernel, lowered: tuple, platform: str):
     """Resolves the LoweredConstant operands for the mesh this program is lowered on;
     returns a function that swaps each one's index operand for its table row, and
-    the operands' dtypes after that swap."""
+    the operands' dtypes after that swap.
+
+    Refuses a program lowered for ``jax.export``: the tables hold this process's
+    addresses (the symmetric workspace), meaningless in the process that would
+    load the serialized program.
+    """
+    if lowered and lowering_for_export(ctx):
+        raise ValueError(
+            f"{kernel.__name__}: jax_flux's fused kernels (impl='fused') cannot be exported "
+            f"(jax.export): "
+            f"the program would hold this process's symmetric-workspace addresses, fixed "
+            f"when it is lowered. Export it with impl='xla' or 'ring' (impl='auto' takes "
+            f"the faster of those itself when exporting)")
     tables = dict((pos, np.asarray(resolve(_lowering_mesh(ctx), platform)))
                   for pos, resolve in lowered)
 
@@ -247,7 +259,7 @@ def _cpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_wa
                   input_output_aliases, zeroed_outputs, status_output, on_status, status_check,
                   resident, metaparams):
     del num_warps, num_stages, resident  # the interpreter has neither SMs nor warps
-    substitute, _ = _with_lowered_constants(ctx, lowered, "cpu")
+    substitute, _ = _with_lowered_constants(ctx, kernel, lowered, "cpu")
 
     def host_fn(*arrays):
         outputs = run_interpreted(
@@ -331,7 +343,7 @@ def _check_resident(kernel, grid: Grid, dtypes: list, scalars: tuple,
 def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
                   input_output_aliases, zeroed_outputs, status_output, on_status, status_check,
                   resident, metaparams):
-    substitute, dtypes = _with_lowered_constants(ctx, lowered, "cuda")
+    substitute, dtypes = _with_lowered_constants(ctx, kernel, lowered, "cuda")
     target = gpu_target(_lowering_mesh(ctx))
     if resident and target is not None:  # before jax-triton compiles and anything launches
         _check_resident(kernel, grid, dtypes, scalars, out_shapes, target, metaparams,

@@ -72,14 +72,21 @@ def _warn(op: str, fallback: str, why: Exception) -> None:
 @dataclasses.dataclass(frozen=True)
 class _FusedRunsHere:
     """The lowering choice: 0 (the fused kernels) where their calls over the axis
-    can run on the mesh the program is lowered on, else 1 (``fallback``)."""
+    can run on the mesh the program is lowered on, else 1 (``fallback``); 1 for
+    ``jax.export`` too (the fused kernels' program holds this process's
+    workspace addresses)."""
 
     op: str
     axis_name: Hashable
     world: int
     fallback: str
 
-    def __call__(self, mesh, platform: str) -> int:
+    def __call__(self, mesh, platform: str, exporting: bool) -> int:
+        if exporting:
+            _warn(self.op, self.fallback, ValueError(
+                "the program is lowered for jax.export, and the fused kernels' program "
+                "would hold this process's symmetric-workspace addresses"))
+            return 1
         groups = 1
         if mesh is not None and not getattr(mesh, "empty", False):
             groups = mesh.devices.size // self.world

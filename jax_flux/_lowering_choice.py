@@ -4,10 +4,12 @@
 kind and problem, at trace time; whether they can run on the mesh the
 program is lowered on (every rank of a group on one machine, GPUs linked
 with native atomics) is only known at lowering, from the concrete devices
-(trace time sees the abstract mesh). ``choose`` traces every branch and binds
-one primitive; its lowering asks ``chooser(mesh, platform)`` which branch to
-lower and lowers only that one, so a refused branch leaves nothing in the
-program (no custom call, no workspace allocated).
+(trace time sees the abstract mesh), as is whether the program is lowered
+for ``jax.export`` (it then must not hold this process's workspace
+addresses). ``choose`` traces every branch and binds one primitive; its
+lowering asks ``chooser(mesh, platform, exporting)`` which branch to lower
+and lowers only that one, so a refused branch leaves nothing in the program
+(no custom call, no workspace allocated).
 
 Invariants: every branch takes the same operands, closes over no traced
 value and returns the same pytree of the same avals (checked when they are
@@ -25,17 +27,22 @@ import jax
 from jax.extend import core as jax_core
 from jax.interpreters import batching, mlir
 
+from custom_calls._jax_compat import lowering_for_export
+
 choice_p = jax_core.Primitive("jax_flux_lowering_choice")
 choice_p.multiple_results = True
 
 
-def choose(chooser: Callable[[Any, str], int], branches: Sequence[Callable], *args) -> Any:
-    """``branches[chooser(mesh, platform)](*args)``, chosen when the program is lowered.
+def choose(chooser: Callable[[Any, str, bool], int], branches: Sequence[Callable],
+           *args) -> Any:
+    """``branches[chooser(mesh, platform, exporting)](*args)``, chosen when the program
+    is lowered.
 
     Args:
-      chooser: hashable ``(mesh, platform) -> index``: the concrete
+      chooser: hashable ``(mesh, platform, exporting) -> index``: the concrete
         ``jax.sharding.Mesh`` of the enclosing ``shard_map`` (None outside
-        one) and ``"cpu"``, ``"cuda"`` or ``"rocm"``.
+        one), ``"cpu"``, ``"cuda"`` or ``"rocm"``, and whether the program is
+        lowered for ``jax.export``.
       branches: functions of ``*args`` (arrays) returning the same pytree of
         arrays of the same shapes, dtypes and varying mesh axes.
       *args: the arrays every branch takes.
@@ -68,7 +75,7 @@ def _eager(*args, branches, chooser):
 
 def _lowering(ctx, *args, branches, chooser, platform: str):
     mesh = getattr(ctx.module_context.axis_context, "mesh", None)
-    branch = branches[chooser(mesh, platform)]
+    branch = branches[chooser(mesh, platform, lowering_for_export(ctx))]
     return mlir.lower_fun(jax_core.jaxpr_as_fun(branch), multiple_results=True)(ctx, *args)
 
 

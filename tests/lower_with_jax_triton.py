@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 import zlib
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -166,6 +167,7 @@ def main() -> int:
 def check_auto(mesh) -> None:
     """impl="auto" where a record says fused: the choice made at lowering takes the
     kernel (the fake driver's GPUs have NVLink-like links), no collective."""
+    import jax
     import jax.numpy as jnp
 
     from jax_flux import autotune, testing
@@ -183,6 +185,22 @@ def check_auto(mesh) -> None:
         for name in ("all_gather", "reduce_scatter", "collective_permute"):
             assert f"stablehlo.{name}" not in text, (op, name)
         print(f"{op:22s} bfloat16 auto (a record says fused): one kernel, no collective")
+        # For jax.export (a program to run in another process) auto takes xla,
+        # and impl="fused" refuses before jax-triton compiles anything.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto's warning says why
+            text = jax.export.export(testing.sharded.__wrapped__(op, mesh, "auto"),
+                                     platforms=("cuda",))(xs, ws).mlir_module()
+        collective = "all_gather" if op == "all_gather_matmul" else "reduce_scatter"
+        assert "triton_kernel_call" not in text and f"stablehlo.{collective}" in text, op
+        try:
+            jax.export.export(testing.sharded.__wrapped__(op, mesh, "fused"),
+                              platforms=("cuda",))(xs, ws)
+        except ValueError as e:
+            assert "cannot be exported" in str(e), e
+        else:
+            raise AssertionError(f"{op}: impl='fused' exported")
+        print(f"{op:22s} bfloat16 jax.export for cuda: auto exports xla, fused refuses")
 
 
 def check_residency(mesh) -> None:

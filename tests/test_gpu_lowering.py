@@ -158,3 +158,5 @@ def test_lowering_through_the_real_jax_triton(tmp_path):
     assert len([line for line in lines if "target=sm_90a" in line]) == 12, r.stdout
     assert len([line for line in lines if "gradient: kernels=" in line]) == 4, r.stdout
     assert len([line for line in lines if "auto (a record says fused)" in line]) == 2, r.stdout
+    assert len([line for line in lines if "auto exports xla, fused refuses" in line]) == 2, \
+        r.stdout

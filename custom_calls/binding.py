@@ -342,8 +342,8 @@ def _check_resident(kernel, grid: Grid, dtypes: list, scalars: tuple,
 
 def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_warps, num_stages,
                   input_output_aliases, zeroed_outputs, status_output, on_status, status_check,
-                  resident, metaparams):
-    substitute, dtypes = _with_lowered_constants(ctx, kernel, lowered, "cuda")
+                  resident, metaparams, platform):
+    substitute, dtypes = _with_lowered_constants(ctx, kernel, lowered, platform)
     target = gpu_target(_lowering_mesh(ctx))
     if resident and target is not None:  # before jax-triton compiles and anything launches
         _check_resident(kernel, grid, dtypes, scalars, out_shapes, target, metaparams,
@@ -365,8 +365,9 @@ def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_wa
 
 
 mlir.register_lowering(triton_call_p, _cpu_lowering, platform="cpu")
-mlir.register_lowering(triton_call_p, _gpu_lowering, platform="cuda")
-mlir.register_lowering(triton_call_p, _gpu_lowering, platform="rocm")
+for _platform in ("cuda", "rocm"):  # the workspace refuses rocm (CUDA memory, CUDA's timer)
+    mlir.register_lowering(triton_call_p, functools.partial(_gpu_lowering, platform=_platform),
+                           platform=_platform)
 
 
 def interpreter_ready() -> bool:

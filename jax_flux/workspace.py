@@ -168,9 +168,16 @@ class TableRequest:
     def placement(self, mesh, platform: str) -> tuple[tuple, list[list[Any]], str]:
         """(the workspace's key, the device of every (group, rank), its location)
         for this mesh; raises ValueError where the fused calls cannot run on it
-        (a group over several machines, GPUs not linked with native atomics).
+        (a group over several machines, GPUs not linked with native atomics, a
+        platform other than CUDA and the CPU).
         Nothing is allocated. Every process lowering the program gets the same
         answer (the cross-process checks exchange what they find)."""
+        if platform not in ("cpu", "cuda"):
+            raise ValueError(
+                f"{self.op}(impl='fused') runs on CUDA GPUs and on CPU devices (through "
+                f"Triton's interpreter), not on {platform!r} devices: its kernels time their "
+                f"waits with CUDA's global timer and its workspace is CUDA memory; use "
+                f"impl='xla' or 'ring' there")
         slots = _slots(self, mesh, platform)
         location = _location(platform, slots)
         key = ("axis", self.axis_name, _mesh_signature(mesh), location)

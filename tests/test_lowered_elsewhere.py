@@ -1,6 +1,7 @@
-"""``jax.export`` of programs holding the ops: the fused kernels refuse (their program
-holds this process's symmetric-workspace addresses); ``impl="auto"`` exports the
-faster of xla and ring, and the restored program computes the op."""
+"""Programs lowered for where the fused kernels cannot run: for ``jax.export`` (the fused
+kernels' program holds this process's symmetric-workspace addresses) and for ROCm.
+``impl="fused"`` refuses them with a ValueError, before anything is allocated or
+compiled; ``impl="auto"`` takes the faster of xla and ring, with a warning."""
 
 import jax
 import jax.numpy as jnp
@@ -54,3 +55,24 @@ def test_fused_refuses_export_and_auto_exports_the_faster_of_the_rest(cache, op)
 
     # Jitted here, the same function still runs the fused kernel.
     assert impls_in(fresh_auto(op, mesh).lower(xs, ws).as_text()) == {"fused"}
+
+
+@pytest.mark.parametrize("op", [autotune.AG, autotune.RS])
+def test_rocm_is_refused_by_fused_and_falls_back_under_auto(cache, op):
+    # Lowered on this CPU host for "rocm" (no plugin needed to lower): the
+    # kernels time their waits with CUDA's global timer and the workspace is
+    # CUDA memory.
+    mesh = mesh_of(8)
+    dims = (8, 32, 2) if op == autotune.AG else (8, 4, 16)
+    record_times(op, *dims, fused=0.5, xla=1.0, ring=2.0)  # xla next
+    x, w, _, _ = testing.random_operands(64, 32, 16, jnp.float32, seed=14)
+    xs, ws = testing.place(op, mesh, x, w)
+    before = len(workspace.info())
+    fused = testing.sharded.__wrapped__(op, mesh, "fused")
+    with pytest.raises(ValueError, match=rf"{op}\(impl='fused'\) runs on CUDA GPUs and on CPU "
+                                         rf"devices .* not on 'rocm' devices"):
+        fused.trace(xs, ws).lower(lowering_platforms=("rocm",))
+    with pytest.warns(UserWarning, match=rf"{op}\(impl='auto'\): .* runs impl='xla' .*'rocm'"):
+        text = fresh_auto(op, mesh).trace(xs, ws).lower(lowering_platforms=("rocm",)).as_text()
+    assert impls_in(text) == {"xla"} and "triton_kernel_call" not in text
+    assert len(workspace.info()) == before

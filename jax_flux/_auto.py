@@ -23,7 +23,7 @@ from jax_flux._fused import device_kind
 from jax_flux._tuning_records import AG, explain
 
 
-def explained(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> dict:
+def explained(op: str, x, w, size: int, out_dtype, w_transposed: bool, precision=None) -> dict:
     """``autotune.explain`` of this launch's per-rank problem on this device kind:
     its "auto" is the impl measured fastest (``benchmarks.tune`` records xla's
     and ring's times beside the fused config's; jax_flux ships such entries),
@@ -33,14 +33,15 @@ def explained(op: str, x, w, size: int, out_dtype, w_transposed: bool) -> dict:
     n = w.shape[0] if w_transposed else w.shape[1]
     m_local = x.shape[0] if op == AG else x.shape[0] // size
     return explain(op, device_kind(), m_local, x.shape[1], n, x.dtype, size,
-                   out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w.dtype)
+                   out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w.dtype,
+                   precision=precision)
 
 
 def launch(op: str, run: Callable[[str, object, object], object], x, w, axis_name: Hashable,
-           size: int, out_dtype, w_transposed: bool):
+           size: int, out_dtype, w_transposed: bool, precision=None):
     """``run(impl, x, w)`` for the impl ``auto`` takes: the measured fastest; where
     that is "fused", chosen at lowering between it and the fastest of the rest."""
-    why = explained(op, x, w, size, out_dtype, w_transposed)
+    why = explained(op, x, w, size, out_dtype, w_transposed, precision)
     if why["auto"] != "fused":
         return run(why["auto"], x, w)
     fallback = why["fallback"]

@@ -82,19 +82,20 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
 
 
 def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype,
-                     out_dtype=None, w_transposed: bool = False, w_dtype=None):
+                     out_dtype=None, w_transposed: bool = False, w_dtype=None, precision=None):
     """The autotuned config for this problem on this device kind, else the heuristic.
 
     Tuned configs are keyed by the result dtype, w's dtype (where it is not
-    x's ``dtype``) and w's layout too (a config tuned for a bfloat16 result or
-    a row-major w is not assumed best for a float32 one or w^T); the heuristic
+    x's ``dtype``), w's layout and float32 MMAs' precision too (a config tuned
+    for a bfloat16 result, a row-major w or tensorfloat32 is not assumed best
+    for a float32 one, w^T or exact float32); the heuristic
     is told the item sizes of the MMAs' operands and of the result.
     """
     from jax_flux import autotune
 
     out_dtype = jnp.dtype(out_dtype or dtype)
     tuned = autotune.lookup(op, device_kind(), m_local, k, n, dtype, world, out_dtype=out_dtype,
-                            w_transposed=w_transposed, w_dtype=w_dtype)
+                            w_transposed=w_transposed, w_dtype=w_dtype, precision=precision)
     if tuned is not None:
         return tuned
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
@@ -151,10 +152,6 @@ def persistent_grid(num_programs: int | None, tiles: int, helpers: int,
 def sm_count() -> int:
     """Multiprocessors of the default backend's first device (132 if it does not say)."""
     return getattr(jax.devices()[0], "core_count", None) or 132
-
-
-def input_precision(config, dtype) -> str:
-    return config.f32_precision if jnp.dtype(dtype) == jnp.float32 else "ieee"
 
 
 def cdiv(a: int, b: int) -> int:

@@ -21,7 +21,7 @@ from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 
 def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
                     impl: str = "auto", config=None, preferred_element_type=None, scale=None,
-                    kernel_transposed: bool = False, sequence_dim: int = 0):
+                    kernel_transposed: bool = False, sequence_dim: int = 0, precision=None):
     """Column-parallel matmul on local shards, inside a ``shard_map`` over ``axis_name``.
 
     Args:
@@ -39,6 +39,7 @@ def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: 
         (``quantize_float8``), or None.
       kernel_transposed: the kernel's layout, above.
       sequence_dim: x's sequence dim (0: ``[S, B, ...]``; 1: ``[B, S, ...]``).
+      precision: of the matmul, as ``lax.dot_general`` takes it.
 
     Returns:
       ``[S, ..., *out_local]``: the whole sequence, this rank's output features.
@@ -49,9 +50,9 @@ def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: 
     if sequence_parallel:
         y = all_gather_matmul(x, k2, axis_name, axis=sequence_dim, impl=impl, config=config,
                               preferred_element_type=preferred_element_type,
-                              w_transposed=kernel_transposed)
+                              w_transposed=kernel_transposed, precision=precision)
     else:
-        y = dot_f32(x.reshape(-1, k_in), k2, kernel_transposed).astype(
+        y = dot_f32(x.reshape(-1, k_in), k2, kernel_transposed, precision).astype(
             preferred_element_type or x.dtype).reshape(*x.shape[:-1], -1)
     y = _scaled(y.reshape(*y.shape[:-1], *out_dims), scale)
     return y if bias is None else y + bias.astype(y.dtype)
@@ -59,7 +60,7 @@ def column_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: 
 
 def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: bool,
                  impl: str = "auto", config=None, preferred_element_type=None, scale=None,
-                 kernel_transposed: bool = False, sequence_dim: int = 0):
+                 kernel_transposed: bool = False, sequence_dim: int = 0, precision=None):
     """Row-parallel matmul on local shards, inside a ``shard_map`` over ``axis_name``.
 
     Args:
@@ -77,6 +78,7 @@ def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: boo
         (``quantize_float8``), or None.
       kernel_transposed: the kernel's layout, above.
       sequence_dim: x's sequence dim, as ``column_parallel``.
+      precision: of the matmul, as ``column_parallel``.
 
     Returns:
       ``[S / P, ..., out]`` with ``sequence_parallel`` (this rank's sequence
@@ -91,9 +93,10 @@ def row_parallel(x, kernel, bias, *, axis_name: Hashable, sequence_parallel: boo
     if sequence_parallel:
         z = matmul_reduce_scatter(x, k2, axis_name, scatter_dimension=sequence_dim, impl=impl,
                                   config=config, preferred_element_type=preferred_element_type,
-                                  w_transposed=kernel_transposed)
+                                  w_transposed=kernel_transposed, precision=precision)
     else:
-        z = lax.psum(dot_f32(x.reshape(math.prod(lead), -1), k2, kernel_transposed).astype(
+        z = lax.psum(dot_f32(x.reshape(math.prod(lead), -1), k2, kernel_transposed,
+                             precision).astype(
             out_dtype), axis_name).reshape(*lead, n_out)
     z = _scaled(z, scale)
     return z if bias is None else z + bias.astype(z.dtype)

@@ -19,6 +19,8 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from custom_calls.gemm import mma_dtype
+from jax_flux import _precision
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig
 
 AG, RS = "all_gather_matmul", "matmul_reduce_scatter"
@@ -36,12 +38,13 @@ def cache_path() -> str:
 
 
 def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-        out_dtype=None, w_transposed: bool = False, w_dtype=None) -> str:
+        out_dtype=None, w_transposed: bool = False, w_dtype=None, precision=None) -> str:
     """The cache key of one problem.
 
     A result dtype other than ``dtype`` adds ``|out=<dtype>``, a w of another
     dtype (one of them float8) adds ``|w=<dtype>``, a transposed w adds
-    ``|wT``: the plain case keeps its old key.
+    ``|wT``, float32 MMAs at a precision other than tensorfloat32 add
+    ``|f32=ieee`` (or ``tf32x3``): the plain case keeps its old key.
 
     Args:
       op: ``"all_gather_matmul"`` or ``"matmul_reduce_scatter"``.
@@ -54,6 +57,7 @@ def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: i
       out_dtype: the result dtype (the ops' ``preferred_element_type``); None: ``dtype``.
       w_transposed: w given as w^T [n, k].
       w_dtype: w's dtype; None: ``dtype``.
+      precision: the ops' ``precision`` (None: ``jax_default_matmul_precision``).
 
     Returns:
       The key, e.g. ``"NVIDIA H200|all_gather_matmul|m=1024,k=12288,n=6144|bfloat16|P=8"``.
@@ -64,7 +68,9 @@ def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: i
         entry += f"|out={out.name}"
     if w_dtype is not None and jnp.dtype(w_dtype) != jnp.dtype(dtype):
         entry += f"|w={jnp.dtype(w_dtype).name}"
-    return entry + ("|wT" if w_transposed else "")
+    entry += "|wT" if w_transposed else ""
+    return entry + _precision.key_suffix(_precision.canonical(op, precision),
+                                         mma_dtype(dtype, w_dtype))
 
 
 def _read(path: str) -> dict:
@@ -123,12 +129,12 @@ def _problem_entry(op: str, device_kind: str, m_local: int, k: int, n: int, dtyp
 
 
 def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-           out_dtype=None, w_transposed: bool = False, w_dtype=None):
+           out_dtype=None, w_transposed: bool = False, w_dtype=None, precision=None):
     """The tuned config of one problem: what ``impl="fused"`` with ``config=None`` runs.
 
     Args:
-      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype:
-        the problem, as ``key`` takes it.
+      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype,
+        precision: the problem, as ``key`` takes it.
 
     Returns:
       The config class's instance from the user cache, else from the shipped
@@ -138,10 +144,13 @@ def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world
       heuristic applies then).
     """
     found = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                           w_transposed=w_transposed, w_dtype=w_dtype)
+                           w_transposed=w_transposed, w_dtype=w_dtype, precision=precision)
     if found is None or not found[2].get("config"):
         return None
-    return CONFIG_CLASSES[op](**found[2]["config"])
+    # Configs recorded before precision became the ops' argument held it as a
+    # field (float32 MMAs' input precision, always "tf32" when tuned).
+    fields = {f: v for f, v in found[2]["config"].items() if f != "f32_precision"}
+    return CONFIG_CLASSES[op](**fields)
 
 
 def measured_ms(entry: dict) -> dict[str, float]:
@@ -154,13 +163,13 @@ def measured_ms(entry: dict) -> dict[str, float]:
 
 
 def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-              out_dtype=None, w_transposed: bool = False, w_dtype=None,
+              out_dtype=None, w_transposed: bool = False, w_dtype=None, precision=None,
               exclude: tuple[str, ...] = ()) -> str | None:
     """The impl measured fastest for one problem on one device kind: what ``impl="auto"`` runs.
 
     Args:
-      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype:
-        the problem, as ``key`` takes it.
+      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype,
+        precision: the problem, as ``key`` takes it.
       exclude: impls not to consider (``("fused",)``: what ``auto`` runs
         where the fused kernels cannot run on the mesh).
 
@@ -172,7 +181,7 @@ def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, wo
       tuned before xla's time was recorded): ``auto`` runs xla then.
     """
     found = _problem_entry(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                           w_transposed=w_transposed, w_dtype=w_dtype)
+                           w_transposed=w_transposed, w_dtype=w_dtype, precision=precision)
     times = measured_ms(found[2]) if found is not None else {}
     if "xla" not in times:
         return None
@@ -183,13 +192,13 @@ def best_impl(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, wo
 
 
 def explain(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: int, *,
-            out_dtype=None, w_transposed: bool = False, w_dtype=None) -> dict:
+            out_dtype=None, w_transposed: bool = False, w_dtype=None, precision=None) -> dict:
     """What the ops run for one problem, and from which record: why ``auto``
     picks what it picks.
 
     Args:
-      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype:
-        the problem, as ``key`` takes it.
+      op, device_kind, m_local, k, n, dtype, world, out_dtype, w_transposed, w_dtype,
+        precision: the problem, as ``key`` takes it.
 
     Returns:
       ``{"key": the problem's key, "record": the key of the record used (the
@@ -200,7 +209,8 @@ def explain(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, worl
       where that is "fused" and the mesh cannot run the fused kernels (the
       faster of xla and ring; None where auto is not "fused")}``.
     """
-    kw = dict(out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w_dtype)
+    kw = dict(out_dtype=out_dtype, w_transposed=w_transposed, w_dtype=w_dtype,
+              precision=precision)
     found = _problem_entry(op, device_kind, m_local, k, n, dtype, world, **kw)
     record_key, path, entry = found or (None, None, {})
     auto = best_impl(op, device_kind, m_local, k, n, dtype, world, **kw) or "xla"

@@ -26,23 +26,25 @@ from custom_calls.gemm import mma_dtype
 from jax_flux import _fused
 from jax_flux._axes import ppermute
 from jax_flux._matmul import dot
+from jax_flux._precision import kernel_input_precision
 from jax_flux.config import AllGatherMatmulConfig
 
 
-def reference(x, w, axis_name: Hashable, *, return_gathered: bool = False, out_dtype=None):
+def reference(x, w, axis_name: Hashable, *, return_gathered: bool = False, out_dtype=None,
+              precision=None):
     """``lax.all_gather`` then matmul (result in ``out_dtype``, default x's); also
     returns the gathered x if asked."""
     xg = lax.all_gather(x, axis_name, axis=0, tiled=True)
-    y = dot(xg, w, out_dtype)
+    y = dot(xg, w, out_dtype, precision)
     return (y, xg) if return_gathered else y
 
 
 def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False,
-         out_dtype=None):
+         out_dtype=None, precision=None):
     """Bidirectional collective-permute ring; lowers to collective_permute only."""
     out_dtype = out_dtype or x.dtype
     if size == 1:
-        y = dot(x, w, out_dtype)
+        y = dot(x, w, out_dtype, precision)
         return (y, x) if return_gathered else y
     m = x.shape[0]
     idx = lax.axis_index(axis_name)
@@ -56,7 +58,7 @@ def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False,
 
     def place(y, xg, chunk, src):
         row = src * m
-        y = lax.dynamic_update_slice_in_dim(y, dot(chunk, w, out_dtype), row, axis=0)
+        y = lax.dynamic_update_slice_in_dim(y, dot(chunk, w, out_dtype, precision), row, axis=0)
         if xg is not None:
             xg = lax.dynamic_update_slice_in_dim(xg, chunk, row, axis=0)
         return y, xg
@@ -76,31 +78,34 @@ def ring(x, w, axis_name: Hashable, size: int, *, return_gathered: bool = False,
 
 
 def fused(x, w, axis_name: Hashable, size: int, config: AllGatherMatmulConfig | None = None, *,
-          return_gathered: bool = False, out_dtype=None, w_transposed: bool = False):
+          return_gathered: bool = False, out_dtype=None, w_transposed: bool = False,
+          precision=None):
     """The Flux kernel: one Triton launch that gathers x through the workspace and
     multiplies tile by tile as rows arrive.
 
     With ``w_transposed``, ``w`` is given as w^T [n, K] and the kernel reads it
     in place: the backward pass's ``dz @ w^T`` makes no transposed copy of w.
+    ``precision`` (``_precision.canonical``'s) sets the MMAs' input precision.
     Under ``jax.vmap`` with a shared w, the batch is one launch
     (``_fused.vmap_folding``).
     """
     launch = functools.partial(_launch, axis_name=axis_name, size=size, config=config,
                                return_gathered=return_gathered, out_dtype=out_dtype,
-                               w_transposed=w_transposed)
+                               w_transposed=w_transposed, precision=precision)
     return _fused.vmap_folding(launch, x.shape[0])(x, w)
 
 
 def _launch(x, w, rows: int, *, axis_name, size, config, return_gathered, out_dtype,
-            w_transposed):
+            w_transposed, precision):
     """One launch on x holding a batch of problems of ``rows`` rows each (x
     [batch * rows, K]): y [batch * P * rows, n], element-major."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     mma = mma_dtype(x.dtype, w.dtype)  # the MMAs' dtype (a float8 tile widened to it)
+    input_precision = kernel_input_precision("all_gather_matmul", precision, mma)
     cfg = config or _fused.tuned_or_default(AllGatherMatmulConfig, "all_gather_matmul", m, k, n,
                                             size, x.dtype, out_dtype, w_transposed,
-                                            w.dtype)
+                                            w.dtype, precision)
     if not isinstance(cfg, AllGatherMatmulConfig):
         raise ValueError(f"all_gather_matmul(impl='fused') takes an AllGatherMatmulConfig, "
                          f"got {type(cfg).__name__}")
@@ -116,7 +121,7 @@ def _launch(x, w, rows: int, *, axis_name, size, config, return_gathered, out_dt
         block_k=cfg.block_k, group_m=cfg.group_m, copy_rows=cfg.copy_rows,
         copy_cols=cfg.copy_cols,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, return_gathered=return_gathered,
-        upcast=launch.upcast, input_precision=_fused.input_precision(cfg, mma),
+        upcast=launch.upcast, input_precision=input_precision,
         remote_cache=launch.remote_cache, rotate=cfg.rotate, pull=cfg.pull,
         on_timeout=launch.on_timeout,
         status_check=launch.status_check, out_dtype=out_dtype,

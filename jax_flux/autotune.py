@@ -141,7 +141,8 @@ def _op_candidates(op: str, rows: int, world: int, interpreting: bool, default,
 
 def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterable | None = None,
          reps: int = 10, max_configs: int | None = None, log=print, out_dtype=None,
-         w_transposed: bool = False, w_dtype=None, baselines: Iterable[str] = ("xla", "ring")):
+         w_transposed: bool = False, w_dtype=None, precision=None,
+         baselines: Iterable[str] = ("xla", "ring")):
     """Verifies and times candidate configs of one problem on ``mesh``; records the best.
 
     Each candidate runs on random operands and is checked against the lax
@@ -168,6 +169,7 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
       w_transposed: w given as w^T, as the backward passes launch the kernels.
       w_dtype: w's dtype where it is not ``dtype`` (a float8 weight, or the
         backward pass's float8 weight against a wider cotangent).
+      precision: the ops' ``precision`` (float32 MMAs: tensorfloat32 or not).
       baselines: the other impls to time and record.
 
     Returns:
@@ -188,10 +190,14 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
     if max_configs is not None:
         configs = configs[:max_configs]
     x, w, _, _ = testing.random_operands(m, kk, nn, dtype, seed=11, w_dtype=w_dtype)
-    variant = dict(preferred_element_type=out_dtype, w_transposed=w_transposed)
+    variant = dict(preferred_element_type=out_dtype, w_transposed=w_transposed,
+                   precision=precision)
     xs, ws = testing.place(op, mesh, x, w, w_transposed=w_transposed)
     ref = np.asarray(testing.sharded(op, mesh, "xla", **variant)(xs, ws), np.float64)
-    tol = max(testing.TOLERANCE[jnp.dtype(d)] for d in (dtype, w_dtype or dtype))
+    mma = mma_dtype(dtype, w_dtype)
+    tol = max(testing.tolerance(d, mma, precision=precision,
+                                platform=mesh.devices.flat[0].platform)
+              for d in (dtype, w_dtype or dtype))
 
     def verified_ms(fn) -> float:
         """Median ms of ``fn`` once its result is within ``tol`` of the reference."""
@@ -227,7 +233,7 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
     if best is not None or timed:
         device_kind = mesh.devices.flat[0].device_kind
         record(op, key(op, device_kind, m_local, k, n, dtype, world, out_dtype=out_dtype,
-                       w_transposed=w_transposed, w_dtype=w_dtype),
+                       w_transposed=w_transposed, w_dtype=w_dtype, precision=precision),
                best[0] if best else None, best[1] if best else None, baselines_ms=timed)
     return (best[0] if best else None), rows
 

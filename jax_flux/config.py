@@ -51,9 +51,6 @@ class _Common:
     # is lowered for a GPU (custom_calls.compiler.check_resident).
     programs_per_sm: int = 1
     timeout_s: float = 60.0
-    # tl.dot input precision for float32 operands on a GPU ("tf32" is what
-    # XLA's default precision uses on Hopper; "ieee" is exact float32).
-    f32_precision: str = "tf32"
     # Rank-rotated tile order (Flux's swizzle): ranks start on different peers.
     # Off: every rank walks the ranks in order 0, 1, ... (for comparison).
     rotate: bool = True
@@ -75,9 +72,6 @@ class _Common:
         _positive("group_m", self.group_m)
         if not isinstance(self.rotate, bool):
             raise ValueError(f"rotate must be a bool, got {self.rotate!r}")
-        if self.f32_precision not in ("tf32", "tf32x3", "ieee"):
-            raise ValueError(f"f32_precision must be 'tf32', 'tf32x3' or 'ieee', "
-                             f"got {self.f32_precision!r}")
         if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
             raise ValueError(f"timeout_s must be in (0, 3600] seconds, got {self.timeout_s!r}")
 

@@ -29,20 +29,21 @@ from custom_calls.gemm import mma_dtype
 from jax_flux import _fused
 from jax_flux._axes import ppermute
 from jax_flux._matmul import dot, dot_f32
+from jax_flux._precision import kernel_input_precision
 from jax_flux.config import MatmulReduceScatterConfig
 
 
-def reference(x, w, axis_name: Hashable, *, out_dtype=None):
+def reference(x, w, axis_name: Hashable, *, out_dtype=None, precision=None):
     """Matmul (result in ``out_dtype``, default x's) then ``lax.psum_scatter``."""
-    return lax.psum_scatter(dot(x, w, out_dtype), axis_name, scatter_dimension=0, tiled=True)
+    return lax.psum_scatter(dot(x, w, out_dtype, precision), axis_name, scatter_dimension=0, tiled=True)
 
 
-def ring(x, w, axis_name: Hashable, size: int, *, out_dtype=None):
+def ring(x, w, axis_name: Hashable, size: int, *, out_dtype=None, precision=None):
     """Bidirectional collective-permute ring; lowers to collective_permute only.
     Partials travel in ``out_dtype`` (default x's)."""
     out_dtype = out_dtype or x.dtype
     if size == 1:
-        return dot(x, w, out_dtype)
+        return dot(x, w, out_dtype, precision)
     rows = x.shape[0] // size
     idx = lax.axis_index(axis_name)
     fwd_perm = [(i, (i + 1) % size) for i in range(size)]
@@ -50,7 +51,8 @@ def ring(x, w, axis_name: Hashable, size: int, *, out_dtype=None):
     n_fwd, n_bwd = size // 2, (size - 1) // 2
 
     def partial(block):
-        return dot_f32(lax.dynamic_slice_in_dim(x, block * rows, rows, axis=0), w)
+        return dot_f32(lax.dynamic_slice_in_dim(x, block * rows, rows, axis=0), w,
+                       precision=precision)
 
     def hop(acc, block):
         # Add this rank's partial for `block` to what arrived, in float32.
@@ -74,7 +76,7 @@ def ring(x, w, axis_name: Hashable, size: int, *, out_dtype=None):
 
 def fused(x, w, axis_name: Hashable, size: int,
           config: MatmulReduceScatterConfig | None = None, *, out_dtype=None,
-          w_transposed: bool = False):
+          w_transposed: bool = False, precision=None):
     """The Flux kernel: one Triton launch whose GEMM epilogue stores each tile into
     its owner's reduce buffer; the owner sums the P partials in rank order (in
     reduction programs, or with ``reduce_programs=0`` in the epilogue of its own
@@ -82,15 +84,17 @@ def fused(x, w, axis_name: Hashable, size: int,
 
     With ``w_transposed``, ``w`` is given as w^T [N, k] and the kernel reads it
     in place: the backward pass's ``dy @ w^T`` makes no transposed copy of w.
+    ``precision`` (``_precision.canonical``'s) sets the MMAs' input precision.
     Under ``jax.vmap`` with a shared w, the batch is one launch
     (``_fused.vmap_folding``).
     """
     launch = functools.partial(_launch, axis_name=axis_name, size=size, config=config,
-                               out_dtype=out_dtype, w_transposed=w_transposed)
+                               out_dtype=out_dtype, w_transposed=w_transposed,
+                               precision=precision)
     return _fused.vmap_folding(launch, x.shape[0] // size)(x, w)
 
 
-def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed):
+def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed, precision):
     """One launch on x holding a batch of problems of P * ``rows`` rows each (x
     [batch * P * rows, k]): z [batch * rows, N], element-major."""
     m_total, k = x.shape
@@ -98,9 +102,10 @@ def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed
     m_own = m_total // size
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     mma = mma_dtype(x.dtype, w.dtype)  # the MMAs' dtype (a float8 tile widened to it)
+    input_precision = kernel_input_precision("matmul_reduce_scatter", precision, mma)
     cfg = config or _fused.tuned_or_default(MatmulReduceScatterConfig, "matmul_reduce_scatter",
                                             m_own, k, n, size, x.dtype, out_dtype, w_transposed,
-                                            w.dtype)
+                                            w.dtype, precision)
     if not isinstance(cfg, MatmulReduceScatterConfig):
         raise ValueError(f"matmul_reduce_scatter(impl='fused') takes a "
                          f"MatmulReduceScatterConfig, got {type(cfg).__name__}")
@@ -115,7 +120,7 @@ def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed
         gemm_programs=grid - cfg.reduce_programs, reduce_programs=cfg.reduce_programs,
         block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k, group_m=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, upcast=launch.upcast,
-        input_precision=_fused.input_precision(cfg, mma), remote_cache=launch.remote_cache,
+        input_precision=input_precision, remote_cache=launch.remote_cache,
         rotate=cfg.rotate, on_timeout=launch.on_timeout,
         status_check=launch.status_check, out_dtype=out_dtype,
         w_transposed=w_transposed, rows=rows)

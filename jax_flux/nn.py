@@ -45,6 +45,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jax_flux import _precision
 from jax_flux._axes import axis_names
 # The layers' mesh helpers are this module's API too (models use them).
 from jax_flux._layer_sharding import axis_size, in_manual_context, place, token_spec
@@ -78,7 +79,7 @@ class _ParallelLinear(nnx.Module):
                  config=None, sequence_parallel: bool = True, sequence_dim: int = 0,
                  batch_axis=None, dtype=None,
                  param_dtype=jnp.float32, preferred_element_type=None, fsdp_axis=None,
-                 kernel_transposed: bool = False, kernel_init=default_kernel_init,
+                 kernel_transposed: bool = False, precision=None, kernel_init=default_kernel_init,
                  bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
         self.in_shape = _as_shape(in_features)
         self.out_shape = _as_shape(out_features)
@@ -105,6 +106,7 @@ class _ParallelLinear(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.preferred_element_type = preferred_element_type
+        self.precision = _precision.canonical(type(self).__name__, precision)
         self.fsdp_axis = fsdp_axis or None
         kernel_shape = self._stored(self.in_shape + self.out_shape)
         if self.fsdp_axis is not None:
@@ -257,6 +259,8 @@ class ColumnParallelLinear(_ParallelLinear):
         contiguous: the ops read it in place (``w_transposed``). Hopper's
         float8 MMAs want it so (README, "float8"). Drawn as the plain
         layout's kernel, transposed.
+      precision: of the matmul, as in ``nnx.Linear`` and ``lax.dot_general``
+        (None: ``jax_default_matmul_precision``); the ops' ``precision``.
       kernel_init, bias_init: initialisers; rngs: ``nnx.Rngs``.
 
     Raises:
@@ -293,7 +297,7 @@ class ColumnParallelLinear(_ParallelLinear):
                                    sequence_parallel=sp, impl=self.impl, config=self.config,
                                    preferred_element_type=self.preferred_element_type,
                                    scale=scale, kernel_transposed=self.kernel_transposed,
-                                   sequence_dim=self.sequence_dim)
+                                   sequence_dim=self.sequence_dim, precision=self.precision)
         return fn
 
     def _activation_specs(self, ndim, sp):
@@ -312,8 +316,8 @@ class RowParallelLinear(_ParallelLinear):
         over the axis (the sharded output of a ColumnParallelLinear).
       out_features: output features.
       mesh, axis_name, impl, config, sequence_dim, batch_axis, dtype, param_dtype,
-        preferred_element_type, kernel_init, bias_init, rngs: as ColumnParallelLinear (impl/config go
-        to ``matmul_reduce_scatter``).
+        preferred_element_type, precision, kernel_init, bias_init, rngs: as
+        ColumnParallelLinear (impl/config go to ``matmul_reduce_scatter``).
       kernel_transposed: store the kernel as ``[out, *in]``, as
         ColumnParallelLinear.
       fsdp_axis: as ColumnParallelLinear, splitting the kernel along its
@@ -358,7 +362,7 @@ class RowParallelLinear(_ParallelLinear):
                                 sequence_parallel=sp, impl=self.impl, config=self.config,
                                 preferred_element_type=self.preferred_element_type,
                                 scale=scale, kernel_transposed=self.kernel_transposed,
-                                sequence_dim=self.sequence_dim)
+                                sequence_dim=self.sequence_dim, precision=self.precision)
         return fn
 
     def _activation_specs(self, ndim, sp):

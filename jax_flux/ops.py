@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from custom_calls._jax_compat import varying_axes
-from jax_flux import _auto, _validate, ag_gemm, gemm_rs, remat
+from jax_flux import _auto, _precision, _validate, ag_gemm, gemm_rs, remat
 from jax_flux._axes import axis_names
 from jax_flux._matmul import dot_tn
 
@@ -66,9 +66,9 @@ def _backward_scope(op: str):
 
 
 def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
-                out_dtype=None, w_transposed=False):
+                out_dtype=None, w_transposed=False, precision=None):
     def run(impl, x, w):
-        kw = dict(return_gathered=return_gathered, out_dtype=out_dtype)
+        kw = dict(return_gathered=return_gathered, out_dtype=out_dtype, precision=precision)
         with _scope(_AG, impl):
             if impl == "fused":
                 return ag_gemm.fused(x, w, axis_name, size, config, w_transposed=w_transposed,
@@ -79,23 +79,25 @@ def _ag_forward(x, w, axis_name, impl, size, config=None, return_gathered=False,
             return ag_gemm.reference(x, w, axis_name, **kw)
 
     if impl == "auto":
-        return _auto.launch(_AG, run, x, w, axis_name, size, out_dtype, w_transposed)
+        return _auto.launch(_AG, run, x, w, axis_name, size, out_dtype, w_transposed, precision)
     return run(impl, x, w)
 
 
-def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_transposed=False):
+def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_transposed=False,
+                precision=None):
     def run(impl, x, w):
+        kw = dict(out_dtype=out_dtype, precision=precision)
         with _scope(_RS, impl):
             if impl == "fused":
-                return gemm_rs.fused(x, w, axis_name, size, config, out_dtype=out_dtype,
-                                     w_transposed=w_transposed)
+                return gemm_rs.fused(x, w, axis_name, size, config, w_transposed=w_transposed,
+                                     **kw)
             w = w.T if w_transposed else w
             if impl == "ring":
-                return gemm_rs.ring(x, w, axis_name, size, out_dtype=out_dtype)
-            return gemm_rs.reference(x, w, axis_name, out_dtype=out_dtype)
+                return gemm_rs.ring(x, w, axis_name, size, **kw)
+            return gemm_rs.reference(x, w, axis_name, **kw)
 
     if impl == "auto":
-        return _auto.launch(_RS, run, x, w, axis_name, size, out_dtype, w_transposed)
+        return _auto.launch(_RS, run, x, w, axis_name, size, out_dtype, w_transposed, precision)
     return run(impl, x, w)
 
 
@@ -112,31 +114,34 @@ def _rs_forward(x, w, axis_name, impl, size, config=None, out_dtype=None, w_tran
 
 # w_transposed: w is given as w^T; its gradient then is (dW)^T, and dx's
 # kernel reads it the other way round (dx = d @ W^T = d @ w with w as given).
+# precision: the forward's, for every matmul of the backward pass too (as
+# JAX's transpose of lax.dot_general keeps it).
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _ag(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _ag(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision):
     return _ag_forward(x, w, axis_name, impl, size, config, out_dtype=out_dtype,
-                       w_transposed=w_transposed)
+                       w_transposed=w_transposed, precision=precision)
 
 
-def _ag_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+def _ag_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision):
     y, xg = _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True,
-                        out_dtype=out_dtype, w_transposed=w_transposed)
+                        out_dtype=out_dtype, w_transposed=w_transposed, precision=precision)
     # Tagged for jax.checkpoint policies (jax_flux.remat): recomputing either
     # one would run the collective again.
     xg = checkpoint_name(xg, remat.AG_GATHERED)
     return checkpoint_name(y, remat.AG_OUTPUT), (xg, w)
 
 
-def _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy):
+def _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, precision, res, dy):
     xg, w = res
     dtype = _validate.backward_dtype(xg.dtype, w.dtype, dy.dtype)
     dy = dy.astype(dtype)
     with _backward_scope(_AG):
         dx = _rs_forward(dy, w, axis_name, impl, size, out_dtype=dtype,
-                         w_transposed=not w_transposed)
-        dw = dot_tn(dy, xg, w.dtype) if w_transposed else dot_tn(xg, dy, w.dtype)
+                         w_transposed=not w_transposed, precision=precision)
+        dw = (dot_tn(dy, xg, w.dtype, precision) if w_transposed else
+              dot_tn(xg, dy, w.dtype, precision))
     return dx.astype(xg.dtype), dw
 
 
@@ -150,20 +155,21 @@ _ag.defvjp(_ag_fwd, _ag_bwd)
 # (an output the loss does not use) cost nothing.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _ag_gathered(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _ag_gathered(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision):
     return _ag_forward(x, w, axis_name, impl, size, config, return_gathered=True,
-                       out_dtype=out_dtype, w_transposed=w_transposed)
+                       out_dtype=out_dtype, w_transposed=w_transposed, precision=precision)
 
 
-def _ag_gathered_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
+def _ag_gathered_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision):
     # symbolic_zeros: the differentiable primals come wrapped (CustomVJPPrimal).
     y, (xg, w) = _ag_fwd(x.value, w.value, axis_name, impl, size, config, out_dtype,
-                         w_transposed)
+                         w_transposed, precision)
     return (y, xg), (xg, w)
 
 
-def _ag_gathered_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, cts):
+def _ag_gathered_bwd(axis_name, impl, size, config, out_dtype, w_transposed, precision, res,
+                     cts):
     xg, w = res
     dy, dxg = cts
     if isinstance(dy, SymbolicZero):
@@ -171,7 +177,8 @@ def _ag_gathered_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res
         dx = _varying(jnp.zeros((xg.shape[0] // size, xg.shape[1]), xg.dtype), varying_axes(w))
         dw = _varying(jnp.zeros(w.shape, w.dtype), varying_axes(w))
     else:
-        dx, dw = _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dy)
+        dx, dw = _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, precision, res,
+                         dy)
     if not isinstance(dxg, SymbolicZero):
         # The transpose of the all-gather; summed with the kernel's dx in float32.
         with _backward_scope(_AG):
@@ -187,24 +194,26 @@ _ag_gathered.defvjp(_ag_gathered_fwd, _ag_gathered_bwd, symbolic_zeros=True)
 # ------------------------------------------------------------ GEMM-RS vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _rs(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
-    return _rs_forward(x, w, axis_name, impl, size, config, out_dtype, w_transposed)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _rs(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision):
+    return _rs_forward(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision)
 
 
-def _rs_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed):
-    z = _rs_forward(x, w, axis_name, impl, size, config, out_dtype, w_transposed)
+def _rs_fwd(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision):
+    z = _rs_forward(x, w, axis_name, impl, size, config, out_dtype, w_transposed, precision)
     return checkpoint_name(z, remat.RS_OUTPUT), (x, w)
 
 
-def _rs_bwd(axis_name, impl, size, config, out_dtype, w_transposed, res, dz):
+def _rs_bwd(axis_name, impl, size, config, out_dtype, w_transposed, precision, res, dz):
     x, w = res
     dtype = _validate.backward_dtype(x.dtype, w.dtype, dz.dtype)
     dz = dz.astype(dtype)
     with _backward_scope(_RS):
         dx, dzg = _ag_forward(dz, w, axis_name, impl, size, return_gathered=True,
-                              out_dtype=dtype, w_transposed=not w_transposed)
-        dw = dot_tn(dzg, x, w.dtype) if w_transposed else dot_tn(x, dzg, w.dtype)
+                              out_dtype=dtype, w_transposed=not w_transposed,
+                              precision=precision)
+        dw = (dot_tn(dzg, x, w.dtype, precision) if w_transposed else
+              dot_tn(x, dzg, w.dtype, precision))
     return dx.astype(x.dtype), dw
 
 
@@ -249,7 +258,7 @@ def _rows(x):
 def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, axis: int = 0,
                       impl: str = "auto", config: Any = None,
                       preferred_element_type: Any = None, w_transposed: bool = False,
-                      return_gathered: bool = False):
+                      return_gathered: bool = False, precision: Any = None):
     """All-gathers ``x`` over ``axis_name`` (tiled, along rows) and multiplies by ``w``.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
@@ -292,6 +301,14 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, axis: 
         same rows (a separate weight of the same input) then needs no second
         all-gather. Differentiable: its cotangent is reduce-scattered onto
         dx.
+      precision: as in ``lax.dot_general``: None (``jax_default_matmul_precision``,
+        as lax reads it), a ``lax.Precision`` or its name, a pair of them
+        (x's, w's), or a ``lax.DotAlgorithmPreset``. It matters for float32
+        operands: on GPUs DEFAULT and HIGH run tensorfloat32, HIGHEST exact
+        float32 (the fused kernels as XLA's dot), TF32_TF32_F32_X3 three
+        tensorfloat32 passes. It applies to the backward pass's matmuls too.
+        The fused kernels refuse presets they do not run (bfloat16 passes
+        of float32 operands, 16-bit accumulation).
 
     Returns:
       [m * P, n] (or [m * P, ..., n]) in x's dtype (or
@@ -304,22 +321,23 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, axis: 
       ValueError: x of fewer than 2 dims or w not 2-D, contraction sizes or
         dtypes differ, an unsupported dtype or preferred_element_type (or
         none for float8 operands), axis not a dim of x before its last, an
-        unknown impl, or no such bound axis.
+        unknown impl or precision, or no such bound axis.
     """
     size = _validate.axis_size(_AG, axis_name)
     _validate.check_operands(_AG, x, w, axis_name, size, w_transposed)
     axis = _validate.row_dim(_AG, x, axis, "axis")
     out_dtype = _validate.result_dtype(_AG, x, w, preferred_element_type)
     impl = _resolve(_AG, impl, config)
+    precision = _precision.canonical(_AG, precision)
     if return_gathered not in (True, False):
         raise ValueError(f"{_AG}: return_gathered must be a bool, got {return_gathered!r}")
     if axis:
         return _batched(functools.partial(
             all_gather_matmul, w=w, axis_name=axis_name, impl=impl, config=config,
             preferred_element_type=preferred_element_type, w_transposed=w_transposed,
-            return_gathered=return_gathered), axis)(x)
+            return_gathered=return_gathered, precision=precision), axis)(x)
     args = (*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
-            bool(w_transposed))
+            bool(w_transposed), precision)
     outs = _ag_gathered(*args) if return_gathered else (_ag(*args),)
     # Rank r's rows of x, its middle dims flattened in, stay one contiguous block
     # of the gathered rows: the product unflattens to [m * P, ..., n] in place.
@@ -331,7 +349,7 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, axis: 
 def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
                           scatter_dimension: int = 0, impl: str = "auto", config: Any = None,
                           preferred_element_type: Any = None,
-                          w_transposed: bool = False) -> jax.Array:
+                          w_transposed: bool = False, precision: Any = None) -> jax.Array:
     """Multiplies ``x @ w`` and reduce-scatters the sum over ``axis_name`` along rows.
 
     Call it inside ``jax.shard_map``, like a ``lax`` collective. Equivalent to
@@ -360,6 +378,7 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
         sum).
       w_transposed: ``w`` is given as w^T, [N, k], as in
         ``all_gather_matmul``.
+      precision: as in ``all_gather_matmul`` (``lax.dot_general``'s).
 
     Returns:
       [M / P, N] (or [M / P, ..., N]) in x's dtype (or
@@ -376,11 +395,13 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
     _validate.check_scatter_rows(_RS, x, axis_name, size, dim)
     out_dtype = _validate.result_dtype(_RS, x, w, preferred_element_type)
     impl = _resolve(_RS, impl, config)
+    precision = _precision.canonical(_RS, precision)
     if dim:
         return _batched(functools.partial(
             matmul_reduce_scatter, w=w, axis_name=axis_name, impl=impl, config=config,
-            preferred_element_type=preferred_element_type, w_transposed=w_transposed), dim)(x)
+            preferred_element_type=preferred_element_type, w_transposed=w_transposed,
+            precision=precision), dim)(x)
     z = _rs(*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
-            bool(w_transposed))
+            bool(w_transposed), precision)
     # Rank r's share of the flattened rows is rows [r * M/P, (r + 1) * M/P) of x's dim 0.
     return z if x.ndim == 2 else z.reshape(x.shape[0] // size, *x.shape[1:-1], z.shape[-1])

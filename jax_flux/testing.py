@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_flux._precision import canonical, kernel_input_precision
 from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 
 # Relative Frobenius error allowed against the float64 host reference, by the
@@ -34,6 +35,26 @@ TOLERANCE = {
     jnp.dtype(jnp.float8_e4m3fn): 8e-2,
     jnp.dtype(jnp.float8_e5m2): 1.6e-1,
 }
+
+# float32 operands multiplied in tensorfloat32 (10 mantissa bits), as XLA's dot
+# and the fused kernels do on a GPU at precision DEFAULT or HIGH.
+TF32_TOLERANCE = 1e-3
+
+
+def tolerance(dtype, mma=None, *, precision=None, platform: str = "cpu") -> float:
+    """The relative error allowed for a result compared in ``dtype``
+    (``TOLERANCE``'s), or ``TF32_TOLERANCE`` where its float32 MMAs (``mma``,
+    default ``dtype``) run tensorfloat32: on a GPU (``platform``), at a
+    ``precision`` (the ops', None: ``jax_default_matmul_precision``) other
+    than HIGHEST. CPU devices multiply float32 exactly at any precision."""
+    tol = TOLERANCE[jnp.dtype(dtype)]
+    mma = jnp.dtype(mma or dtype)
+    if platform in ("gpu", "cuda") and mma == jnp.float32:
+        run = kernel_input_precision("tolerance", canonical("tolerance", precision), mma)
+        if run == "tf32":
+            tol = max(tol, TF32_TOLERANCE)
+    return tol
+
 
 OPS = {"all_gather_matmul": all_gather_matmul, "matmul_reduce_scatter": matmul_reduce_scatter}
 
@@ -68,8 +89,9 @@ def random_operands(m: int, k: int, n: int, dtype, seed: int = 0, w_dtype=None):
 
 @functools.lru_cache(maxsize=None)
 def sharded(op_name: str, mesh_: Mesh, impl: str = "auto", config=None, grad: bool = False, *,
-            preferred_element_type=None, w_transposed: bool = False):
-    """Jitted global-view function of one op over ``mesh_``'s axis "tp".
+            preferred_element_type=None, w_transposed: bool = False, precision=None):
+    """Jitted global-view function of one op over ``mesh_``'s axis "tp" (the op's
+    keyword arguments as given).
 
     With ``grad``, it returns (out, dX, dW) for the loss sum(out * G) where G
     is the third argument (a cotangent of out's global shape). With
@@ -81,7 +103,8 @@ def sharded(op_name: str, mesh_: Mesh, impl: str = "auto", config=None, grad: bo
 
     def body(x, w):
         return op(x, w, "tp", impl=impl, config=config,
-                  preferred_element_type=preferred_element_type, w_transposed=w_transposed)
+                  preferred_element_type=preferred_element_type, w_transposed=w_transposed,
+                  precision=precision)
 
     fn = jax.shard_map(body, mesh=mesh_, in_specs=in_specs, out_specs=out_spec)
     if not grad:

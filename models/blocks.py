@@ -71,7 +71,8 @@ def _layer_options(cfg: LlamaConfig, mesh: Mesh, axis_name: str, impl: str, rngs
     return dict(mesh=mesh, axis_name=axis_name, impl=impl, batch_axis=batch_axis,
                 fsdp_axis=fsdp_axis, dtype=jnp.dtype(cfg.dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype),
-                kernel_transposed=cfg.kernels_transposed, rngs=rngs)
+                kernel_transposed=cfg.kernels_transposed, precision=cfg.matmul_precision,
+                rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -109,12 +110,14 @@ class Attention(nnx.Module):
                                                          axis=1)
             cache_kv = (keys, values)
             key_pos = jnp.arange(keys.shape[1])
-        scores = jnp.einsum("sbgrd,btgd->bgrst", q.astype(jnp.float32),
-                            keys.astype(jnp.float32)) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
+        scores = jnp.einsum("sbgrd,btgd->bgrst", q.astype(jnp.float32), keys.astype(jnp.float32),
+                            precision=cfg.matmul_precision) / jnp.sqrt(cfg.head_dim).astype(
+                                jnp.float32)
         visible = key_pos[None, :] <= positions[:, None]  # causal (and unfilled cache hidden)
         scores = jnp.where(visible, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1)
-        attn = jnp.einsum("bgrst,btgd->sbgrd", probs, values.astype(jnp.float32))
+        attn = jnp.einsum("bgrst,btgd->sbgrd", probs, values.astype(jnp.float32),
+                          precision=cfg.matmul_precision)
         attn = attn.astype(x.dtype).reshape(*attn.shape[:2], -1, cfg.head_dim)  # [S, B, heads, hd]
         if token_parallel:
             attn = tokens_to_rows(attn, self.dp)

@@ -43,6 +43,11 @@ class LlamaConfig:
         "collective_matmuls", save the jax_flux ops' results and gathered
         inputs, recompute the rest, so the backward pass communicates no
         more than without remat.
+      matmul_precision: of every matmul of the model (the parallel layers'
+        and attention's), as ``lax.dot_general``'s ``precision`` (MaxText's
+        ``matmul_precision``): None (``jax_default_matmul_precision``),
+        "default", "high" or "highest"; it matters for float32 on GPUs
+        (tensorfloat32 unless "highest").
     """
 
     vocab: int = 256
@@ -61,6 +66,7 @@ class LlamaConfig:
     kernels_transposed: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    matmul_precision: str | None = None
 
     def __post_init__(self):
         if self.hidden % self.heads:
@@ -70,6 +76,9 @@ class LlamaConfig:
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         remat.policy(self.remat)  # raises a ValueError naming the choices
+        if self.matmul_precision not in (None, "default", "high", "highest"):
+            raise ValueError(f"matmul_precision must be None, 'default', 'high' or 'highest', "
+                             f"got {self.matmul_precision!r}")
 
     @property
     def head_dim(self) -> int:

@@ -144,7 +144,8 @@ class Llama(nnx.Module):
             fn = lambda h, k: column_parallel(h, k, None, axis_name=self.axis_name,  # noqa: E731
                                               sequence_parallel=sp, impl=self.impl,
                                               preferred_element_type=jnp.float32,
-                                              kernel_transposed=True)
+                                              kernel_transposed=True,
+                                              precision=self.cfg.matmul_precision)
             ax, bx = self.axis_name, self.batch_axis
             specs = (P(ax if sp else None, bx, None), P(ax, None))
             logits = jax.shard_map(fn, mesh=self.mesh, in_specs=specs,

@@ -159,6 +159,7 @@ def main() -> int:
         print(f"{op:22s} {jnp.dtype(dtype).name:13s} gradient: "
               f"kernels={[e for e, _, _ in kernels]}, no transpose or convert of w")
     check_auto(mesh)
+    check_precision(mesh)
     check_residency(mesh)
     errors.watchdog.stop()
     return 0
@@ -201,6 +202,34 @@ def check_auto(mesh) -> None:
         else:
             raise AssertionError(f"{op}: impl='fused' exported")
         print(f"{op:22s} bfloat16 jax.export for cuda: auto exports xla, fused refuses")
+
+
+def check_precision(mesh) -> None:
+    """The ops' ``precision`` reaches the kernel jax-triton compiles: float32 operands
+    go to tensorfloat32 wgmma by default, three times as many at TF32_TF32_F32_X3,
+    and to float32 FMAs (no tensor cores) at HIGHEST, as XLA's dot runs them."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jax_flux import testing
+
+    for op, (m, k, n) in (("all_gather_matmul", (512, 256, 1024)),
+                          ("matmul_reduce_scatter", (512, 1024, 256))):
+        x, w, _, _ = testing.random_operands(m, k, n, jnp.float32)
+        xs, ws = testing.place(op, mesh, x, w)
+        counts = {}
+        for precision in (None, "highest", lax.DotAlgorithmPreset.TF32_TF32_F32_X3):
+            text = testing.sharded(op, mesh, "fused", precision=precision).trace(xs, ws).lower(
+                lowering_platforms=("cuda",)).as_text()
+            config = _backend_configs(text)[0].decode("latin1")
+            ptx = config[config.index(".version"):]
+            counts[getattr(precision, "name", precision)] = (
+                len(re.findall(r"wgmma\.mma_async[^;]*\.tf32", ptx)),
+                ptx.count("wgmma.mma_async"), ptx.count("fma.rn.f32"))
+        (tf32, wgmma, _), (_, exact_wgmma, fma), (x3, _, _) = counts.values()
+        assert tf32 == wgmma > 0 and exact_wgmma == 0 and fma > 0 and x3 == 3 * tf32, counts
+        print(f"{op:22s} float32 precision: default {tf32} tf32 wgmma, TF32_TF32_F32_X3 {x3}, "
+              f"highest no wgmma ({fma} fma.rn.f32)")
 
 
 def check_residency(mesh) -> None:

@@ -22,7 +22,6 @@ from tests.helpers import mesh_of
     ({"comm_programs": 0}, "comm_programs must be an int >= 1"),
     ({"comm_programs": 4, "num_programs": 4}, r"num_programs \(4\) must exceed comm_programs"),
     ({"timeout_s": 0}, "timeout_s must be in"),
-    ({"f32_precision": "fp64"}, "f32_precision must be"),
     ({"programs_per_sm": 0}, "programs_per_sm must be 1 to 4"),
     ({"pull": 1}, "pull must be a bool"),
 ])

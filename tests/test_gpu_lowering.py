@@ -160,3 +160,4 @@ def test_lowering_through_the_real_jax_triton(tmp_path):
     assert len([line for line in lines if "auto (a record says fused)" in line]) == 2, r.stdout
     assert len([line for line in lines if "auto exports xla, fused refuses" in line]) == 2, \
         r.stdout
+    assert len([line for line in lines if "float32 precision: default" in line]) == 2, r.stdout

@@ -49,8 +49,8 @@ pytestmark = [pytest.mark.gpu,
                                         "which impl='fused' refuses")]
 
 _DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
-# float32 operands go through tf32 tensor cores (the configs' default, like
-# XLA's default precision).
+# float32 operands go through tf32 tensor cores (the ops' default precision, as
+# XLA's dot).
 _TOL = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 2e-2}
 
 

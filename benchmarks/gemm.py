@@ -32,6 +32,7 @@ import numpy as np
 from benchmarks import harness
 from benchmarks.ops import AG, parse_ms, result_dtype, select, sweep_shapes
 from custom_calls.gemm import matmul, mma_dtype
+from jax_flux._precision import canonical, kernel_input_precision
 from jax_flux import testing
 
 # (float8 operands take block_k=128 in place of 64: the same bytes a row.)
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--configs", type=int, default=None,
                    help="try only the first N tile configs (on a GPU: of %d)" % len(GPU_CONFIGS))
     p.add_argument("--b-transposed", action="store_true", help="b given as b^T [N, K]")
+    p.add_argument("--precision", default=None, choices=["default", "high", "highest"],
+                   help="of both GEMMs (float32: tf32 on GPUs unless highest); default: "
+                        "jax_default_matmul_precision")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     device = ([d for d in jax.devices() if d.platform == "gpu"] or jax.devices("cpu"))[0]
@@ -76,6 +80,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     out_dtype = result_dtype(dtype, b_dtype)
+    # What XLA's dot runs for the precision, the Triton GEMM runs too (float32:
+    # tensorfloat32 unless highest).
+    input_precision = kernel_input_precision("benchmarks.gemm", canonical("benchmarks.gemm", a.precision), mma)
+    tol = testing.tolerance(out_dtype, mma, precision=a.precision, platform=device.platform)
     configs = (GPU_CONFIGS if on_gpu else CPU_CONFIGS)[:a.configs]
     if on_gpu and mma.itemsize == 1:
         configs = [dict(c, block_k=2 * c["block_k"]) for c in configs]
@@ -90,16 +98,16 @@ def main(argv=None) -> int:
         bt = a.b_transposed
         x, w = jax.device_put(x, device), jax.device_put(w.T if bt else w, device)
         xla = jax.jit(lambda x, w: jax.lax.dot_general(
-            x, w, (((1,), (1 if bt else 0,)), ((), ())),
+            x, w, (((1,), (1 if bt else 0,)), ((), ())), precision=a.precision,
             preferred_element_type=jnp.float32).astype(out_dtype))
         ref = np.asarray(xla(x, w), np.float64) if m * k * n > 2**31 else x64 @ w64
         t_xla = harness.time_fn(xla, (x, w), reps=reps)
         best = None
         for cfg in configs:
             fn = jax.jit(lambda x, w, cfg=cfg: matmul(x, w, b_transposed=bt, out_dtype=out_dtype,
-                                                      **cfg))
+                                                      input_precision=input_precision, **cfg))
             err = testing.relative_error(fn(x, w), ref)
-            if not err < testing.TOLERANCE[out_dtype]:
+            if not err < tol:
                 print(f"{shape.name} {cfg}: WRONG (rel err {err:.2e}), not timed")
                 continue
             t = harness.time_fn(fn, (x, w), reps=reps)
@@ -116,10 +124,13 @@ def main(argv=None) -> int:
                        best_config=" ".join(f"{k}={v}" for k, v in cfg.items()), rel_err=err)
         rows.append(row)
         print(harness.format_row(row, COLUMNS))
-    layout = "_bT" if a.b_transposed else ""
+    layout = ("_bT" if a.b_transposed else "") + (f"_{a.precision}" if a.precision else "")
     bname = "" if b_dtype == dtype else f"_b_{b_dtype.name}"
     base = os.path.join(a.out, f"gemm_{sweep}{layout}_{dtype.name}{bname}_{device.platform}")
     notes = ["ratio_vs_xla > 1: the Triton GEMM is faster than XLA's dot."]
+    if mma == jnp.float32:
+        notes.append(f"float32 operands: both GEMMs at precision={a.precision!r} (the Triton "
+                     f"GEMM's tl.dot input precision {input_precision!r}).")
     if a.b_transposed:
         notes.append("b given as b^T [N, K] (K contiguous) to both, as the backward pass reads w.")
     if not on_gpu:

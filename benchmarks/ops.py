@@ -117,29 +117,30 @@ def result_dtype(dtype, w_dtype=None):
     return jnp.dtype(jnp.bfloat16) if mma.itemsize == 1 else mma
 
 
-def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+def _dot(a, b, precision=None):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
                                preferred_element_type=result_dtype(a.dtype, b.dtype))
 
 
-def measure_peak(device, dtype, size: int, reps: int) -> float:
+def measure_peak(device, dtype, size: int, reps: int, precision=None) -> float:
     """Dense-GEMM TFLOP/s of one device (XLA's dot on a square problem)."""
     a = np.random.default_rng(0).standard_normal((size, size), np.float32) / np.sqrt(size)
     a = jax.device_put(jnp.asarray(a).astype(dtype), device)
-    f = jax.jit(lambda a: _dot(a, a))
+    f = jax.jit(lambda a: _dot(a, a, precision))
     t = harness.time_fn(f, (a,), reps=reps)
     return 2 * size**3 / (t.median_ms * 1e-3) / 1e12
 
 
-def local_gemm_ms(device, shape: Shape, dtype, reps: int, w_dtype=None) -> float:
+def local_gemm_ms(device, shape: Shape, dtype, reps: int, w_dtype=None, precision=None) -> float:
     m, k, n = shape.local_gemm()
     x, w, _, _ = testing.random_operands(m, k, n, dtype, seed=1, w_dtype=w_dtype)
     x, w = jax.device_put(x, device), jax.device_put(w, device)
-    return harness.time_fn(jax.jit(_dot), (x, w), reps=reps).median_ms
+    return harness.time_fn(jax.jit(lambda x, w: _dot(x, w, precision)), (x, w),
+                           reps=reps).median_ms
 
 
 def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms: float,
-              w_transposed: bool = False, w_dtype=None):
+              w_transposed: bool = False, w_dtype=None, precision=None):
     p = mesh.devices.size
     m, k, n = shape.global_operands(p)
     w_dtype = jnp.dtype(w_dtype or dtype)
@@ -147,8 +148,9 @@ def run_point(shape: Shape, mesh, impls, dtype, reps: int, peak: float, gemm_ms:
     xs, ws = testing.place(shape.op, mesh, x, w, w_transposed=w_transposed)
     out_dtype = result_dtype(dtype, w_dtype)
     variant = dict(preferred_element_type=out_dtype if out_dtype != mma_dtype(dtype, w_dtype)
-                   else None, w_transposed=w_transposed)
-    tol = testing.TOLERANCE[out_dtype]
+                   else None, w_transposed=w_transposed, precision=precision)
+    tol = testing.tolerance(out_dtype, mma_dtype(dtype, w_dtype), precision=precision,
+                            platform=mesh.devices.flat[0].platform)
     xla_out = np.asarray(testing.sharded(shape.op, mesh, "xla", **variant)(xs, ws), np.float64)
     host_ref = x64 @ w64 if m * k * n <= 2**31 else None
     flops_per_device = 2 * m * k * n / p
@@ -195,6 +197,9 @@ def main(argv=None) -> int:
                    choices=["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"],
                    help="W's dtype (default: X's; they differ only where one is float8)")
     p.add_argument("--w-transposed", action="store_true", help="W given as W^T [N, K]")
+    p.add_argument("--precision", default=None, choices=["default", "high", "highest"],
+                   help="the ops' precision (float32: tf32 on GPUs unless highest); "
+                        "default: jax_default_matmul_precision")
     p.add_argument("--impls", default="xla,ring,fused")
     p.add_argument("--ms", default=None, help="only these total M, e.g. 64,1024,8192")
     p.add_argument("--reps", type=int, default=20)
@@ -218,16 +223,16 @@ def main(argv=None) -> int:
     env = harness.environment(devices)
     # The peak of the MMAs the ops run (a float8 w against bfloat16 x: bfloat16),
     # on random data (zeros and ones run faster than real data on these chips).
-    peak = measure_peak(devices[0], mma, 512 if a.quick else 8192, reps)
+    peak = measure_peak(devices[0], mma, 512 if a.quick else 8192, reps, a.precision)
     print(f"{env['device']}: dense-GEMM peak {peak:.3g} TFLOP/s ({mma.name})")
     rows = []
     for shape in shapes:
-        gemm_ms = local_gemm_ms(devices[0], shape, dtype, reps, w_dtype)
+        gemm_ms = local_gemm_ms(devices[0], shape, dtype, reps, w_dtype, a.precision)
         for row in run_point(shape, mesh, impls, dtype, reps, peak, gemm_ms, a.w_transposed,
-                             w_dtype):
+                             w_dtype, a.precision):
             rows.append(row)
             print(harness.format_row(row, COLUMNS))
-    layout = "_wT" if a.w_transposed else ""
+    layout = ("_wT" if a.w_transposed else "") + (f"_{a.precision}" if a.precision else "")
     wname = "" if w_dtype == dtype else f"_w_{w_dtype.name}"
     base = os.path.join(a.out, f"ops_{sweep}{layout}_{dtype.name}{wname}_{env['platform']}"
                                f"{len(devices)}")
@@ -240,6 +245,8 @@ def main(argv=None) -> int:
         notes.append(f"{mma.name} operands, {result_dtype(dtype, w_dtype).name} results.")
     if a.w_transposed:
         notes.append("W given as W^T [N, K] to every impl (w_transposed=True).")
+    if a.precision:
+        notes.append(f"precision={a.precision!r} for every impl and the peak's dot.")
     harness.write_report(base, f"jax_flux op sweep: {sweep}, {dtype.name}", env, rows, COLUMNS,
                          notes, bool(gpus))
     series = {}
@@ -249,9 +256,9 @@ def main(argv=None) -> int:
             series.setdefault(key, ([], []))
             series[key][0].append(r["M"])
             series[key][1].append(r["tflops"])
-    harness.plot(base + ".png", f"{sweep} {dtype.name} on {env['device']}", series, "M (tokens)",
-                 "TFLOP/s per device")
-    print(f"wrote {base}.csv/.md/.png")
+    plotted = harness.plot(base + ".png", f"{sweep} {dtype.name} on {env['device']}", series,
+                           "M (tokens)", "TFLOP/s per device")
+    print(f"wrote {base}.csv/.md" + ("/.png" if plotted else ""))
     bad = [r for r in rows if str(r.get("status", "")).startswith("WRONG")]
     return 1 if bad else 0
 

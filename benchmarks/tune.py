@@ -84,6 +84,8 @@ def main(argv=None) -> int:
                    help="w's dtype (default: x's; they differ only where one is float8)")
     p.add_argument("--out-dtype", default=None, choices=DTYPES[:3],
                    help="result dtype (preferred_element_type); default: the operands'")
+    p.add_argument("--precision", default=None, choices=["default", "high", "highest"],
+                   help="the ops' precision (float32 problems are keyed by it)")
     p.add_argument("--backward", action="store_true",
                    help="tune the backward pass's launches (other op, w transposed)")
     p.add_argument("--max-configs", type=int, default=None)
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
             op, m_local, k, n = backward_problem(op, m_local, k, n)
         if m_local < 1:
             continue
-        variant = dict(out_dtype=out_dtype, w_transposed=a.backward, w_dtype=w_dtype)
+        variant = dict(out_dtype=out_dtype, w_transposed=a.backward, w_dtype=w_dtype,
+                       precision=a.precision)
         best, results = autotune.tune(op, mesh, m_local, k, n, dtype, max_configs=max_configs,
                                       reps=reps, log=lambda s: None, **variant)
         ok = [r for r in results if r["status"] == "ok"]

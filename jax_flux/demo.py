@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=128, help="contraction K (divisible by #devices)")
     p.add_argument("--n", type=int, default=192, help="global columns N (divisible by #devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--precision", default=None, choices=["default", "high", "highest"],
+                   help="the ops' precision (float32 on GPUs: tensorfloat32 unless highest)")
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
 
@@ -55,7 +57,9 @@ def main(argv=None) -> int:
     where = f"{len(devices)} x {devices[0].device_kind}" + ("" if gpus else " (emulated CPU devices)")
     mesh = testing.mesh(devices)
     dtype = jnp.dtype(args.dtype)
-    tol = testing.TOLERANCE[dtype]
+    # float32 on GPUs runs tensorfloat32 (XLA's dot and the fused kernels alike)
+    # unless --precision highest.
+    tol = testing.tolerance(dtype, precision=args.precision, platform=devices[0].platform)
     x, w, x64, w64 = testing.random_operands(args.m, args.k, args.n, dtype)
     ref = x64 @ w64
     print(f"jax_flux demo on {where}; X[{args.m}, {args.k}] @ W[{args.k}, {args.n}] {dtype.name}")
@@ -65,9 +69,10 @@ def main(argv=None) -> int:
     failed = 0
     for op in testing.OPS:
         xs, ws = testing.place(op, mesh, x, w)
-        xla_out = np.asarray(testing.sharded(op, mesh, "xla")(xs, ws), np.float64)
+        xla_out = np.asarray(testing.sharded(op, mesh, "xla", precision=args.precision)(xs, ws),
+                             np.float64)
         for impl in ("xla", "ring", "fused", "auto"):
-            fn = testing.sharded(op, mesh, impl)
+            fn = testing.sharded(op, mesh, impl, precision=args.precision)
             out = fn(xs, ws)
             err = testing.relative_error(out, ref)
             err_xla = testing.relative_error(out, xla_out)

@@ -25,8 +25,8 @@ from tests.helpers import fused_fn
 pytestmark = pytest.mark.gpu
 
 _DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
-# Through JAX, f32 operands go through tf32 tensor cores (the configs' default,
-# like XLA's default precision): 10-bit mantissas give ~4e-4 relative error on
+# Through JAX, f32 operands go through tf32 tensor cores (the ops' default
+# precision, as XLA's dot): 10-bit mantissas give ~4e-4 relative error on
 # random data. The emulation below runs f32 as "ieee": exact float32 products.
 _TOL = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 2e-2}
 _TOL_EMULATED = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
@@ -51,6 +51,24 @@ def test_fused_world_size_1_through_jax_triton(op, dtype):
     assert any(ws["location"] == "cuda" for ws in workspace.info())
     text = f.lower(*testing.place(op, mesh, x, w)).as_text()
     assert "all-gather" not in text and "reduce-scatter" not in text
+
+
+@pytest.mark.parametrize("op", list(testing.OPS))
+def test_fused_float32_precision_world_size_1(op):
+    # precision reaches the compiled kernel: tensorfloat32 by default (an error
+    # well above float32's), exact float32 at HIGHEST, as XLA's dot runs them.
+    mesh = testing.mesh(jax.devices()[:1])
+    x, w, x64, w64 = testing.random_operands(256, 512, 256, jnp.float32, seed=7)
+    args = testing.place(op, mesh, x, w)
+    errors = {}
+    for precision in (None, "highest", jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3):
+        for impl in ("fused", "xla"):
+            out = testing.sharded(op, mesh, impl, precision=precision)(*args)
+            errors[impl, precision] = testing.relative_error(out, x64 @ w64)
+    print(errors)
+    assert 1e-5 < errors["fused", None] < testing.TF32_TOLERANCE
+    assert errors["fused", "highest"] < 1e-5 and errors["xla", "highest"] < 1e-5
+    assert errors["fused", jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3] < 1e-5
 
 
 @pytest.mark.parametrize("w_transposed", [True, False], ids=["wT", "w"])

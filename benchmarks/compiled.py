@@ -54,13 +54,14 @@ from custom_calls.compiler import (FLOAT8_TYPE, TRITON_TYPE, compile_kernel,  # 
                                    pointer_type)
 from jax_flux import autotune  # noqa: E402
 from jax_flux._fused import persistent_grid  # noqa: E402
+from jax_flux._precision import canonical, kernel_input_precision  # noqa: E402
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig  # noqa: E402
 
 COLUMNS = ["op", "shape", "M", "K", "N", "tile", "group_m", "warps", "stages", "helpers",
            "regs", "stack", "smem_kib", "fit_per_sm", "bound_by", "programs_per_sm",
            "gemm_programs", "tiles", "waves", "last_wave_fill", "w_reads_est", "x_reads_est",
            "w_reads_est_rowmajor", "comm_kib_in_flight", "loop", "loop_plain_gemm",
-           "loop_mma", "loop_ldgsts", "loop_spills", "loop_kind", "narrow_copies",
+           "loop_mma", "loop_ffma", "loop_ldgsts", "loop_spills", "loop_kind", "narrow_copies",
            "regs_plain_gemm"]
 
 
@@ -100,27 +101,33 @@ def operand_reads(blocks: int, tiles_m: int, tiles_n: int, programs: int,
 
 
 def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind: str | None,
-            sms: int, w_dtype=None):
+            sms: int, w_dtype=None, precision=None):
     cls = AllGatherMatmulConfig if op == AG else MatmulReduceScatterConfig
     if tuned_kind:
-        cfg = autotune.lookup(op, tuned_kind, m_local, k, n, dtype, world, w_dtype=w_dtype)
+        cfg = autotune.lookup(op, tuned_kind, m_local, k, n, dtype, world, w_dtype=w_dtype,
+                              precision=precision)
         if cfg is not None:
             return cfg, "tuned"
-    return cls.default(m_local, k, n, world, interpreting=False, sms=sms,
-                       itemsize=gemm.mma_dtype(dtype, w_dtype).itemsize), "heuristic"
+    mma = gemm.mma_dtype(dtype, w_dtype)
+    return cls.default(m_local, k, n, world, interpreting=False, sms=sms, itemsize=mma.itemsize,
+                       input_precision=kernel_input_precision(op, canonical(op, precision), mma)
+                       ), "heuristic"
 
 
 def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
-            w_dtype=None, w_transposed: bool = False) -> dict:
+            w_dtype=None, w_transposed: bool = False, precision=None) -> dict:
     """One row of the report: the fused kernel and the plain GEMM of the same tile
-    (w of ``w_dtype``, default x's ``dtype``; given as w^T with ``w_transposed``)."""
+    (w of ``w_dtype``, default x's ``dtype``; given as w^T with ``w_transposed``;
+    float32 MMAs at the ops' ``precision``)."""
     t = TRITON_TYPE[jnp.dtype(dtype).name]
     tw = pointer_type(w_dtype or dtype)[1:]
-    precision = "tf32" if gemm.mma_dtype(dtype, w_dtype) == jnp.float32 else "ieee"
+    input_precision = kernel_input_precision(shape.op, canonical(shape.op, precision),
+                                             gemm.mma_dtype(dtype, w_dtype))
     m_local = shape.m // world
     if shape.op == AG:
         k, n = shape.k, shape.n // world  # x [m, K] per rank, w [K, N / P]
-        cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind, sms, w_dtype)
+        cfg, source = _config(AG, m_local, k, n, dtype, world, tuned_kind, sms, w_dtype,
+                              precision)
         sig_off, data_off, _ = ag_gemm.workspace_bytes(world, m_local, k, jnp.dtype(dtype).itemsize,
                                                        cfg.chunk_rows)
         kernel, pointers = ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types(t, None, tw)
@@ -135,7 +142,8 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
         gemm_mkn = (world * m_local, k, n)
     else:
         k, n = shape.k // world, shape.n  # x [M, K / P] per rank, w [K / P, N]
-        cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind, sms, w_dtype)
+        cfg, source = _config(shape.op, m_local, k, n, dtype, world, tuned_kind, sms, w_dtype,
+                              precision)
         sig_off, data_off, _ = gemm_rs.workspace_bytes(world, m_local, n, jnp.dtype(dtype).itemsize,
                                                        cfg.block_m, cfg.block_n)
         kernel, pointers = gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t, None, tw)
@@ -145,7 +153,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
         in_flight = None
         gemm_mkn = (world * m_local, k, n)
     tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=precision)
+                GROUP_M=cfg.group_m, UPCAST=False, INPUT_PRECISION=input_precision)
     fused = _compile(kernel, pointers, dict(constexprs, **tile, REMOTE_CACHE=".cg",
                                             ROTATE=cfg.rotate, W_TRANS=w_transposed,
                                             ROWS=m_local),
@@ -174,7 +182,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
         "comm_kib_in_flight": None if in_flight is None else in_flight / 1024,
         "w_reads_est": w_reads, "x_reads_est": x_reads, "w_reads_est_rowmajor": w_rowmajor,
         "loop": fused["loop"], "loop_plain_gemm": plain["loop"], "loop_mma": fused["loop_mma"],
-        "loop_ldgsts": fused["loop_ldgsts"], "loop_spills": fused["loop_local"],
+        "loop_ffma": fused["loop_ffma"], "loop_ldgsts": fused["loop_ldgsts"], "loop_spills": fused["loop_local"],
         "loop_kind": fused["loop_kind"],
         "narrow_copies": fused["narrow_copies"], "regs_plain_gemm": plain["regs"],
     }
@@ -197,6 +205,8 @@ def main(argv=None) -> int:
                    help="w's dtype (default: x's; they differ only where one is float8)")
     p.add_argument("--w-transposed", action="store_true",
                    help="w given as w^T [n, K] (K contiguous), read in place")
+    p.add_argument("--precision", default=None, choices=["default", "high", "highest"],
+                   help="the ops' precision (float32: tf32 unless highest)")
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--sms", type=int, default=132, help="SMs of the target (H100 SXM: 132)")
     p.add_argument("--arch", type=int, default=90)
@@ -219,7 +229,8 @@ def main(argv=None) -> int:
     for shape in sweep_shapes(a.sweep):
         if shape.m % a.world:
             continue
-        row = analyse(shape, dtype, a.world, a.sms, a.arch, a.tuned, w_dtype, a.w_transposed)
+        row = analyse(shape, dtype, a.world, a.sms, a.arch, a.tuned, w_dtype, a.w_transposed,
+                      a.precision)
         rows.append(row)
         print(harness.format_row(row, ["op", "shape", "M", "tile", "warps", "regs", "stack",
                                        "fit_per_sm", "gemm_programs", "tiles", "waves",
@@ -237,7 +248,8 @@ def main(argv=None) -> int:
         "Static: what the compiled code shows, nothing timed. `loop`: SASS instructions of the "
         "K loop (per BLOCK_K step) of the fused kernel, `loop_plain_gemm`: the same for Triton's "
         "plain GEMM with the same tile; `loop_mma`/`loop_ldgsts`: tensor-core MMAs and cp.async "
-        "copies per step; `loop_spills`: local-memory accesses in the loop; `loop_kind`: `K`, "
+        "copies per step (`loop_ffma`: float32 FMAs, exact float32's CUDA-core GEMM, whose K "
+        "loop is the one around the first FFMA); `loop_spills`: local-memory accesses in the loop; `loop_kind`: `K`, "
         "or `tile` where ptxas unrolled a short K loop and the loop found is the persistent "
         "loop over output tiles (its numbers are then per tile); `narrow_copies`: "
         "cp.async copies narrower than 16 bytes in the PTX (float32 w is copied 4 bytes at a "
@@ -258,6 +270,7 @@ def main(argv=None) -> int:
     ]
     os.makedirs(a.out, exist_ok=True)
     wname = ("" if w_dtype == dtype else f"_w_{w_dtype.name}") + ("_wT" if a.w_transposed else "")
+    wname += f"_{a.precision}" if a.precision else ""
     base = os.path.join(a.out, f"compiled_{a.sweep}_{dtype.name}{wname}_sm{a.arch}")
     columns = COLUMNS[:5] + ["config"] + COLUMNS[5:]
     harness.write_csv(base + ".csv", [{c: r.get(c) for c in columns} for r in rows])

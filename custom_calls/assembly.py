@@ -92,7 +92,8 @@ _SASS_INSTRUCTION = re.compile(r"^/\*[0-9a-f]+\*/\s+(.*?)\s*;")
 
 
 def hot_loop(sass: str) -> list[str]:
-    """The opcodes of the innermost loop around the first tensor-core MMA.
+    """The opcodes of the innermost loop around the first tensor-core MMA (or,
+    in a kernel without one, exact float32's, the first FFMA).
 
     The loop is the span from the nearest label before that MMA to the first
     branch back to it. In every GEMM here that is the software-pipelined K
@@ -109,6 +110,8 @@ def hot_loop(sass: str) -> list[str]:
         if op:
             body.append(("op", _opcode(op.group(1)), op.group(1)))
     mma = next((i for i, e in enumerate(body) if e[0] == "op" and e[1] in MMA_OPCODES), None)
+    if mma is None:
+        mma = next((i for i, e in enumerate(body) if e[0] == "op" and e[1] == "FFMA"), None)
     if mma is None:
         return []
     for start in range(mma, -1, -1):
@@ -152,7 +155,7 @@ def sass_features(cubin: bytes) -> dict:
     """What the assembled kernel shows: registers and stack bytes per thread
     (stack: spills or local arrays), static shared memory (bytes; Triton's
     pipeline buffers are dynamic, ``metadata.shared``), and its hot K loop (``hot_loop``):
-    instructions, tensor-core MMAs, cp.async copies (LDGSTS), local-memory
+    instructions, tensor-core MMAs, FFMAs, cp.async copies (LDGSTS), local-memory
     accesses (spills inside the loop), and which loop that is: "K" (no
     global stores in it), or "tile" where ptxas unrolled a short K loop and
     the loop around the first MMA is the persistent loop over output tiles
@@ -168,6 +171,7 @@ def sass_features(cubin: bytes) -> dict:
         **usage,
         "loop": sum(loop.values()),
         "loop_mma": sum(loop[op] for op in MMA_OPCODES),
+        "loop_ffma": loop["FFMA"],
         "loop_ldgsts": loop["LDGSTS"],
         "loop_local": loop["LDL"] + loop["STL"],
         "loop_kind": "tile" if loop["STG"] + loop["ATOMG"] + loop["RED"] else "K",

@@ -15,6 +15,7 @@ from custom_calls.binding import LoweredConstant
 from custom_calls.gemm import mma_dtype, upcast_operands
 from jax_flux import errors, workspace
 from jax_flux._axes import axis_names
+from jax_flux._precision import kernel_input_precision
 
 # Persistent grid cap in Triton's interpreter (programs run one after another).
 _INTERPRETER_PROGRAMS = 4
@@ -89,7 +90,8 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
     x's ``dtype``), w's layout and float32 MMAs' precision too (a config tuned
     for a bfloat16 result, a row-major w or tensorfloat32 is not assumed best
     for a float32 one, w^T or exact float32); the heuristic
-    is told the item sizes of the MMAs' operands and of the result.
+    is told the item sizes of the MMAs' operands and of the result, and the
+    input precision of float32 MMAs.
     """
     from jax_flux import autotune
 
@@ -98,9 +100,10 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
                             w_transposed=w_transposed, w_dtype=w_dtype, precision=precision)
     if tuned is not None:
         return tuned
+    mma = mma_dtype(dtype, w_dtype)
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
-                       itemsize=mma_dtype(dtype, w_dtype).itemsize,
-                       out_itemsize=out_dtype.itemsize)
+                       itemsize=mma.itemsize, out_itemsize=out_dtype.itemsize,
+                       input_precision=kernel_input_precision(op, precision, mma))
 
 
 def device_kind() -> str:

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from custom_calls.gemm import mma_dtype
+from jax_flux._precision import canonical, kernel_input_precision
 from jax_flux._timing import sample_ms
-from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig
+from jax_flux.config import WIDE_F32, AllGatherMatmulConfig, MatmulReduceScatterConfig
 # The records (keys, cache files, lookups) live in their own module, the
 # search in this one; both are this module's public API.
 from jax_flux._tuning_records import (AG, CONFIG_CLASSES, NEAREST_M_RATIO, RS, SHIPPED,
@@ -53,7 +54,7 @@ def _smem_bytes(block_m, block_n, block_k, stages, itemsize) -> int:
 
 def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
                interpreting: bool = False, smem_bytes: int = DEFAULT_SMEM_BYTES,
-               sms: int = 132, out_dtype=None, w_dtype=None) -> list:
+               sms: int = 132, out_dtype=None, w_dtype=None, precision=None) -> list:
     """The config space of one problem, pruned of configs that cannot fit or make no sense,
     in search order.
 
@@ -71,25 +72,35 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
 
     ``dtype`` is x's; tiles are sized by the MMAs' operand dtype (a float8
     operand against a wider one is staged narrower, then widened: sizing
-    both at the wider item size bounds its shared memory).
+    both at the wider item size bounds its shared memory). Float32 MMAs at
+    ``precision`` (the ops') other than one tensorfloat32 pass
+    (``config.WIDE_F32``) keep to 64 accumulators a thread, and exact float32
+    to K tiles of 16 or 32: more spill (``jax_flux.config``).
     """
-    itemsize = mma_dtype(dtype, w_dtype).itemsize
+    mma = mma_dtype(dtype, w_dtype)
+    itemsize = mma.itemsize
+    input_precision = kernel_input_precision(op, canonical(op, precision), mma)
+    wide = itemsize == 4 and input_precision in WIDE_F32
+    per_thread = 64 if wide else 128  # accumulator elements a thread, at most
     if interpreting:  # the interpreter has no shared memory or warps: few, small choices
         rows_blocks, blocks, k_blocks, warps, stages = (16, 32), (16, 32), (16, 32), (4,), (1,)
     else:  # small row tiles are for decode-sized M
         rows_blocks, blocks, k_blocks = (16, 32, 64, 128, 256), (64, 128, 256), (32, 64, 128)
+        if wide and input_precision == "ieee":
+            k_blocks = (16, 32)
         warps, stages = (4, 8), (3, 4)
     per_sm = (1,) if interpreting else (1, 2)
     rows = m_local
     default = CONFIG_CLASSES[op].default(m_local, k, n, world, interpreting, sms=sms,
                                          itemsize=itemsize,
-                                         out_itemsize=jnp.dtype(out_dtype or dtype).itemsize)
+                                         out_itemsize=jnp.dtype(out_dtype or dtype).itemsize,
+                                         input_precision=input_precision)
     out = []
     for bm, bn, bk, nw, ns in itertools.product(rows_blocks, blocks, k_blocks, warps, stages):
         if bm > 2 * max(16, rows) or bn > 2 * max(16, n) or bk > 2 * max(16, k):
             continue
         if not interpreting and (_smem_bytes(bm, bn, bk, ns, itemsize) > smem_bytes or
-                                 bm * bn > 128 * 32 * nw):
+                                 bm * bn > per_thread * 32 * nw):
             continue
         for pps in per_sm:
             # Two programs an SM only where two fit: shared memory and 64 warps.
@@ -186,7 +197,7 @@ def tune(op: str, mesh, m_local: int, k: int, n: int, dtype, *, configs: Iterabl
         m, kk, nn = world * m_local, k * world, n
     configs = list(configs) if configs is not None else candidates(
         op, m_local, k, n, dtype, world, interpreting=interpreter_ready(), sms=sm_count(),
-        out_dtype=out_dtype, w_dtype=w_dtype)
+        out_dtype=out_dtype, w_dtype=w_dtype, precision=precision)
     if max_configs is not None:
         configs = configs[:max_configs]
     x, w, _, _ = testing.random_operands(m, kk, nn, dtype, seed=11, w_dtype=w_dtype)

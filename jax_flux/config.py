@@ -28,10 +28,24 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _next_pow2(n)))
 
 
-def _block_k(itemsize: int) -> int:
+def _block_k(itemsize: int, input_precision: str = "tf32") -> int:
     """K of a GEMM tile on a GPU: 64 elements (128 bytes a row) for 16- and 32-bit
-    types, 128 for float8 (the same bytes; an FP8 MMA takes K = 32 at once)."""
+    types, 128 for float8 (the same bytes; an FP8 MMA takes K = 32 at once), 32
+    for exact float32 (``_exact_f32``)."""
+    if itemsize == 4 and input_precision == "ieee":
+        return 32
     return 128 if itemsize == 1 else 64
+
+
+# float32 MMAs other than one tensorfloat32 pass (the ops' precision HIGHEST:
+# "ieee", float32 FMAs on the CUDA cores; TF32_TF32_F32_X3: "tf32x3", three
+# tf32 MMAs a step) need more registers a thread than a tile's accumulators:
+# compiled for sm_90 with 4 warps a 128x128 tile spills into the K loop (ieee:
+# ~10 KB of stack a thread, more local-memory accesses than FMAs; tf32x3: 552 B,
+# 242 accesses a step). With 8 warps (64 accumulators a thread) and, for ieee,
+# K tiles of 32, the K loops of both fused kernels keep everything in registers
+# (ieee: 2048 FFMA of ~2300 instructions; tf32x3: ~740 with 24 wgmma).
+WIDE_F32 = ("ieee", "tf32x3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +143,13 @@ class AllGatherMatmulConfig(_Common):
 
     @classmethod
     def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool, *,
-                sms: int = 132, itemsize: int = 2, out_itemsize: int | None = None):
+                sms: int = 132, itemsize: int = 2, out_itemsize: int | None = None,
+                input_precision: str = "tf32"):
         """Heuristic: tiles no larger than the problem; chunks of about a GEMM tile;
         communication programs as the push rate wants, fewer where that saves a
         wave of GEMM tiles on ``sms`` SMs. ``itemsize``: the operands' (what is
-        copied); the result's (``out_itemsize``) changes nothing here."""
+        copied); the result's (``out_itemsize``) changes nothing here;
+        ``input_precision``: float32 MMAs' (``WIDE_F32``: 8 warps)."""
         if interpreting:
             return cls(block_m=_clamp_pow2(m_local, 16, 64), block_n=_clamp_pow2(n, 16, 64),
                        block_k=_clamp_pow2(k, 16, 64), chunk_rows=max(1, min(m_local, 32)),
@@ -160,8 +176,9 @@ class AllGatherMatmulConfig(_Common):
         # columns, not 8 valid rows of 32).
         elements = min(32768 // itemsize, max(8192, (128 << 10) // (comm * itemsize)))
         copy_rows = _clamp_pow2(min(m_local, 32), 1, 32)
-        return cls(block_m=block_m, block_n=block_n, block_k=_block_k(itemsize),
-                   chunk_rows=chunk_rows,
+        wide = itemsize == 4 and input_precision in WIDE_F32
+        return cls(block_m=block_m, block_n=block_n, block_k=_block_k(itemsize, input_precision),
+                   num_warps=8 if wide else 4, chunk_rows=chunk_rows,
                    comm_programs=comm, copy_rows=copy_rows,
                    copy_cols=_clamp_pow2(min(k, elements // copy_rows), 16, 4096))
 
@@ -199,11 +216,13 @@ class MatmulReduceScatterConfig(_Common):
 
     @classmethod
     def default(cls, m_local: int, k: int, n: int, world: int, interpreting: bool, *,
-                sms: int = 132, itemsize: int = 2, out_itemsize: int | None = None):
+                sms: int = 132, itemsize: int = 2, out_itemsize: int | None = None,
+                input_precision: str = "tf32"):
         """Heuristic: tiles no larger than a rank's rows; small M gets small tiles;
         8 warps for 4-byte operands or results (with 4, the epilogue's float32
         sum spills into the K loop: seen for float32 and for bfloat16 operands
-        with a float32 result)."""
+        with a float32 result); K tiles of 32 for exact float32
+        (``input_precision`` "ieee", ``WIDE_F32``)."""
         if interpreting:
             # The GPU's reduction too (the own tiles' epilogue; in order the
             # first program takes every tile by ticket), so the CPU suite runs
@@ -216,6 +235,7 @@ class MatmulReduceScatterConfig(_Common):
         # latency: by a model (README) ~0.5 ms after a ~1.8 ms GEMM at GPT-3's
         # M=8192, and several times the GEMM at decode size.
         block_m = _clamp_pow2(m_local, 16, 128)
-        return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128), block_k=_block_k(itemsize),
+        return cls(block_m=block_m, block_n=_clamp_pow2(n, 16, 128),
+                   block_k=_block_k(itemsize, input_precision),
                    reduce_programs=0,
                    num_warps=8 if max(itemsize, out_itemsize or itemsize) >= 4 else 4)

@@ -84,6 +84,20 @@ def cases():
                    _ag(precision, False, True), dtype)
             yield ("rs_wT", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types(t),
                    _rs(precision, 0 if dtype == "bfloat16" else 8, True), dtype)
+    # float32 at the ops' precision HIGHEST ("ieee": float32 FMAs, no tensor
+    # cores) and TF32_TF32_F32_X3 ("tf32x3": three tf32 MMAs), with the
+    # heuristic's configs for them (jax_flux.config.WIDE_F32): 8 warps, and K
+    # tiles of 32 for ieee.
+    for name, kernel, pointers, config in (
+            ("ag_ieee", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types("fp32"),
+             _ag("ieee", False, block_k=32)),
+            ("rs_ieee", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types("fp32"),
+             _rs("ieee", 0, block_k=32)),
+            ("ag_tf32x3", ag_gemm.ag_gemm_kernel, ag_gemm.pointer_types("fp32"),
+             _ag("tf32x3", False)),
+            ("rs_tf32x3", gemm_rs.gemm_rs_kernel, gemm_rs.pointer_types("fp32"),
+             _rs("tf32x3", 0))):
+        yield name, kernel, pointers, config, "float32", 8
     # float8_e4m3fn operands, bfloat16 results (partials), K tiles of 128: Hopper's
     # FP8 MMAs take w K-major, so w^T (w_transposed) is the pipelined layout; a
     # row-major w is transposed through registers every K step (matmul_fp8_b).

@@ -207,7 +207,8 @@ def check_auto(mesh) -> None:
 def check_precision(mesh) -> None:
     """The ops' ``precision`` reaches the kernel jax-triton compiles: float32 operands
     go to tensorfloat32 wgmma by default, three times as many at TF32_TF32_F32_X3,
-    and to float32 FMAs (no tensor cores) at HIGHEST, as XLA's dot runs them."""
+    and to float32 FMAs (no tensor cores) at HIGHEST, as XLA's dot runs them, in
+    the heuristic's configs for each."""
     import jax.numpy as jnp
     from jax import lax
 
@@ -227,7 +228,10 @@ def check_precision(mesh) -> None:
                 len(re.findall(r"wgmma\.mma_async[^;]*\.tf32", ptx)),
                 ptx.count("wgmma.mma_async"), ptx.count("fma.rn.f32"))
         (tf32, wgmma, _), (_, exact_wgmma, fma), (x3, _, _) = counts.values()
-        assert tf32 == wgmma > 0 and exact_wgmma == 0 and fma > 0 and x3 == 3 * tf32, counts
+        # tf32x3 runs 8 warps (jax_flux.config.WIDE_F32): three times the
+        # default's MMAs, shared by two warpgroups where the default has one.
+        assert tf32 == wgmma > 0 and exact_wgmma == 0 and fma > 0, counts
+        assert 3 * tf32 in (x3, 2 * x3), counts
         print(f"{op:22s} float32 precision: default {tf32} tf32 wgmma, TF32_TF32_F32_X3 {x3}, "
               f"highest no wgmma ({fma} fma.rn.f32)")
 

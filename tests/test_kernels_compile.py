@@ -20,12 +20,12 @@ def test_kernels_compile_for_sm90(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("sm_90")]
-    assert len(lines) == 28 and all(" ok: " in line for line in lines), r.stdout
+    assert len(lines) == 32 and all(" ok: " in line for line in lines), r.stdout
     # Every kernel's GEMM operands are pipelined into shared memory (cp.async,
     # 3 stages of 128x64 + 64x128 tiles) and its wide accesses vectorized: a
     # workspace pointer Triton cannot prove aligned used to lose both for
     # 16-bit types (32 KiB of shared memory, no cp.async, no v4).
-    loops, mixed = {}, {}
+    loops, mixed, wide = {}, {}, {}
     for line in lines:
         fields = dict(f.split("=") for f in line.split() if "=" in f)
         kernel, dtype = line.split()[1:3]
@@ -48,6 +48,10 @@ def test_kernels_compile_for_sm90(tmp_path):
             # cp.async: half the copies pipelined, a loop ~3x as long. Why the
             # float8 ops want w^T (w_transposed=True).
             slow = {k: int(fields[k]) for k in ("loop", "loop_ldgsts", "loop_mma")}
+            continue
+        if kernel.endswith(("_ieee", "_tf32x3")):
+            wide[kernel] = {k: int(fields[k]) for k in ("loop", "loop_mma", "loop_ffma",
+                                                        "loop_local", "stack", "warps")}
             continue
         if "*" in dtype:
             # Mixed operands (bfloat16 x, float8 w): w staged at one byte an
@@ -94,6 +98,17 @@ def test_kernels_compile_for_sm90(tmp_path):
     for kernel, loop in mixed.items():
         assert (loop["loop_mma"], loop["loop_ldgsts"], loop["loop_local"]) == (8, 12, 0), mixed
         assert loop["loop"] <= 1.1 * mixed["matmul_mix"]["loop"], mixed
+    # float32 beyond one tf32 pass, in the heuristic's configs (8 warps; K tiles
+    # of 32 for exact float32): nothing spills, anywhere. Exact float32 runs on
+    # the CUDA cores, its K loop almost all FFMA; tf32x3 issues three times the
+    # tf32 MMAs (two warpgroups share them).
+    assert set(wide) == {"ag_ieee", "rs_ieee", "ag_tf32x3", "rs_tf32x3"}, wide
+    for kernel, loop in wide.items():
+        assert loop["loop_local"] == loop["stack"] == 0 and loop["warps"] == 8, (kernel, loop)
+        if kernel.endswith("_ieee"):
+            assert loop["loop_mma"] == 0 and loop["loop_ffma"] >= 0.8 * loop["loop"], (kernel, loop)
+        else:
+            assert loop["loop_mma"] * 2 == 3 * 16, (kernel, loop)
     for (kernel, dtype), loop in loops.items():
         gemm_loop = loops["matmul_bT" if kernel.endswith("T") else "matmul", dtype]
         assert loop["loop_mma"] == gemm_loop["loop_mma"], (kernel, dtype, loops)

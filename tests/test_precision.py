@@ -15,7 +15,7 @@ from jax import lax
 
 from custom_calls import ag_gemm as ag_kernel
 from custom_calls import gemm_rs as rs_kernel
-from jax_flux import AllGatherMatmulConfig, autotune, testing
+from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, autotune, testing
 from models import Llama
 from tests.helpers import cotangent, mesh_of
 from tests.model_helpers import CFG, _tokens
@@ -203,3 +203,27 @@ def test_model_matmul_precision_reaches_every_matmul():
     with pytest.raises(ValueError, match=r"matmul_precision must be None, 'default', 'high' or "
                                          r"'highest', got 'exact'"):
         dataclasses.replace(CFG, matmul_precision="exact")
+
+
+@pytest.mark.parametrize("cls", [AllGatherMatmulConfig, MatmulReduceScatterConfig])
+def test_gpu_heuristic_and_search_space_keep_wide_float32_in_registers(cls):
+    # Compiled for sm_90, a 128x128 tile of 4 warps spills into the K loop at
+    # exact float32 (FMAs) and at tf32x3 (tests/test_kernels_compile.py).
+    op = AG if cls is AllGatherMatmulConfig else RS
+    kw = dict(interpreting=False, sms=132, itemsize=4)
+    plain = cls.default(1024, 12288, 6144, 8, **kw)
+    exact = cls.default(1024, 12288, 6144, 8, **kw, input_precision="ieee")
+    x3 = cls.default(1024, 12288, 6144, 8, **kw, input_precision="tf32x3")
+    assert (plain.block_k, exact.block_k, x3.block_k) == (64, 32, 64)
+    assert (exact.num_warps, x3.num_warps) == (8, 8)
+    assert plain.num_warps == (4 if cls is AllGatherMatmulConfig else 8)
+    assert cls.default(1024, 12288, 6144, 8, **dict(kw, itemsize=2), input_precision="ieee") == \
+        cls.default(1024, 12288, 6144, 8, **dict(kw, itemsize=2))  # 16-bit: no change
+    for precision, k_tiles in (("highest", {16, 32}), (PRESET.TF32_TF32_F32_X3, {32, 64, 128})):
+        space = autotune.candidates(op, 1024, 12288, 6144, jnp.float32, 8, precision=precision)
+        assert space[0] == (exact if precision == "highest" else x3)  # the heuristic's first
+        assert {c.block_k for c in space} == k_tiles
+        assert all(c.block_m * c.block_n <= 64 * 32 * c.num_warps for c in space)
+    space = autotune.candidates(op, 1024, 12288, 6144, jnp.float32, 8)
+    assert space[0] == plain and max(c.block_m * c.block_n // (32 * c.num_warps)
+                                     for c in space) == 128

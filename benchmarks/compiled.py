@@ -182,7 +182,8 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
         "comm_kib_in_flight": None if in_flight is None else in_flight / 1024,
         "w_reads_est": w_reads, "x_reads_est": x_reads, "w_reads_est_rowmajor": w_rowmajor,
         "loop": fused["loop"], "loop_plain_gemm": plain["loop"], "loop_mma": fused["loop_mma"],
-        "loop_ffma": fused["loop_ffma"], "loop_ldgsts": fused["loop_ldgsts"], "loop_spills": fused["loop_local"],
+        "loop_ffma": fused["loop_ffma"], "loop_ldgsts": fused["loop_ldgsts"],
+        "loop_spills": fused["loop_local"],
         "loop_kind": fused["loop_kind"],
         "narrow_copies": fused["narrow_copies"], "regs_plain_gemm": plain["regs"],
     }
@@ -249,7 +250,8 @@ def main(argv=None) -> int:
         "K loop (per BLOCK_K step) of the fused kernel, `loop_plain_gemm`: the same for Triton's "
         "plain GEMM with the same tile; `loop_mma`/`loop_ldgsts`: tensor-core MMAs and cp.async "
         "copies per step (`loop_ffma`: float32 FMAs, exact float32's CUDA-core GEMM, whose K "
-        "loop is the one around the first FFMA); `loop_spills`: local-memory accesses in the loop; `loop_kind`: `K`, "
+        "loop is the one around the first FFMA); `loop_spills`: local-memory accesses in the "
+        "loop; `loop_kind`: `K`, "
         "or `tile` where ptxas unrolled a short K loop and the loop found is the persistent "
         "loop over output tiles (its numbers are then per tile); `narrow_copies`: "
         "cp.async copies narrower than 16 bytes in the PTX (float32 w is copied 4 bytes at a "

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     out_dtype = result_dtype(dtype, b_dtype)
     # What XLA's dot runs for the precision, the Triton GEMM runs too (float32:
     # tensorfloat32 unless highest).
-    input_precision = kernel_input_precision("benchmarks.gemm", canonical("benchmarks.gemm", a.precision), mma)
+    input_precision = kernel_input_precision("benchmarks.gemm",
+                                             canonical("benchmarks.gemm", a.precision), mma)
     tol = testing.tolerance(out_dtype, mma, precision=a.precision, platform=device.platform)
     configs = (GPU_CONFIGS if on_gpu else CPU_CONFIGS)[:a.configs]
     if on_gpu and mma.itemsize == 1:

@@ -1,5 +1,6 @@
 """Mesh axes as the ops take them: one name, or a tuple of names that act as
-one axis of their sizes' product (the first major), as ``lax`` collectives do."""
+one axis of their sizes' product (the first major), as ``lax`` collectives do;
+and operands marked as varying over them (shard_map's varying-axes types)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Hashable, Sequence
 import jax
 import numpy as np
 from jax import lax
+
+from custom_calls._jax_compat import varying_axes
 
 
 def axis_names(axis_name: Hashable) -> tuple:
@@ -36,3 +39,23 @@ def ppermute(x, axis_name: Hashable, perm: Sequence[tuple[int, int]]):
         return int(np.ravel_multi_index([coords[i] for i in order], [sizes[i] for i in order]))
 
     return lax.ppermute(x, ordered, [(renumber(s), renumber(d)) for s, d in perm])
+
+
+def vary_over_axes(x, w, axis_name: Hashable):
+    """``x`` and ``w`` marked as varying over the same mesh axes: ``axis_name`` and
+    every axis either one varies over.
+
+    The custom_vjp's gradients are per rank and vary over all of those axes
+    (with x split over a data-parallel axis, so does dW). Casting an operand
+    that is replicated along an axis (a weight along "tp", or along "dp") to
+    varying first lets JAX's own transpose of that cast sum its gradient over
+    that axis, as autodiff of the lax collective does.
+    """
+    axes = varying_axes(x) | varying_axes(w) | set(axis_names(axis_name))
+    return varying(x, axes), varying(w, axes)
+
+
+def varying(a, axes):
+    """``a`` marked as varying over ``axes`` (those it does not vary over yet)."""
+    missing = tuple(sorted(set(axes) - varying_axes(a), key=str))
+    return lax.pcast(a, missing, to="varying") if missing else a

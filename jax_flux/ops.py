@@ -33,7 +33,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from custom_calls._jax_compat import varying_axes
 from jax_flux import _auto, _precision, _validate, ag_gemm, gemm_rs, remat
-from jax_flux._axes import axis_names
+from jax_flux._axes import varying, vary_over_axes
 from jax_flux._matmul import dot_tn
 
 _AG = "all_gather_matmul"
@@ -173,9 +173,9 @@ def _ag_gathered_bwd(axis_name, impl, size, config, out_dtype, w_transposed, pre
     xg, w = res
     dy, dxg = cts
     if isinstance(dy, SymbolicZero):
-        # Zeros varying as the primals do: _vary gave x and w one set of axes.
-        dx = _varying(jnp.zeros((xg.shape[0] // size, xg.shape[1]), xg.dtype), varying_axes(w))
-        dw = _varying(jnp.zeros(w.shape, w.dtype), varying_axes(w))
+        # Zeros varying as the primals do: vary_over_axes gave x and w one set of axes.
+        dx = varying(jnp.zeros((xg.shape[0] // size, xg.shape[1]), xg.dtype), varying_axes(w))
+        dw = varying(jnp.zeros(w.shape, w.dtype), varying_axes(w))
     else:
         dx, dw = _ag_bwd(axis_name, impl, size, config, out_dtype, w_transposed, precision, res,
                          dy)
@@ -218,26 +218,6 @@ def _rs_bwd(axis_name, impl, size, config, out_dtype, w_transposed, precision, r
 
 
 _rs.defvjp(_rs_fwd, _rs_bwd)
-
-
-def _vary(x, w, axis_name):
-    """``x`` and ``w`` marked as varying over the same mesh axes: ``axis_name`` and
-    every axis either one varies over.
-
-    The custom_vjp's gradients are per rank and vary over all of those axes
-    (with x split over a data-parallel axis, so does dW). Casting an operand
-    that is replicated along an axis (a weight along "tp", or along "dp") to
-    varying first lets JAX's own transpose of that cast sum its gradient over
-    that axis, as autodiff of the lax collective does.
-    """
-    axes = varying_axes(x) | varying_axes(w) | set(axis_names(axis_name))
-    return _varying(x, axes), _varying(w, axes)
-
-
-def _varying(a, axes):
-    """``a`` marked as varying over ``axes`` (those it does not vary over yet)."""
-    missing = tuple(sorted(set(axes) - varying_axes(a), key=str))
-    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 def _batched(op, dims: int):
@@ -336,7 +316,7 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, axis: 
             all_gather_matmul, w=w, axis_name=axis_name, impl=impl, config=config,
             preferred_element_type=preferred_element_type, w_transposed=w_transposed,
             return_gathered=return_gathered, precision=precision), axis)(x)
-    args = (*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
+    args = (*vary_over_axes(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
             bool(w_transposed), precision)
     outs = _ag_gathered(*args) if return_gathered else (_ag(*args),)
     # Rank r's rows of x, its middle dims flattened in, stay one contiguous block
@@ -401,7 +381,7 @@ def matmul_reduce_scatter(x: jax.Array, w: jax.Array, axis_name: Hashable, *,
             matmul_reduce_scatter, w=w, axis_name=axis_name, impl=impl, config=config,
             preferred_element_type=preferred_element_type, w_transposed=w_transposed,
             precision=precision), dim)(x)
-    z = _rs(*_vary(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
+    z = _rs(*vary_over_axes(_rows(x), w, axis_name), axis_name, impl, size, config, out_dtype,
             bool(w_transposed), precision)
     # Rank r's share of the flattened rows is rows [r * M/P, (r + 1) * M/P) of x's dim 0.
     return z if x.ndim == 2 else z.reshape(x.shape[0] // size, *x.shape[1:-1], z.shape[-1])

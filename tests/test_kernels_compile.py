@@ -99,13 +99,17 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert (loop["loop_mma"], loop["loop_ldgsts"], loop["loop_local"]) == (8, 12, 0), mixed
         assert loop["loop"] <= 1.1 * mixed["matmul_mix"]["loop"], mixed
     # float32 beyond one tf32 pass, in the heuristic's configs (8 warps; K tiles
-    # of 32 for exact float32): nothing spills, anywhere. Exact float32 runs on
-    # the CUDA cores, its K loop almost all FFMA; tf32x3 issues three times the
-    # tf32 MMAs (two warpgroups share them).
+    # of 32 for exact float32): nothing spills in the K loop (tf32x3's GEMM-RS:
+    # 16 bytes of stack outside it on Triton 3.6, none on 3.9; 4 warps: 552 to
+    # 992 bytes, ~200 local accesses a step). Exact float32 runs on the CUDA
+    # cores, its K loop almost all FFMA, with no stack at all; tf32x3 issues
+    # three times the tf32 MMAs (two warpgroups share them).
     assert set(wide) == {"ag_ieee", "rs_ieee", "ag_tf32x3", "rs_tf32x3"}, wide
     for kernel, loop in wide.items():
-        assert loop["loop_local"] == loop["stack"] == 0 and loop["warps"] == 8, (kernel, loop)
+        assert loop["loop_local"] == 0 and loop["stack"] <= 16 and loop["warps"] == 8, (kernel,
+                                                                                        loop)
         if kernel.endswith("_ieee"):
+            assert loop["stack"] == 0, (kernel, loop)
             assert loop["loop_mma"] == 0 and loop["loop_ffma"] >= 0.8 * loop["loop"], (kernel, loop)
         else:
             assert loop["loop_mma"] * 2 == 3 * 16, (kernel, loop)

@@ -104,11 +104,13 @@ def main(argv=None) -> int:
     p.add_argument("--float8-weights", action="store_true",
                    help="decode with the blocks' kernels in float8, a scale per output feature "
                         "(jax_flux.quantize.quantize_float8; after --train-steps)")
+    p.add_argument("--matmul-precision", default=None, choices=["default", "high", "highest"],
+                   help="of every matmul (LlamaConfig.matmul_precision)")
     a = p.parse_args(argv)
     if a.batch % a.dp:
         p.error(f"--batch {a.batch} must be divisible by --dp {a.dp}")
     model = build(a.preset, a.tp, a.impl, None, a.seed, a.dp, scan_layers=a.scan_layers,
-                  kernels_transposed=a.kernels_transposed)
+                  kernels_transposed=a.kernels_transposed, matmul_precision=a.matmul_precision)
     if a.train_steps:
         trained, _ = train(a.preset, a.tp, a.train_steps, "xla", seed=a.seed,
                            log=lambda s: None, dp=a.dp)

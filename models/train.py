@@ -118,12 +118,16 @@ def main(argv=None) -> int:
                         "results (no communication recomputed)")
     p.add_argument("--checkpoint-dir", default=None, help="save model+optimizer here at the end")
     p.add_argument("--restore", action="store_true", help="start from --checkpoint-dir")
+    p.add_argument("--matmul-precision", default=None, choices=["default", "high", "highest"],
+                   help="of every matmul (LlamaConfig.matmul_precision; float32 on GPUs: "
+                        "tensorfloat32 unless highest)")
     a = p.parse_args(argv)
     if a.restore and not a.checkpoint_dir:
         p.error("--restore needs --checkpoint-dir")
     _, losses = train(a.preset, a.tp, a.steps, a.impl, a.batch, a.seq, a.lr, a.dtype, a.seed,
                       a.checkpoint_dir, a.restore, dp=a.dp, fsdp=a.fsdp,
-                      scan_layers=a.scan_layers, remat=a.remat)
+                      scan_layers=a.scan_layers, remat=a.remat,
+                      matmul_precision=a.matmul_precision)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0
 

@@ -42,14 +42,14 @@ _NARROW_PRESETS = {
 def _invalid(op: str, given) -> ValueError:
     levels = ", ".join(repr(p.name.lower()) for p in lax.Precision)
     return ValueError(f"{op}: precision must be None, a lax.Precision (or its name: {levels}), "
-                      f"a pair of them (x's, w's) or a lax.DotAlgorithmPreset (or its name), "
-                      f"as lax.dot_general takes it; got {given!r}")
+                      f"a pair of them (x's, w's), a lax.DotAlgorithmPreset (or its name) or a "
+                      f"lax.DotAlgorithm, as lax.dot_general takes it; got {given!r}")
 
 
 def _one(value):
     """One precision (a lax.Precision, a name of one, or of a preset) as lax's type;
     None if it is none of those."""
-    if isinstance(value, (lax.Precision, lax.DotAlgorithmPreset)):
+    if isinstance(value, (lax.Precision, lax.DotAlgorithmPreset, lax.DotAlgorithm)):
         return value
     if isinstance(value, str):
         try:
@@ -61,9 +61,10 @@ def _one(value):
 
 def canonical(op: str, precision: Any):
     """``precision`` checked and made hashable: None, a ``lax.Precision``, a pair of
-    them, or a ``lax.DotAlgorithmPreset`` (strings turned into those)."""
-    if precision is None:
-        return None
+    them, a ``lax.DotAlgorithmPreset`` (strings turned into those) or a
+    ``lax.DotAlgorithm`` (a NamedTuple)."""
+    if precision is None or isinstance(precision, lax.DotAlgorithm):  # (a NamedTuple)
+        return precision
     if isinstance(precision, (tuple, list)):
         pair = tuple(_one(p) for p in precision)
         if len(pair) != 2 or not all(isinstance(p, lax.Precision) for p in pair):
@@ -84,22 +85,29 @@ def kernel_input_precision(op: str, precision, mma_dtype) -> str:
     if precision is None:
         precision = canonical(op, jax.config.jax_default_matmul_precision) or lax.Precision.DEFAULT
     mma = jnp.dtype(mma_dtype)
-    if isinstance(precision, tuple):  # (x's, w's): the higher applies, as in XLA
-        precision = max(precision, key=lambda p: p.value)
+    if isinstance(precision, tuple) and not isinstance(precision, lax.DotAlgorithm):
+        precision = max(precision, key=lambda p: p.value)  # (x's, w's): the higher, as in XLA
     if isinstance(precision, lax.Precision):
         return _BY_LEVEL[precision] if mma == jnp.float32 else "ieee"
-    if mma == jnp.float32:
-        if precision in _F32_PRESETS:
-            return _F32_PRESETS[precision]
-        honoured = _F32_PRESETS
-    else:
-        honoured = _NARROW_PRESETS["float8" if mma.itemsize == 1 else mma.name]
-        if precision in honoured:
-            return "ieee"
-    names = ", ".join(p.name for p in honoured)
+    if isinstance(precision, lax.DotAlgorithm):
+        raise ValueError(f"{op}(impl='fused'): precision {precision} is a custom algorithm; the "
+                         f"fused kernels run the presets of "
+                         f"{'float32' if mma == jnp.float32 else mma.name} operands "
+                         f"({', '.join(p.name for p in _honoured(mma))}) only: use one of those, "
+                         f"or impl='xla' or 'ring'")
+    if precision in _honoured(mma):
+        return _F32_PRESETS[precision] if mma == jnp.float32 else "ieee"
+    names = ", ".join(p.name for p in _honoured(mma))
     raise ValueError(f"{op}(impl='fused'): precision {precision.name} is not what the fused "
                      f"kernels run: they multiply {mma.name} operands into float32 accumulators "
                      f"(presets {names}); use impl='xla' or 'ring' for it")
+
+
+def _honoured(mma) -> tuple:
+    """The algorithm presets the fused kernels run for MMAs in dtype ``mma``."""
+    if mma == jnp.float32:
+        return tuple(_F32_PRESETS)
+    return _NARROW_PRESETS["float8" if mma.itemsize == 1 else mma.name]
 
 
 def key_suffix(precision, mma_dtype) -> str:
@@ -110,6 +118,7 @@ def key_suffix(precision, mma_dtype) -> str:
         return ""
     try:
         run = kernel_input_precision("key", precision, mma_dtype)
-    except ValueError:
-        run = precision.name
+    except ValueError:  # xla and ring may run it: their times are kept apart
+        run = precision.name if isinstance(precision, lax.DotAlgorithmPreset) else (
+            "algorithm(" + ",".join(str(getattr(v, "__name__", v)) for v in precision) + ")")
     return "" if run == "tf32" else f"|f32={run}"

@@ -283,12 +283,13 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: Hashable, *, axis: 
         dx.
       precision: as in ``lax.dot_general``: None (``jax_default_matmul_precision``,
         as lax reads it), a ``lax.Precision`` or its name, a pair of them
-        (x's, w's), or a ``lax.DotAlgorithmPreset``. It matters for float32
-        operands: on GPUs DEFAULT and HIGH run tensorfloat32, HIGHEST exact
-        float32 (the fused kernels as XLA's dot), TF32_TF32_F32_X3 three
-        tensorfloat32 passes. It applies to the backward pass's matmuls too.
-        The fused kernels refuse presets they do not run (bfloat16 passes
-        of float32 operands, 16-bit accumulation).
+        (x's, w's), a ``lax.DotAlgorithmPreset`` or a ``lax.DotAlgorithm``.
+        It matters for float32 operands: on GPUs DEFAULT and HIGH run
+        tensorfloat32, HIGHEST exact float32 (the fused kernels as XLA's
+        dot), TF32_TF32_F32_X3 three tensorfloat32 passes. It applies to the
+        backward pass's matmuls too. The fused kernels refuse presets they do
+        not run (bfloat16 passes of float32 operands, 16-bit accumulation)
+        and custom algorithms.
 
     Returns:
       [m * P, n] (or [m * P, ..., n]) in x's dtype (or

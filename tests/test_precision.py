@@ -17,7 +17,7 @@ from custom_calls import ag_gemm as ag_kernel
 from custom_calls import gemm_rs as rs_kernel
 from jax_flux import AllGatherMatmulConfig, MatmulReduceScatterConfig, autotune, testing
 from models import Llama
-from tests.helpers import cotangent, mesh_of
+from tests.helpers import cotangent, equations, mesh_of
 from tests.model_helpers import CFG, _tokens
 from tests.nn_helpers import pair, x_of
 
@@ -131,6 +131,23 @@ def test_fused_refuses_presets_it_does_not_run(kernel_precisions):
                                          r"float32 accumulators"):
         testing.sharded.__wrapped__(AG, mesh, "fused", precision="BF16_BF16_BF16")(xs, ws)
     assert kernel_precisions == []  # refused before a kernel was traced
+
+
+def test_a_custom_dot_algorithm_goes_to_xla_and_is_refused_by_fused(kernel_precisions):
+    # XLA's CPU dot runs no custom algorithm: the program is checked, not run.
+    mesh, xs, ws, g, _ = _problem(AG)
+    algorithm = lax.DotAlgorithm(lhs_precision_type=jnp.float32, rhs_precision_type=jnp.float32,
+                                 accumulation_type=jnp.float32)
+    for impl in ("xla", "ring"):
+        fn = testing.sharded.__wrapped__(AG, mesh, impl, grad=True, precision=algorithm)
+        dots = list(equations(jax.make_jaxpr(fn)(xs, ws, g).jaxpr, ("dot_general",)))
+        assert len(dots) >= 3 and all(e.params["precision"] == algorithm for e in dots), impl
+    with pytest.raises(ValueError, match=r"all_gather_matmul\(impl='fused'\): precision "
+                                         r"DotAlgorithm\(.*\) is a custom algorithm; .*presets"):
+        testing.sharded.__wrapped__(AG, mesh, "fused", precision=algorithm)(xs, ws)
+    assert kernel_precisions == []
+    key = autotune.key(AG, "NVIDIA H200", 8, 32, 16, jnp.float32, 8, precision=algorithm)
+    assert key.endswith("|f32=algorithm(float32,float32,float32,1,1,1,False)")
 
 
 def test_layers_take_it_as_nnx_linear_does(kernel_precisions):

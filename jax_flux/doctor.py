@@ -204,6 +204,25 @@ def failure_reporting() -> Check:
     return Check("failure reporting", "ok", text)
 
 
+def matmul_precision() -> Check:
+    """``jax_default_matmul_precision``: what float32 matmuls run where the ops'
+    ``precision`` is None, every impl alike (``jax_flux._precision``)."""
+    from jax_flux._precision import canonical, kernel_input_precision
+
+    value = jax.config.jax_default_matmul_precision
+    try:
+        run = kernel_input_precision("doctor", canonical("jax_default_matmul_precision", value),
+                                     "float32")
+    except ValueError as e:
+        # A preset the fused kernels do not run (XLA may): impl='fused' refuses it.
+        return Check("matmul precision", "warn", f"jax_default_matmul_precision={value!r}: {e}")
+    what = {"tf32": "tensorfloat32 (10-bit mantissas)", "tf32x3": "three tensorfloat32 passes",
+            "ieee": "exact float32 (CUDA cores, no tensor cores)"}[run]
+    return Check("matmul precision", "ok",
+                 f"jax_default_matmul_precision={value!r}: float32 matmuls on GPUs run {what}, "
+                 f"in XLA's dot and the fused kernels alike (CPU devices: exact float32)")
+
+
 def tuning() -> Check:
     """Tuning records for this device kind: without them ``impl="auto"`` runs xla."""
     from jax_flux._fused import device_kind
@@ -235,7 +254,8 @@ def local_peer_links() -> Check:
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (versions, devices, triton_mode, module_loading,
-                                           local_peer_links, memory, failure_reporting, tuning)
+                                           local_peer_links, memory, failure_reporting,
+                                           matmul_precision, tuning)
 
 
 def run() -> list[Check]:

@@ -19,7 +19,7 @@ from jax_flux import _tuning_records, doctor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["versions", "devices", "triton mode", "module loading", "peer links", "memory",
-         "failure reporting", "tuning"]
+         "failure reporting", "matmul precision", "tuning"]
 
 
 def _by_name(checks):
@@ -36,6 +36,20 @@ def test_on_cpu_devices_nothing_fails_and_gpu_checks_skip():
     assert "interpreter" in found["devices"].detail
     assert found["triton mode"].detail.startswith("interpreted")
     assert found["failure reporting"].detail == "status check sync"
+    assert found["matmul precision"].detail.startswith(
+        "jax_default_matmul_precision=None: float32 matmuls on GPUs run tensorfloat32")
+
+
+def test_matmul_precision_says_what_float32_runs():
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        assert "run exact float32" in doctor.matmul_precision().detail
+    with jax.default_matmul_precision("TF32_TF32_F32_X3"):
+        assert "three tensorfloat32 passes" in doctor.matmul_precision().detail
+    with jax.default_matmul_precision("BF16_BF16_F32"):
+        check = doctor.matmul_precision()
+    assert check.status == "warn" and "not what the fused kernels run" in check.detail
 
 
 def test_command_line_json_and_exit_code():

@@ -61,14 +61,16 @@ def test_fused_float32_precision_world_size_1(op):
     x, w, x64, w64 = testing.random_operands(256, 512, 256, jnp.float32, seed=7)
     args = testing.place(op, mesh, x, w)
     errors = {}
-    for precision in (None, "highest", jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3):
-        for impl in ("fused", "xla"):
+    x3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    for precision in (None, "highest", x3):
+        # (XLA's dot is not asked for x3: which GPU dots run that preset is XLA's business.)
+        for impl in ("fused", "xla") if precision != x3 else ("fused",):
             out = testing.sharded(op, mesh, impl, precision=precision)(*args)
             errors[impl, precision] = testing.relative_error(out, x64 @ w64)
     print(errors)
     assert 1e-5 < errors["fused", None] < testing.TF32_TOLERANCE
     assert errors["fused", "highest"] < 1e-5 and errors["xla", "highest"] < 1e-5
-    assert errors["fused", jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3] < 1e-5
+    assert errors["fused", x3] < 1e-5
 
 
 @pytest.mark.parametrize("w_transposed", [True, False], ids=["wT", "w"])

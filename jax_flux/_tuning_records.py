@@ -148,7 +148,7 @@ def lookup(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world
     if found is None or not found[2].get("config"):
         return None
     # Configs recorded before precision became the ops' argument held it as a
-    # field (float32 MMAs' input precision, always "tf32" when tuned).
+    # field (float32 MMAs' input precision, which the key did not carry).
     fields = {f: v for f, v in found[2]["config"].items() if f != "f32_precision"}
     return CONFIG_CLASSES[op](**fields)
 

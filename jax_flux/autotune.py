@@ -75,11 +75,15 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     both at the wider item size bounds its shared memory). Float32 MMAs at
     ``precision`` (the ops') other than one tensorfloat32 pass
     (``config.WIDE_F32``) keep to 64 accumulators a thread, and exact float32
-    to K tiles of 16 or 32: more spill (``jax_flux.config``).
+    to K tiles of 16 or 32: more spill (``jax_flux.config``). None at a
+    precision the fused kernels refuse (``tune`` then times the baselines only).
     """
     mma = mma_dtype(dtype, w_dtype)
     itemsize = mma.itemsize
-    input_precision = kernel_input_precision(op, canonical(op, precision), mma)
+    try:
+        input_precision = kernel_input_precision(op, canonical(op, precision), mma)
+    except ValueError:  # a precision the fused kernels refuse: no config runs it
+        return []
     wide = itemsize == 4 and input_precision in WIDE_F32
     per_thread = 64 if wide else 128  # accumulator elements a thread, at most
     if interpreting:  # the interpreter has no shared memory or warps: few, small choices

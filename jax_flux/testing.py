@@ -46,13 +46,19 @@ def tolerance(dtype, mma=None, *, precision=None, platform: str = "cpu") -> floa
     (``TOLERANCE``'s), or ``TF32_TOLERANCE`` where its float32 MMAs (``mma``,
     default ``dtype``) run tensorfloat32: on a GPU (``platform``), at a
     ``precision`` (the ops', None: ``jax_default_matmul_precision``) other
-    than HIGHEST. CPU devices multiply float32 exactly at any precision."""
+    than HIGHEST. CPU devices multiply float32 exactly at any precision. A
+    precision only XLA runs (a preset of bfloat16 passes, a custom algorithm)
+    gets bfloat16's."""
     tol = TOLERANCE[jnp.dtype(dtype)]
     mma = jnp.dtype(mma or dtype)
-    if platform in ("gpu", "cuda") and mma == jnp.float32:
+    if mma != jnp.float32:
+        return tol
+    try:
         run = kernel_input_precision("tolerance", canonical("tolerance", precision), mma)
-        if run == "tf32":
-            tol = max(tol, TF32_TOLERANCE)
+    except ValueError:  # a preset or algorithm only XLA runs (bfloat16 passes, say)
+        return max(tol, TOLERANCE[jnp.dtype(jnp.bfloat16)])
+    if platform in ("gpu", "cuda") and run == "tf32":
+        tol = max(tol, TF32_TOLERANCE)
     return tol
 
 

@@ -207,6 +207,16 @@ def test_tuning_keys_and_tolerances_follow_float32_precision(tmp_path, monkeypat
     assert testing.tolerance(jnp.bfloat16, platform="gpu") == 2e-2
     assert testing.tolerance(jnp.bfloat16, jnp.float32, platform="gpu") == 2e-2  # the wider
     assert testing.tolerance(jnp.float32, jnp.bfloat16, platform="gpu") == 1e-5
+    assert testing.tolerance(jnp.float32, precision=PRESET.BF16_BF16_F32, platform="gpu") == 2e-2
+
+    # Tuning at a precision the fused kernels refuse: the baselines are timed
+    # and recorded under that precision's key, no fused config.
+    best, rows = autotune.tune(AG, mesh_of(8), 4, 16, 8, jnp.float32, reps=1,
+                               precision=PRESET.BF16_BF16_F32, log=lambda s: None)
+    assert best is None and rows == []
+    entry = autotune.cached_entry(autotune.key(AG, "cpu", 4, 16, 8, jnp.float32, 8,
+                                               precision=PRESET.BF16_BF16_F32))
+    assert entry["config"] is None and {"xla_ms", "ring_ms"} <= set(entry), entry
 
 
 def test_model_matmul_precision_reaches_every_matmul():
@@ -241,6 +251,8 @@ def test_gpu_heuristic_and_search_space_keep_wide_float32_in_registers(cls):
         assert space[0] == (exact if precision == "highest" else x3)  # the heuristic's first
         assert {c.block_k for c in space} == k_tiles
         assert all(c.block_m * c.block_n <= 64 * 32 * c.num_warps for c in space)
+    assert autotune.candidates(op, 1024, 12288, 6144, jnp.float32, 8,
+                               precision=PRESET.BF16_BF16_F32) == []
     space = autotune.candidates(op, 1024, 12288, 6144, jnp.float32, 8)
     assert space[0] == plain and max(c.block_m * c.block_n // (32 * c.num_warps)
                                      for c in space) == 128

@@ -54,7 +54,7 @@ from custom_calls.compiler import (FLOAT8_TYPE, TRITON_TYPE, compile_kernel,  # 
                                    pointer_type)
 from jax_flux import autotune  # noqa: E402
 from jax_flux._fused import persistent_grid  # noqa: E402
-from jax_flux._precision import canonical, kernel_input_precision  # noqa: E402
+from jax_flux._precision import kernel_input_precision  # noqa: E402
 from jax_flux.config import AllGatherMatmulConfig, MatmulReduceScatterConfig  # noqa: E402
 
 COLUMNS = ["op", "shape", "M", "K", "N", "tile", "group_m", "warps", "stages", "helpers",
@@ -110,8 +110,7 @@ def _config(op: str, m_local: int, k: int, n: int, dtype, world: int, tuned_kind
             return cfg, "tuned"
     mma = gemm.mma_dtype(dtype, w_dtype)
     return cls.default(m_local, k, n, world, interpreting=False, sms=sms, itemsize=mma.itemsize,
-                       input_precision=kernel_input_precision(op, canonical(op, precision), mma)
-                       ), "heuristic"
+                       input_precision=kernel_input_precision(op, precision, mma)), "heuristic"
 
 
 def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
@@ -121,8 +120,7 @@ def analyse(shape, dtype, world: int, sms: int, cc: int, tuned_kind: str | None,
     float32 MMAs at the ops' ``precision``)."""
     t = TRITON_TYPE[jnp.dtype(dtype).name]
     tw = pointer_type(w_dtype or dtype)[1:]
-    input_precision = kernel_input_precision(shape.op, canonical(shape.op, precision),
-                                             gemm.mma_dtype(dtype, w_dtype))
+    input_precision = kernel_input_precision(shape.op, precision, gemm.mma_dtype(dtype, w_dtype))
     m_local = shape.m // world
     if shape.op == AG:
         k, n = shape.k, shape.n // world  # x [m, K] per rank, w [K, N / P]

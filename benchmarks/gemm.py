@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks import harness
 from benchmarks.ops import AG, parse_ms, result_dtype, select, sweep_shapes
 from custom_calls.gemm import matmul, mma_dtype
-from jax_flux._precision import canonical, kernel_input_precision
+from jax_flux._precision import kernel_input_precision
 from jax_flux import testing
 
 # (float8 operands take block_k=128 in place of 64: the same bytes a row.)
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     out_dtype = result_dtype(dtype, b_dtype)
     # What XLA's dot runs for the precision, the Triton GEMM runs too (float32:
     # tensorfloat32 unless highest).
-    input_precision = kernel_input_precision("benchmarks.gemm",
-                                             canonical("benchmarks.gemm", a.precision), mma)
+    input_precision = kernel_input_precision("benchmarks.gemm", a.precision, mma)
     tol = testing.tolerance(out_dtype, mma, precision=a.precision, platform=device.platform)
     configs = (GPU_CONFIGS if on_gpu else CPU_CONFIGS)[:a.configs]
     if on_gpu and mma.itemsize == 1:

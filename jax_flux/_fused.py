@@ -15,7 +15,6 @@ from custom_calls.binding import LoweredConstant
 from custom_calls.gemm import mma_dtype, upcast_operands
 from jax_flux import errors, workspace
 from jax_flux._axes import axis_names
-from jax_flux._precision import kernel_input_precision
 
 # Persistent grid cap in Triton's interpreter (programs run one after another).
 _INTERPRETER_PROGRAMS = 4
@@ -83,7 +82,8 @@ def prepare(op: str, axis_name: Hashable, size: int, nbytes: int, config, dtype)
 
 
 def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dtype,
-                     out_dtype=None, w_transposed: bool = False, w_dtype=None, precision=None):
+                     out_dtype=None, w_transposed: bool = False, w_dtype=None, precision=None,
+                     input_precision: str = "tf32"):
     """The autotuned config for this problem on this device kind, else the heuristic.
 
     Tuned configs are keyed by the result dtype, w's dtype (where it is not
@@ -91,7 +91,7 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
     for a bfloat16 result, a row-major w or tensorfloat32 is not assumed best
     for a float32 one, w^T or exact float32); the heuristic
     is told the item sizes of the MMAs' operands and of the result, and the
-    input precision of float32 MMAs.
+    launch's ``input_precision`` (``precision`` resolved for its MMAs).
     """
     from jax_flux import autotune
 
@@ -100,10 +100,9 @@ def tuned_or_default(cls, op: str, m_local: int, k: int, n: int, world: int, dty
                             w_transposed=w_transposed, w_dtype=w_dtype, precision=precision)
     if tuned is not None:
         return tuned
-    mma = mma_dtype(dtype, w_dtype)
     return cls.default(m_local, k, n, world, interpreter_ready(), sms=sm_count(),
-                       itemsize=mma.itemsize, out_itemsize=out_dtype.itemsize,
-                       input_precision=kernel_input_precision(op, precision, mma))
+                       itemsize=mma_dtype(dtype, w_dtype).itemsize,
+                       out_itemsize=out_dtype.itemsize, input_precision=input_precision)
 
 
 def device_kind() -> str:

@@ -49,7 +49,7 @@ def _invalid(op: str, given) -> ValueError:
 def _one(value):
     """One precision (a lax.Precision, a name of one, or of a preset) as lax's type;
     None if it is none of those."""
-    if isinstance(value, (lax.Precision, lax.DotAlgorithmPreset, lax.DotAlgorithm)):
+    if isinstance(value, (lax.Precision, lax.DotAlgorithmPreset)):
         return value
     if isinstance(value, str):
         try:
@@ -77,11 +77,12 @@ def canonical(op: str, precision: Any):
 
 
 def kernel_input_precision(op: str, precision, mma_dtype) -> str:
-    """The fused kernels' ``tl.dot`` input precision for ``precision`` (``canonical``'s)
-    with MMAs in ``mma_dtype``: "tf32", "tf32x3" or "ieee" for float32 operands,
-    "ieee" (exact) for narrower ones. None reads ``jax_default_matmul_precision``,
-    as ``lax.dot_general`` does. Raises ValueError where the kernels cannot run
-    what ``precision`` asks for."""
+    """The fused kernels' ``tl.dot`` input precision for ``precision`` (as the ops
+    take it) with MMAs in ``mma_dtype``: "tf32", "tf32x3" or "ieee" for float32
+    operands, "ieee" (exact) for narrower ones. None reads
+    ``jax_default_matmul_precision``, as ``lax.dot_general`` does. Raises
+    ValueError where the kernels cannot run what ``precision`` asks for."""
+    precision = canonical(op, precision)
     if precision is None:
         precision = canonical(op, jax.config.jax_default_matmul_precision) or lax.Precision.DEFAULT
     mma = jnp.dtype(mma_dtype)
@@ -111,11 +112,13 @@ def _honoured(mma) -> tuple:
 
 
 def key_suffix(precision, mma_dtype) -> str:
-    """What a tuning key adds for ``precision``: float32 MMAs other than tensorfloat32
-    (``|f32=ieee``, ``|f32=tf32x3``, or a preset the kernels do not run); nothing
-    for narrower MMAs, which every honoured precision runs alike."""
+    """What a tuning key adds for ``precision`` (as the ops take it): float32 MMAs
+    other than tensorfloat32 (``|f32=ieee``, ``|f32=tf32x3``, or a preset the
+    kernels do not run); nothing for narrower MMAs, which every honoured
+    precision runs alike."""
     if jnp.dtype(mma_dtype) != jnp.float32:
         return ""
+    precision = canonical("key", precision)
     try:
         run = kernel_input_precision("key", precision, mma_dtype)
     except ValueError:  # xla and ring may run it: their times are kept apart

@@ -69,8 +69,7 @@ def key(op: str, device_kind: str, m_local: int, k: int, n: int, dtype, world: i
     if w_dtype is not None and jnp.dtype(w_dtype) != jnp.dtype(dtype):
         entry += f"|w={jnp.dtype(w_dtype).name}"
     entry += "|wT" if w_transposed else ""
-    return entry + _precision.key_suffix(_precision.canonical(op, precision),
-                                         mma_dtype(dtype, w_dtype))
+    return entry + _precision.key_suffix(precision, mma_dtype(dtype, w_dtype))
 
 
 def _read(path: str) -> dict:

@@ -105,7 +105,7 @@ def _launch(x, w, rows: int, *, axis_name, size, config, return_gathered, out_dt
     input_precision = kernel_input_precision("all_gather_matmul", precision, mma)
     cfg = config or _fused.tuned_or_default(AllGatherMatmulConfig, "all_gather_matmul", m, k, n,
                                             size, x.dtype, out_dtype, w_transposed,
-                                            w.dtype, precision)
+                                            w.dtype, precision, input_precision)
     if not isinstance(cfg, AllGatherMatmulConfig):
         raise ValueError(f"all_gather_matmul(impl='fused') takes an AllGatherMatmulConfig, "
                          f"got {type(cfg).__name__}")

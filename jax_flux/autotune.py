@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from custom_calls.gemm import mma_dtype
-from jax_flux._precision import canonical, kernel_input_precision
+from jax_flux._precision import kernel_input_precision
 from jax_flux._timing import sample_ms
 from jax_flux.config import WIDE_F32, AllGatherMatmulConfig, MatmulReduceScatterConfig
 # The records (keys, cache files, lookups) live in their own module, the
@@ -81,7 +81,7 @@ def candidates(op: str, m_local: int, k: int, n: int, dtype, world: int, *,
     mma = mma_dtype(dtype, w_dtype)
     itemsize = mma.itemsize
     try:
-        input_precision = kernel_input_precision(op, canonical(op, precision), mma)
+        input_precision = kernel_input_precision(op, precision, mma)
     except ValueError:  # a precision the fused kernels refuse: no config runs it
         return []
     wide = itemsize == 4 and input_precision in WIDE_F32

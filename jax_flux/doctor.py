@@ -207,12 +207,11 @@ def failure_reporting() -> Check:
 def matmul_precision() -> Check:
     """``jax_default_matmul_precision``: what float32 matmuls run where the ops'
     ``precision`` is None, every impl alike (``jax_flux._precision``)."""
-    from jax_flux._precision import canonical, kernel_input_precision
+    from jax_flux._precision import kernel_input_precision
 
     value = jax.config.jax_default_matmul_precision
     try:
-        run = kernel_input_precision("doctor", canonical("jax_default_matmul_precision", value),
-                                     "float32")
+        run = kernel_input_precision("jax_default_matmul_precision", value, "float32")
     except ValueError as e:
         # A preset the fused kernels do not run (XLA may): impl='fused' refuses it.
         return Check("matmul precision", "warn", f"jax_default_matmul_precision={value!r}: {e}")

@@ -105,7 +105,7 @@ def _launch(x, w, rows: int, *, axis_name, size, config, out_dtype, w_transposed
     input_precision = kernel_input_precision("matmul_reduce_scatter", precision, mma)
     cfg = config or _fused.tuned_or_default(MatmulReduceScatterConfig, "matmul_reduce_scatter",
                                             m_own, k, n, size, x.dtype, out_dtype, w_transposed,
-                                            w.dtype, precision)
+                                            w.dtype, precision, input_precision)
     if not isinstance(cfg, MatmulReduceScatterConfig):
         raise ValueError(f"matmul_reduce_scatter(impl='fused') takes a "
                          f"MatmulReduceScatterConfig, got {type(cfg).__name__}")

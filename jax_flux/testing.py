@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_flux._precision import canonical, kernel_input_precision
+from jax_flux._precision import kernel_input_precision
 from jax_flux.ops import all_gather_matmul, matmul_reduce_scatter
 
 # Relative Frobenius error allowed against the float64 host reference, by the
@@ -54,7 +54,7 @@ def tolerance(dtype, mma=None, *, precision=None, platform: str = "cpu") -> floa
     if mma != jnp.float32:
         return tol
     try:
-        run = kernel_input_precision("tolerance", canonical("tolerance", precision), mma)
+        run = kernel_input_precision("tolerance", precision, mma)
     except ValueError:  # a preset or algorithm only XLA runs (bfloat16 passes, say)
         return max(tol, TOLERANCE[jnp.dtype(jnp.bfloat16)])
     if platform in ("gpu", "cuda") and run == "tf32":

@@ -1,6 +1,11 @@
-"""Small shims over JAX internals that moved between jax 0.10 and 0.11."""
+"""Small shims over JAX internals that moved between jax 0.10 and 0.12, and over
+jax-triton's ``triton_call``, whose keywords moved between 0.3 and 0.4."""
 
 from __future__ import annotations
+
+import functools
+import inspect
+import warnings
 
 import jax
 
@@ -24,6 +29,26 @@ def varying_axes(x) -> frozenset:
 
 def lowering_for_export(ctx) -> bool:
     """Whether the program a lowering rule's ``ctx`` belongs to is lowered for
-    ``jax.export`` (serialized, to run in another process), in jax 0.10 and 0.11."""
+    ``jax.export`` (serialized, to run in another process), in jax 0.10 to 0.12."""
     params = getattr(ctx.module_context, "lowering_parameters", None)
     return bool(getattr(params, "for_export", False))
+
+
+# jax-triton 0.4 deprecates zeroed_outputs in favour of zero-filled ``jax.Ref``
+# operands, which exist only from jax 0.11, while 0.3.1 (the one for Triton 3.6)
+# has no Refs: zeroed_outputs is what both take, so its warning is silenced for
+# the calls made from this package alone (the warning names its caller's module).
+warnings.filterwarnings("ignore", message="zeroed_outputs is deprecated",
+                        category=DeprecationWarning, module=r"custom_calls\.")
+
+
+@functools.cache
+def _takes_out_type(triton_call) -> bool:
+    return "out_type" in inspect.signature(triton_call).parameters
+
+
+def jax_triton_outputs(jax_triton, out_shapes) -> dict:
+    """The keyword giving ``jax_triton.triton_call`` its outputs: ``out_type`` from
+    jax-triton 0.4 (where ``out_shape`` is deprecated), ``out_shape`` in 0.3."""
+    name = "out_type" if _takes_out_type(jax_triton.triton_call) else "out_shape"
+    return {name: list(out_shapes)}

@@ -35,7 +35,8 @@ from jax.interpreters import batching, mlir
 
 from custom_calls import _mode
 from custom_calls._interpreter_launch import interleave, run_interpreted
-from custom_calls._jax_compat import lowering_for_export, varying_axes_of_aval as _varying_axes
+from custom_calls._jax_compat import (jax_triton_outputs, lowering_for_export,
+                                     varying_axes_of_aval as _varying_axes)
 
 Grid = tuple[int, ...]
 
@@ -292,7 +293,7 @@ def _jax_triton():
     except Exception as e:  # ImportError, or its own failure without CUDA jaxlib
         raise RuntimeError(
             "jax_flux's Triton kernels on GPU need jax-triton (pip install 'jax-triton==0.3.1' "
-            f"with triton 3.6, or 0.4.x with jax >= 0.11): {e}") from e
+            f"with triton 3.6, or 0.4.x with triton >= 3.7 and jax >= 0.11): {e}") from e
     return jax_triton
 
 
@@ -353,7 +354,8 @@ def _gpu_lowering(ctx, *args, kernel, scalars, lowered, out_shapes, grid, num_wa
     def call(*arrays):
         arrays = substitute(arrays)
         outs = jt.triton_call(
-            *interleave(arrays, scalars), kernel=kernel, out_shape=list(out_shapes), grid=grid,
+            *interleave(arrays, scalars), kernel=kernel, grid=grid,
+            **jax_triton_outputs(jt, out_shapes),
             num_warps=num_warps, num_stages=num_stages,
             input_output_aliases=dict(input_output_aliases),
             zeroed_outputs=zeroed_outputs, **dict(metaparams))

@@ -38,8 +38,11 @@ SKIP = 77
 
 
 def _backend_configs(text: str) -> list[bytes]:
-    """The decompressed backend_configs of the program's triton_kernel_calls."""
+    """The decompressed kernel calls of the program's jax-triton custom calls: a
+    ``triton_kernel_call``'s backend_config (jax-triton 0.3), a
+    ``triton_kernel_call_ffi``'s ``opaque`` attribute (0.4)."""
     calls = re.findall(r'@triton_kernel_call\(.*?backend_config = "((?:[^"\\]|\\.)*)"', text)
+    calls += re.findall(r'@triton_kernel_call_ffi\(.*?opaque = "((?:[^"\\]|\\.)*)"', text)
     return [_decompress(c) for c in calls]
 
 

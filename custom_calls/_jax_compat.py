@@ -34,12 +34,18 @@ def lowering_for_export(ctx) -> bool:
     return bool(getattr(params, "for_export", False))
 
 
-# jax-triton 0.4 deprecates zeroed_outputs in favour of zero-filled ``jax.Ref``
-# operands, which exist only from jax 0.11, while 0.3.1 (the one for Triton 3.6)
-# has no Refs: zeroed_outputs is what both take, so its warning is silenced for
-# the calls made from this package alone (the warning names its caller's module).
-warnings.filterwarnings("ignore", message="zeroed_outputs is deprecated",
-                        category=DeprecationWarning, module=r"custom_calls\.")
+def silence_zeroed_outputs_deprecation() -> None:
+    """Silences jax-triton 0.4's deprecation of ``zeroed_outputs`` for the calls
+    made from this package alone (the warning names its caller's module).
+
+    0.4 would have zero-filled ``jax.Ref`` operands instead, which jax 0.10 and
+    jax-triton 0.3.1 (the one for Triton 3.6) lack; zeroed_outputs is what both
+    releases take, and a fused kernel's status output must start zeroed."""
+    warnings.filterwarnings("ignore", message="zeroed_outputs is deprecated",
+                            category=DeprecationWarning, module=r"custom_calls\.")
+
+
+silence_zeroed_outputs_deprecation()
 
 
 @functools.cache

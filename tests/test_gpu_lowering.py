@@ -39,6 +39,39 @@ def fake_jax_triton(monkeypatch, fake_driver):
     binding._jax_triton.cache_clear()
 
 
+def test_jax_triton_0_4_gets_out_type_and_no_deprecation_warning(fake_jax_triton):
+    # jax-triton 0.4 names the outputs out_type (out_shape is deprecated there)
+    # and deprecates zeroed_outputs, which the status output needs (0.3.1, for
+    # Triton 3.6, has no Refs to zero instead): the binding passes out_type, and
+    # the zeroed_outputs warning, raised as 0.4.1 raises it, does not reach users.
+    import warnings
+
+    from custom_calls import _jax_compat
+
+    calls, _ = fake_jax_triton
+    module = sys.modules["jax_triton"]
+
+    def triton_call(*args, kernel, out_type=None, grid, zeroed_outputs=(), **kw):
+        if zeroed_outputs:
+            warnings.warn("zeroed_outputs is deprecated. Zero the buffer explicitly and pass"
+                          " it as a Ref argument instead", DeprecationWarning, stacklevel=2)
+        calls.append(dict(args=args, kernel=kernel, out_shape=out_type, grid=grid, kw=kw))
+        return [jnp.zeros(s.shape, s.dtype) for s in out_type]
+
+    module.triton_call = triton_call
+    mesh = mesh_of(4)
+    x, w, _, _ = testing.random_operands(24, 24, 64, jnp.bfloat16)
+    xs, ws = testing.place("all_gather_matmul", mesh, x, w)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # pytest's; then what importing custom_calls adds
+        _jax_compat.silence_zeroed_outputs_deprecation()
+        fused_fn("all_gather_matmul", mesh).trace(xs, ws).lower(lowering_platforms=("cuda",))
+    assert len(calls) == 1 and calls[0]["out_shape"][1].shape == (6,), calls
+    assert not [w for w in seen if issubclass(w.category, DeprecationWarning)], seen
+    from jax_flux import errors
+    errors.watchdog.stop()
+
+
 @pytest.mark.parametrize("check", ["sync", "async"])
 @pytest.mark.parametrize("op,kernel,metaparams", [
     ("all_gather_matmul", "ag_gemm_kernel", {"M_LOCAL": 6, "N": 16, "K": 24, "WORLD": 4}),

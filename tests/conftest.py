@@ -71,7 +71,32 @@ def pytest_unconfigure(config):
         shutil.rmtree(_cache_dir, ignore_errors=True)
 
 
+# The files that take longest, longest first (seconds on a 2-core host, one
+# worker: test_fused_gemm_rs ~100, test_benchmarks ~100, test_fused_ag_gemm ~85,
+# test_models ~75, test_model_layouts ~50, test_kernels_compile ~40 in one
+# test). pytest-xdist's --dist loadfile hands files to the first free worker in
+# collection order, and by default puts the files with most tests first, which
+# left test_kernels_compile (2 tests) for the end: its one test ran alone on one
+# worker while the other sat idle. Longest first keeps both busy to the end.
+# A file missing here only costs balance, never a result.
+_LONGEST_FIRST = ("test_fused_gemm_rs.py", "test_benchmarks.py", "test_fused_ag_gemm.py",
+                  "test_models.py", "test_model_layouts.py", "test_kernels_compile.py",
+                  "test_ops.py", "test_multiprocess.py", "test_ops_dtypes.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.7: keep our order
+        config.option.loadscopereorder = False
+
+
+def _longest_first(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    # A stable sort: each file's tests keep their order, the other files theirs.
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_first(items)
     missing = gpu_missing()
     if missing is None:
         return
